@@ -1,0 +1,58 @@
+"""asyncgen: persona-driven synthetic data generation against OpenAI-compatible APIs.
+
+The public API::
+
+    from asyncgen import Engine, JobConfig
+
+    async with Engine(JobConfig(inputs=["personas.jsonl.zst"], output="out",
+                                prompt="math", model="my-model",
+                                base_url="http://localhost:8000/v1")) as engine:
+        async for record in engine.results():   # each one durable when yielded
+            ...
+        print(engine.statistics())
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .engine import DEFAULT_BASE_URL, Engine, JobConfig, Statistics
+from .errors import (
+    AsyncgenError,
+    ConfigError,
+    ConnectError,
+    InputError,
+    OutputError,
+    RequestTimeout,
+    TransportError,
+)
+from .prompts import Template, available_templates, load_template
+from .records import BadLine, ErrorInfo, Result, Source, Usage, WorkItem
+from .transport import AiohttpTransport, HttpResponse, Transport
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "AiohttpTransport",
+    "AsyncgenError",
+    "BadLine",
+    "ConfigError",
+    "ConnectError",
+    "Engine",
+    "ErrorInfo",
+    "HttpResponse",
+    "InputError",
+    "JobConfig",
+    "OutputError",
+    "RequestTimeout",
+    "Result",
+    "Source",
+    "Statistics",
+    "Template",
+    "Transport",
+    "TransportError",
+    "Usage",
+    "WorkItem",
+    "__version__",
+    "available_templates",
+    "load_template",
+]

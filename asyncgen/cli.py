@@ -1,0 +1,386 @@
+"""The ``asyncgen`` command: a thin layer over the public API.
+
+Exit status of ``asyncgen run`` (and ``demo``):
+
+* 0 — every item of the job has a successful result;
+* 1 — the job finished, but some items ended as failures or some input lines were bad
+  (see ``failures-*.jsonl.zst`` and ``errors-*.jsonl.zst`` in the output directory);
+* 2 — usage, configuration, input or output-directory error, unreachable endpoint, or a bad
+  line under ``--strict``; nothing was lost, fix the cause and rerun;
+* 130 — interrupted (Ctrl-C / SIGTERM) before the end; rerun the same command to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from . import __version__
+from .engine import Engine, JobConfig, Statistics
+from .errors import AsyncgenError
+from .progress import ProgressReporter, summary
+from .prompts import available_templates, load_template
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _add_job_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("endpoint")
+    g.add_argument(
+        "--base-url",
+        help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 "
+        f"(default: $OPENAI_BASE_URL, else {OPENAI_BASE_URL})",
+    )
+    g.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="VAR",
+        help="environment variable holding the API key (default: %(default)s); "
+        "the key is never printed or stored",
+    )
+    g = p.add_argument_group("limits and retries")
+    g.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="requests in flight at most (default: %(default)s)",
+    )
+    g.add_argument("--rpm", type=_positive_float, metavar="N", help="requests per minute limit")
+    g.add_argument(
+        "--tpm",
+        type=_positive_float,
+        metavar="N",
+        help="tokens per minute limit (prompt estimate + max output tokens)",
+    )
+    g.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=6,
+        metavar="N",
+        help="attempts per item before it is recorded as failed (default: %(default)s)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="time limit of one attempt (default: %(default)s)",
+    )
+    g.add_argument(
+        "--deadline",
+        type=_positive_float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="no new attempt for an item after this long (default: %(default)s)",
+    )
+    g.add_argument(
+        "--drain-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on Ctrl-C/SIGTERM, how long in-flight requests may finish (default: %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asyncgen",
+        description="Persona-driven synthetic data generation against OpenAI-compatible APIs: "
+        "render a prompt template for every persona, send the requests concurrently within "
+        "rate limits, retry what can be retried, and write every result exactly once.",
+        epilog="Exit status: 0 all succeeded; 1 some items failed or input lines were bad; "
+        "2 usage/input/setup error; 130 interrupted (rerun to resume).",
+    )
+    parser.add_argument("--version", action="version", version=f"asyncgen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run a generation job",
+        description="Run a job: every persona line of the inputs (or OpenAI Batch request "
+        "line) becomes a request; results go to --output as zstd JSON lines. Rerunning the "
+        "same command resumes: committed items are skipped, nothing is written twice.",
+        epilog="Exit status: 0 all succeeded; 1 some items failed or input lines were bad; "
+        "2 usage/input/setup error; 130 interrupted (rerun to resume).",
+    )
+    run.add_argument(
+        "--input",
+        "-i",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="FILE",
+        help="input shards (.jsonl or .jsonl.zst) or glob patterns",
+    )
+    run.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        metavar="DIR",
+        help="output directory (created; one job per directory)",
+    )
+    run.add_argument(
+        "--prompt",
+        "-p",
+        metavar="NAME|PATH",
+        help="template name (" + ", ".join(available_templates()) + ") or path "
+        "to a .toml template; not needed when inputs are OpenAI Batch lines",
+    )
+    run.add_argument("--model", "-m", help="model name sent in each request")
+    run.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="requests per persona (default: %(default)s)",
+    )
+    run.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        metavar="N",
+        help="max output tokens per request (overrides the template)",
+    )
+    run.add_argument(
+        "--temperature", type=float, help="sampling temperature (overrides the template)"
+    )
+    run.add_argument("--top-p", type=float, help="nucleus sampling (overrides the template)")
+    run.add_argument(
+        "--extra-body",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help='extra request fields, e.g. \'{"top_k": 20, "min_p": 0.05}\' for vLLM',
+    )
+    run.add_argument(
+        "--persona-field",
+        default="persona",
+        metavar="FIELD",
+        help="input field holding the persona text (default: %(default)s)",
+    )
+    run.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first bad input line instead of recording it in "
+        "errors-*.jsonl.zst and going on",
+    )
+    run.add_argument(
+        "--progress-interval",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="seconds between progress lines (default: 0.5 on a terminal, else 30)",
+    )
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    run.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the start-up check that the endpoint answers GET /models",
+    )
+    _add_job_arguments(run)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a small job end to end against the built-in mock server (no key, no network)",
+        description="Generate a small persona shard, start the built-in mock server on "
+        "127.0.0.1, run a real job through it, and show where the results are.",
+    )
+    demo.add_argument(
+        "--output",
+        "-o",
+        default="asyncgen-demo",
+        metavar="DIR",
+        help="directory for the demo's input and results (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--personas",
+        type=_positive_int,
+        default=500,
+        metavar="N",
+        help="how many personas to generate (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--prompt",
+        "-p",
+        default="math",
+        metavar="NAME|PATH",
+        help="template (default: %(default)s)",
+    )
+
+    mock = sub.add_parser(
+        "mock-server",
+        help="serve an OpenAI/vLLM-compatible mock API with latency and fault injection",
+        description="An OpenAI-compatible server for tests and benchmarks: deterministic "
+        "synthetic completions, configurable latency and injected faults.",
+    )
+    from . import mock as mock_module
+
+    mock_module.add_arguments(mock)
+
+    sub.add_parser("prompts", help="list the shipped prompt templates")
+    return parser
+
+
+def job_config_from_args(args: argparse.Namespace) -> JobConfig:
+    extra = dict(args.extra_body)
+    if args.temperature is not None:
+        extra["temperature"] = args.temperature
+    if args.top_p is not None:
+        extra["top_p"] = args.top_p
+    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL
+    return JobConfig(
+        inputs=list(args.input),
+        output=args.output,
+        prompt=args.prompt,
+        model=args.model,
+        base_url=base_url,
+        samples=args.samples,
+        max_tokens=args.max_tokens,
+        persona_field=args.persona_field,
+        extra_body=extra,
+        concurrency=args.concurrency,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        max_attempts=args.max_attempts,
+        timeout=args.timeout,
+        deadline=args.deadline,
+        strict=args.strict,
+        drain_timeout=args.drain_timeout,
+        check_endpoint=not args.no_check,
+    )
+
+
+def exit_status(s: Statistics) -> int:
+    if not s.finished:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURES if s.failed_total or s.bad_lines_total else EXIT_OK
+
+
+async def run_job(
+    config: JobConfig,
+    *,
+    api_key: str | None,
+    progress_interval: float | None = None,
+    quiet: bool = False,
+) -> int:
+    """Run one job with progress on stderr and graceful Ctrl-C/SIGTERM handling."""
+    err = sys.stderr
+    async with Engine(config, api_key=api_key) as engine:
+        reporter = ProgressReporter(engine.statistics, err, interval=progress_interval)
+        main_task = asyncio.current_task()
+        assert main_task is not None
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            if engine.statistics().stopped:
+                reporter.finish()
+                err.write("asyncgen: stopping now; flushing what has come back\n")
+                main_task.cancel()
+                return
+            reporter.finish()
+            n = engine.statistics().in_flight
+            err.write(
+                f"asyncgen: {signal.Signals(signum).name}: no new requests; waiting up to "
+                f"{config.drain_timeout:g}s for {n} in flight (again to stop now)\n"
+            )
+            engine.stop()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        progress: asyncio.Task[None] | None = None
+        try:
+            if not quiet:
+                progress = asyncio.create_task(reporter.run())
+            try:
+                stats = await engine.run()
+            except asyncio.CancelledError:
+                if main_task.cancelling() == 0:
+                    raise
+                main_task.uncancel()
+                stats = engine.statistics()
+        finally:
+            if progress is not None:
+                progress.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await progress
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            reporter.finish()
+    err.write(summary(stats, config.output) + "\n")
+    return exit_status(stats)
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prompts":
+            for name in available_templates():
+                print(f"{name:18} {load_template(name).description}")
+            return EXIT_OK
+        if args.command == "mock-server":
+            from . import mock as mock_module
+
+            return mock_module.main_from_args(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return _run_async(run_demo(args.output, personas=args.personas, prompt=args.prompt))
+        config = job_config_from_args(args)
+        api_key = os.environ.get(args.api_key_env) or None
+        return _run_async(
+            run_job(
+                config, api_key=api_key, progress_interval=args.progress_interval, quiet=args.quiet
+            )
+        )
+    except AsyncgenError as exc:
+        print(f"asyncgen: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("asyncgen: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

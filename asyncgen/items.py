@@ -1,0 +1,143 @@
+"""Expand: turn one input line into the request(s) to send. Pure and synchronous.
+
+A line is either an OpenAI Batch request (``custom_id``, ``method``, ``url``, ``body``), sent
+as it is, or a record carrying a persona, rendered through the job's template ``samples``
+times. Persona ids are ``{shard}:{line}:{template}:{sample}``, deterministic from the input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from .errors import InputError
+from .prompts import Template
+from .records import Source, WorkItem
+from .sources import Line
+
+__all__ = ["BATCH_URLS", "Expander"]
+
+BATCH_URLS = {
+    "/v1/chat/completions": "/chat/completions",
+    "/v1/completions": "/completions",
+    "/chat/completions": "/chat/completions",
+    "/completions": "/completions",
+}
+_DEFAULT_OUTPUT_TOKENS = 1024
+_decoder = msgspec.json.Decoder()
+
+
+def _estimate_tokens(body: dict[str, Any]) -> int:
+    """Prompt tokens (about four characters each) plus the output budget, for TPM pacing."""
+    chars = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(
+                len(str(part.get("text", ""))) for part in content if isinstance(part, dict)
+            )
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        chars += len(prompt)
+    out = body.get("max_completion_tokens") or body.get("max_tokens") or _DEFAULT_OUTPUT_TOKENS
+    return chars // 4 + 1 + (out if isinstance(out, int) else _DEFAULT_OUTPUT_TOKENS)
+
+
+class Expander:
+    """Turns :class:`~asyncgen.sources.Line` objects into :class:`WorkItem` lists."""
+
+    def __init__(
+        self,
+        template: Template | None,
+        *,
+        model: str | None,
+        samples: int = 1,
+        persona_field: str = "persona",
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.template = template
+        self.model = model
+        self.samples = samples
+        self.persona_field = persona_field
+        self.overrides = dict(overrides or {})
+
+    def expand(self, line: Line) -> list[WorkItem]:
+        """The requests for ``line``; raises :class:`InputError` naming file and line."""
+        try:
+            record = _decoder.decode(line.raw)
+        except UnicodeDecodeError as exc:
+            raise self._error(line, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        except msgspec.DecodeError as exc:
+            raise self._error(line, f"malformed JSON ({exc})") from exc
+        if not isinstance(record, dict):
+            raise self._error(line, f"expected a JSON object, got {type(record).__name__}")
+        source = Source(line.shard, line.lineno)
+        if "custom_id" in record and "body" in record:
+            return [self._batch_item(line, record, source)]
+        return self._persona_items(line, record, source)
+
+    def _batch_item(self, line: Line, record: dict[str, Any], source: Source) -> WorkItem:
+        custom_id, body = record["custom_id"], record["body"]
+        if not isinstance(custom_id, str) or not custom_id:
+            raise self._error(line, "custom_id must be a non-empty string")
+        if not isinstance(body, dict):
+            raise self._error(line, "body must be a JSON object")
+        method = record.get("method", "POST")
+        if method != "POST":
+            raise self._error(line, f"method {method!r} is not supported (POST only)")
+        url = BATCH_URLS.get(record.get("url", "/v1/chat/completions"))
+        if url is None:
+            supported = ", ".join(k for k in BATCH_URLS if k.startswith("/v1"))
+            raise self._error(line, f"url {record.get('url')!r} is not supported ({supported})")
+        body = {**body, **self.overrides}
+        if "model" not in body:
+            if self.model is None:
+                raise self._error(line, "body has no model and no --model was given")
+            body["model"] = self.model
+        if body.get("stream"):
+            raise self._error(line, "stream=true is not supported in batch lines")
+        meta = {k: v for k, v in record.items() if k not in ("custom_id", "method", "url", "body")}
+        return WorkItem(
+            custom_id=custom_id,
+            url=url,
+            body=body,
+            source=source,
+            meta=meta,
+            est_tokens=_estimate_tokens(body),
+        )
+
+    def _persona_items(self, line: Line, record: dict[str, Any], source: Source) -> list[WorkItem]:
+        template = self.template
+        if template is None:
+            raise self._error(
+                line, "not an OpenAI Batch request (custom_id, body) and no --prompt template given"
+            )
+        try:
+            rendered = template.render(record, persona_field=self.persona_field)
+        except InputError as exc:
+            raise self._error(line, exc.reason) from exc
+        body = {"model": self.model, **rendered, **self.overrides}
+        persona = record.get(self.persona_field)
+        meta = {k: v for k, v in record.items() if k != self.persona_field}
+        est = _estimate_tokens(body)
+        prefix = f"{line.shard}:{line.lineno}:{template.name}:"
+        return [
+            WorkItem(
+                custom_id=f"{prefix}{sample}",
+                url=template.url,
+                body=body,
+                source=source,
+                template=template.name,
+                persona=persona if isinstance(persona, str) else None,
+                meta=meta,
+                est_tokens=est,
+            )
+            for sample in range(self.samples)
+        ]
+
+    @staticmethod
+    def _error(line: Line, message: str) -> InputError:
+        return InputError(message, path=line.path, line=line.lineno)

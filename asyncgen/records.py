@@ -1,0 +1,111 @@
+"""The schema: every record asyncgen reads or writes, as msgspec Structs, in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "BadLine",
+    "Completion",
+    "ErrorInfo",
+    "Result",
+    "Source",
+    "Usage",
+    "WorkItem",
+]
+
+
+class Usage(msgspec.Struct):
+    """Token counts as reported by the server (OpenAI ``usage`` object)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ErrorInfo(msgspec.Struct):
+    """Why an item failed; ``code`` is machine-readable, ``message`` for people."""
+
+    code: str
+    message: str
+    status: int | None = None
+
+
+class Source(msgspec.Struct):
+    """Where an input item came from: shard name (file name without extensions) and 1-based line."""
+
+    shard: str
+    line: int
+
+
+class WorkItem(msgspec.Struct):
+    """One request ready to send: the output of *expand*, the input of *send*."""
+
+    custom_id: str
+    url: str
+    """Path relative to the base URL: ``/chat/completions`` or ``/completions``."""
+    body: dict[str, Any]
+    source: Source
+    template: str | None = None
+    persona: str | None = None
+    meta: dict[str, Any] = {}
+    """Other fields of the input line, carried along into the result."""
+    est_tokens: int = 0
+    """Prompt tokens (estimated) plus the output token budget, for TPM limiting."""
+
+
+class Result(msgspec.Struct):
+    """One committed outcome. ``error`` is null for a success, an object for a failure
+    (the OpenAI Batch convention); results and failures share this schema."""
+
+    custom_id: str
+    error: ErrorInfo | None
+    output: str | None
+    finish_reason: str | None
+    model: str | None
+    template: str | None
+    persona: str | None
+    source: Source
+    attempts: int
+    latency_s: float
+    created: float
+    usage: Usage | None = None
+    meta: dict[str, Any] = {}
+    reasoning: str | None = None
+    tool_calls: list[Any] | None = None
+
+
+class BadLine(msgspec.Struct):
+    """An input line that could not become a request, kept with its location."""
+
+    custom_id: str
+    path: str
+    source: Source
+    error: ErrorInfo
+    raw: str
+
+
+# --- response views: decode only the fields we use -------------------------------------------
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[Any] | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _Message | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class Completion(msgspec.Struct):
+    """The part of a chat or text completion response that asyncgen keeps."""
+
+    choices: list[_Choice]
+    model: str | None = None
+    usage: Usage | None = None

@@ -1,0 +1,140 @@
+"""Failure classification and backoff, sans-IO: decisions only, no sleeping, no clock.
+
+What is retried: connection errors, timeouts, HTTP 408/409/429/5xx, and 200 responses whose
+body is empty, truncated or not a completion. Every other 4xx is permanent. Delays are
+exponential with full jitter and a cap; a server hint (``retry-after-ms``, ``retry-after`` in
+seconds or as an HTTP date) replaces the computed delay. Bounded by attempts and by a total
+per-item deadline.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import msgspec
+
+from .records import Completion, ErrorInfo
+
+__all__ = ["Outcome", "RetryPolicy", "interpret", "parse_retry_after", "retryable_status"]
+
+_completion_decoder = msgspec.json.Decoder(Completion)
+
+
+class _ErrorBody(msgspec.Struct):
+    message: str | None = None
+    code: str | int | None = None
+    type: str | None = None
+
+
+class _ErrorEnvelope(msgspec.Struct):
+    error: _ErrorBody | str | None = None
+    message: str | None = None  # vLLM's older flat error shape
+
+
+_error_decoder = msgspec.json.Decoder(_ErrorEnvelope)
+
+
+def retryable_status(status: int) -> bool:
+    return status in (408, 409, 429) or status >= 500
+
+
+class Outcome(NamedTuple):
+    """What one attempt produced: a completion, or an error and whether to try again."""
+
+    completion: Completion | None
+    error: ErrorInfo | None
+    retryable: bool
+
+
+def interpret(status: int, body: bytes) -> Outcome:
+    """Classify an HTTP response to a completion request."""
+    if status == 200:
+        try:
+            completion = _completion_decoder.decode(body)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            kind = "empty" if not body.strip() else "not a valid completion"
+            return Outcome(
+                None, ErrorInfo("malformed_response", f"200 with {kind} body: {exc}", 200), True
+            )
+        if not completion.choices:
+            return Outcome(None, ErrorInfo("malformed_response", "200 with no choices", 200), True)
+        return Outcome(completion, None, False)
+    return Outcome(None, _error_info(status, body), retryable_status(status))
+
+
+def _error_info(status: int, body: bytes) -> ErrorInfo:
+    message = ""
+    code: str | None = None
+    try:
+        envelope = _error_decoder.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        message = body[:300].decode("utf-8", "replace").strip()
+    else:
+        if isinstance(envelope.error, _ErrorBody):
+            message = envelope.error.message or ""
+            if envelope.error.code is not None:
+                code = str(envelope.error.code)
+        elif isinstance(envelope.error, str):
+            message = envelope.error
+        message = message or envelope.message or ""
+    if not code or code.isdigit():
+        code = f"http_{status}"
+    return ErrorInfo(code, message or f"HTTP {status}", status)
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds the server asks us to wait, from ``retry-after-ms`` or ``retry-after``."""
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            ms = float(value)
+        except ValueError:
+            pass
+        else:
+            if ms >= 0:
+                return ms / 1000.0
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, seconds)
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """When to give up, and how long to wait before the next attempt."""
+
+    max_attempts: int = 6
+    base_delay: float = 1.0
+    max_delay: float = 60.0
+    deadline: float = 3600.0
+    """Seconds from an item's first attempt after which no new attempt starts."""
+
+    def next_delay(
+        self, attempt: int, elapsed: float, hint: float | None, rng: random.Random
+    ) -> float | None:
+        """Delay before attempt ``attempt + 1``, or ``None`` to give up.
+
+        ``attempt`` counts attempts made so far (1 after the first); ``elapsed`` is seconds since
+        the first began; ``hint`` is the server's Retry-After, if any.
+        """
+        if attempt >= self.max_attempts:
+            return None
+        if hint is not None:
+            # Honour the server, with a little spread so a crowd of waiters does not return at once.
+            delay = hint * (1.0 + 0.1 * rng.random())
+        else:
+            delay = rng.uniform(0.0, min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1)))
+        if elapsed + delay > self.deadline:
+            return None
+        return delay

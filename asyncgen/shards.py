@@ -1,0 +1,105 @@
+"""Append-only files of complete zstd frames, and the repair of a torn tail.
+
+A shard is a concatenation of independent zstd frames, each holding whole JSON lines, so
+``zstdcat``, ``zstandard`` and any multi-frame zstd reader read it as it is. A frame is written
+with one ``write`` and made durable with ``fsync`` before anything refers to it; a crash can
+therefore leave at most one incomplete frame at the end, which :func:`scan_frames` detects
+and :func:`repair_tail` cuts off. All functions here block: call them from a thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import zstandard
+
+__all__ = ["FrameWriter", "iter_lines", "repair_tail", "scan_frames"]
+
+_READ_CHUNK = 1 << 20
+
+
+class FrameWriter:
+    """Appends compressed frames to one file; each :meth:`append` is durable when it returns."""
+
+    def __init__(self, path: Path, *, level: int = 3) -> None:
+        self.path = path
+        self._compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.size = os.fstat(self._fd).st_size
+
+    def append(self, payload: bytes) -> int:
+        """Compress ``payload`` into one frame, append and fsync it; return the new file size."""
+        frame = self._compressor.compress(payload)
+        view = memoryview(frame)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        os.fsync(self._fd)
+        self.size += len(frame)
+        return self.size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __repr__(self) -> str:
+        return f"<FrameWriter {self.path} size={self.size}>"
+
+
+def scan_frames(path: Path, start: int = 0) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(end_offset, payload)`` for each complete, valid frame from ``start`` on.
+
+    Stops silently at the first incomplete or corrupt frame; the last ``end_offset`` yielded
+    (or ``start``) is where the valid data ends.
+    """
+    dctx = zstandard.ZstdDecompressor()
+    with open(path, "rb") as f:
+        f.seek(start)
+        offset = start
+        pending = b""
+        obj = dctx.decompressobj()
+        parts: list[bytes] = []
+        consumed = 0  # bytes of `pending` fed to the current frame
+        while True:
+            chunk = f.read(_READ_CHUNK)
+            if not chunk:
+                return
+            pending = chunk
+            while pending:
+                try:
+                    out = obj.decompress(pending)
+                except zstandard.ZstdError:
+                    return
+                if out:
+                    parts.append(out)
+                if not obj.eof:
+                    consumed += len(pending)
+                    pending = b""
+                    break
+                rest = obj.unused_data
+                consumed += len(pending) - len(rest)
+                offset += consumed
+                yield offset, b"".join(parts)
+                parts, consumed, pending = [], 0, rest
+                obj = dctx.decompressobj()
+
+
+def repair_tail(path: Path, valid_end: int) -> int:
+    """Cut ``path`` to ``valid_end`` bytes if it is longer; return how many bytes were cut."""
+    size = path.stat().st_size
+    if size <= valid_end:
+        return 0
+    with open(path, "r+b") as f:
+        f.truncate(valid_end)
+        f.flush()
+        os.fsync(f.fileno())
+    return size - valid_end
+
+
+def iter_lines(path: Path) -> Iterator[bytes]:
+    """Yield the JSON lines (without newline) of every complete frame of a shard."""
+    for _, payload in scan_frames(path):
+        yield from payload.splitlines()

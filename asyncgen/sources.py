@@ -1,0 +1,157 @@
+"""Streaming readers for input shards: JSON lines, plain or zstd-compressed.
+
+Memory is bounded by the read chunk and the batch size, never by file size. Lines come with
+their location (shard, 1-based line number) so errors and ids can name them. Reading blocks:
+the engine calls :meth:`ShardReader.read_batch` from a thread.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import zstandard
+
+from .errors import ConfigError, InputError
+
+__all__ = ["Line", "ShardReader", "expand_inputs", "shard_name"]
+
+_CHUNK = 1 << 20
+_SUFFIXES = (".zst", ".zstd", ".jsonl", ".ndjson", ".json")
+
+
+class Line(NamedTuple):
+    """One raw input line (without its newline) and where it came from."""
+
+    path: str
+    shard: str
+    lineno: int
+    raw: bytes
+
+
+def shard_name(path: str | Path) -> str:
+    """The file name without compression and format extensions: ids are built from it."""
+    name = Path(path).name
+    changed = True
+    while changed:
+        changed = False
+        for suffix in _SUFFIXES:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                name = name[: -len(suffix)]
+                changed = True
+    return name
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    """Resolve files and glob patterns, in the given order (each glob sorted), without repeats.
+
+    Two inputs with the same shard name would give the same ids, so that is refused.
+    """
+    paths: list[Path] = []
+    seen: set[Path] = set()
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise ConfigError(f"no input file matches {pattern!r}")
+        else:
+            if not os.path.exists(pattern):
+                raise ConfigError(f"input file not found: {pattern}")
+            matches = [pattern]
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                raise ConfigError(f"input {match} is a directory; give files or a glob")
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                paths.append(path)
+    names: dict[str, Path] = {}
+    for path in paths:
+        other = names.setdefault(shard_name(path), path)
+        if other is not path:
+            raise ConfigError(
+                f"inputs {other} and {path} have the same shard name {shard_name(path)!r}; "
+                "result ids would collide, rename one"
+            )
+    return paths
+
+
+class ShardReader:
+    """Reads one shard in batches of lines; tracks compressed bytes consumed for progress."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.shard = shard_name(path)
+        self.size = path.stat().st_size
+        self.position = 0
+        """Bytes of the (possibly compressed) file consumed so far."""
+        self._lineno = 0
+        self._lines = self._iter_lines()
+
+    def read_batch(self, n: int) -> list[Line]:
+        """Up to ``n`` lines; an empty list at the end. Raises :class:`InputError`."""
+        batch: list[Line] = []
+        path = str(self.path)
+        for raw in self._lines:
+            self._lineno += 1
+            batch.append(Line(path, self.shard, self._lineno, raw))
+            if len(batch) >= n:
+                break
+        return batch
+
+    def _iter_lines(self) -> Iterator[bytes]:
+        chunks = self._iter_zstd() if self._is_zstd() else self._iter_plain()
+        pending = b""
+        for chunk in chunks:
+            pending += chunk
+            lines = pending.split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                if line.strip():
+                    yield line.rstrip(b"\r")
+                else:
+                    self._lineno += 1  # blank lines keep their number, but are not records
+        if pending.strip():
+            yield pending.rstrip(b"\r")
+
+    def _is_zstd(self) -> bool:
+        with open(self.path, "rb") as f:
+            return f.read(4) == b"\x28\xb5\x2f\xfd"
+
+    def _iter_plain(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                self.position += len(chunk)
+                yield chunk
+
+    def _iter_zstd(self) -> Iterator[bytes]:
+        dctx = zstandard.ZstdDecompressor()
+        obj = dctx.decompressobj()
+        in_frame = False
+        with open(self.path, "rb") as f:
+            while raw := f.read(_CHUNK):
+                self.position += len(raw)
+                while raw:
+                    try:
+                        out = obj.decompress(raw)
+                    except zstandard.ZstdError as exc:
+                        raise self._error(f"corrupt zstd data ({exc})") from exc
+                    in_frame = True
+                    if out:
+                        yield out
+                    if not obj.eof:
+                        break
+                    raw = obj.unused_data
+                    obj = dctx.decompressobj()
+                    in_frame = False
+        if in_frame:
+            raise self._error("truncated zstd file (the last frame is incomplete)")
+
+    def _error(self, message: str) -> InputError:
+        return InputError(f"{message}, after line {self._lineno}", path=str(self.path))
+
+    def __repr__(self) -> str:
+        return f"<ShardReader {self.path} line={self._lineno} {self.position}/{self.size} bytes>"

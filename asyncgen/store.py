@@ -1,0 +1,269 @@
+"""The output directory: manifest, lock, ledger log, result/failure/error shards, recovery.
+
+Layout::
+
+    OUT/manifest.json                  the job spec this directory belongs to (no secrets)
+    OUT/ledger.zst                     one line per committed frame: (file, end offset, ids)
+    OUT/results-000001.jsonl.zst       successes   (error is null)
+    OUT/failures-000001.jsonl.zst      permanent failures (error is an object)
+    OUT/errors-000001.jsonl.zst        input lines that could not become requests
+    OUT/.lock                          held (flock) while a process writes here
+
+Commit protocol: a batch is appended to the data shards as complete zstd frames and fsynced;
+only then is its ledger line appended and fsynced, and only then are its ids marked done.
+Recovery after a crash: the ledger's torn tail is cut; every shard is compared with the end
+offset the ledger last recorded for it; complete frames past that offset (written, but not yet
+in the ledger) are read back and added to the ledger; an incomplete frame is cut off. Every
+method blocks: the engine calls them from a thread.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .errors import OutputError
+from .ledger import Ledger
+from .records import BadLine, Result
+from .shards import FrameWriter, repair_tail, scan_frames
+
+__all__ = ["KINDS", "Store", "fingerprint"]
+
+KINDS = ("results", "failures", "errors")
+_SHARD_RE = re.compile(r"^(results|failures|errors)-(\d{6})\.jsonl\.zst$")
+_MANIFEST = "manifest.json"
+_LEDGER = "ledger.zst"
+_FORMAT = 1
+DEFAULT_SHARD_BYTES = 512 << 20
+
+
+class _Entry(msgspec.Struct, array_like=True):
+    file: str
+    end: int
+    ids: list[str]
+
+
+class _IdView(msgspec.Struct):
+    custom_id: str
+
+
+_entry_decoder = msgspec.json.Decoder(_Entry)
+_id_decoder = msgspec.json.Decoder(_IdView)
+
+
+def fingerprint(spec: Mapping[str, Any]) -> str:
+    """A stable hash of the parts of a job spec that decide what each item's result means."""
+    return hashlib.sha256(msgspec.json.encode(spec, order="sorted")).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """An open output directory. Use :meth:`open`; :meth:`close` releases the lock."""
+
+    def __init__(self, root: Path, lock_fd: int, max_shard_bytes: int) -> None:
+        self.root = root
+        self.ledger = Ledger()
+        self.counts = dict.fromkeys(KINDS, 0)
+        """Records committed per kind, across all runs into this directory."""
+        self.recovered_bytes = 0
+        """Bytes of torn frames cut off while opening."""
+        self._lock_fd = lock_fd
+        self._max_shard_bytes = max_shard_bytes
+        self._seq = 0
+        self._writers: dict[str, FrameWriter] = {}
+        self._ledger_writer: FrameWriter | None = None
+        self._encoder = msgspec.json.Encoder()
+        self._buf = bytearray()
+
+    # --- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        root: Path,
+        spec: Mapping[str, Any],
+        *,
+        version: str,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ) -> Store:
+        """Open (or create) ``root`` for the job ``spec``, recovering from any earlier crash."""
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot use output directory {root}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(lock_fd)
+            raise OutputError(
+                f"output directory {root} is in use by another asyncgen process"
+            ) from exc
+        store = cls(root, lock_fd, max_shard_bytes)
+        try:
+            store._check_manifest(spec, version)
+            store._recover()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _check_manifest(self, spec: Mapping[str, Any], version: str) -> None:
+        path = self.root / _MANIFEST
+        digest = fingerprint(spec)
+        if path.exists():
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+                old_digest = old["fingerprint"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise OutputError(
+                    f"{path} is unreadable; is {self.root} an asyncgen output?"
+                ) from exc
+            if old_digest != digest:
+                old_spec = old.get("spec", {})
+                changed = sorted(
+                    k for k in set(old_spec) | set(spec) if old_spec.get(k) != spec.get(k)
+                )
+                raise OutputError(
+                    f"output directory {self.root} belongs to a different job "
+                    f"(changed: {', '.join(changed) or 'spec'}); "
+                    "use a new --output directory, or rerun with the original settings"
+                )
+            return
+        if any(_SHARD_RE.match(p.name) for p in self.root.iterdir()):
+            raise OutputError(
+                f"{self.root} holds result shards but no {_MANIFEST}; refusing to mix"
+            )
+        manifest = {"format": _FORMAT, "asyncgen": version, "fingerprint": digest, "spec": spec}
+        tmp = path.with_suffix(".tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=2, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.root)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
+
+    def _recover(self) -> None:
+        ledger_path = self.root / _LEDGER
+        ends: dict[str, int] = {}
+        if ledger_path.exists():
+            valid_end = 0
+            for end, payload in scan_frames(ledger_path):
+                valid_end = end
+                for line in payload.splitlines():
+                    entry = _entry_decoder.decode(line)
+                    self._count(entry.file, len(entry.ids))
+                    self.ledger.commit(entry.ids)
+                    ends[entry.file] = max(ends.get(entry.file, 0), entry.end)
+            self.recovered_bytes += repair_tail(ledger_path, valid_end)
+        self._ledger_writer = FrameWriter(ledger_path)
+        for path in sorted(self.root.iterdir()):
+            match = _SHARD_RE.match(path.name)
+            if not match:
+                continue
+            self._seq = max(self._seq, int(match.group(2)))
+            known = ends.get(path.name, 0)
+            size = path.stat().st_size
+            if size < known:
+                raise OutputError(
+                    f"{path} is shorter ({size} bytes) than the ledger records ({known}); "
+                    "it was modified outside asyncgen"
+                )
+            if size == known:
+                continue
+            end = known
+            for end, payload in scan_frames(path, known):
+                ids = [_id_decoder.decode(line).custom_id for line in payload.splitlines()]
+                self._log(path.name, end, ids)
+                self._count(path.name, len(ids))
+                self.ledger.commit(ids)
+            self.recovered_bytes += repair_tail(path, end)
+
+    def _count(self, file: str, n: int) -> None:
+        self.counts[file.split("-", 1)[0]] += n
+
+    # --- committing ---------------------------------------------------------------------------
+
+    def commit(self, results: Iterable[Result], bad_lines: Iterable[BadLine] = ()) -> list[str]:
+        """Durably append a batch; return its ids (the caller marks them in :attr:`ledger`)."""
+        groups: dict[str, list[Result | BadLine]] = {k: [] for k in KINDS}
+        for r in results:
+            groups["failures" if r.error is not None else "results"].append(r)
+        groups["errors"].extend(bad_lines)
+        entries: list[_Entry] = []
+        for kind, records in groups.items():
+            if not records:
+                continue
+            writer = self._writer(kind)
+            buf = self._buf
+            buf.clear()
+            for record in records:
+                self._encoder.encode_into(record, buf, len(buf))
+                buf.extend(b"\n")
+            end = writer.append(bytes(buf))
+            entries.append(_Entry(writer.path.name, end, [r.custom_id for r in records]))
+        ids: list[str] = []
+        if entries:
+            buf = self._buf
+            buf.clear()
+            for entry in entries:
+                self._encoder.encode_into(entry, buf, len(buf))
+                buf.extend(b"\n")
+                self._count(entry.file, len(entry.ids))
+                ids.extend(entry.ids)
+            assert self._ledger_writer is not None
+            self._ledger_writer.append(bytes(buf))
+        return ids
+
+    def _log(self, file: str, end: int, ids: list[str]) -> None:
+        assert self._ledger_writer is not None
+        self._ledger_writer.append(self._encoder.encode(_Entry(file, end, ids)) + b"\n")
+
+    def _writer(self, kind: str) -> FrameWriter:
+        writer = self._writers.get(kind)
+        if writer is None or writer.size >= self._max_shard_bytes:
+            if writer is not None:
+                writer.close()
+            self._seq += 1
+            path = self.root / f"{kind}-{self._seq:06d}.jsonl.zst"
+            try:
+                writer = FrameWriter(path)
+                _fsync_dir(self.root)
+            except OSError as exc:
+                raise OutputError(f"cannot create {path}: {exc.strerror}") from exc
+            self._writers[kind] = writer
+        return writer
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+        if self._ledger_writer is not None:
+            self._ledger_writer.close()
+            self._ledger_writer = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __repr__(self) -> str:
+        counts = " ".join(f"{k}={v}" for k, v in self.counts.items())
+        return f"<Store {self.root} {counts}>"

@@ -1,0 +1,97 @@
+"""The network behind one small interface, and its aiohttp implementation.
+
+:class:`Transport` is all the engine needs: POST bytes to a path under the base URL, get the
+status, headers and body back, or a :class:`~asyncgen.errors.TransportError`. Tests and
+embedding applications can pass their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple, Protocol
+
+import aiohttp
+
+from . import __version__
+from .errors import ConfigError, ConnectError
+
+__all__ = ["AiohttpTransport", "HttpResponse", "Transport"]
+
+
+class HttpResponse(NamedTuple):
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class Transport(Protocol):
+    """Send a request to an OpenAI-compatible endpoint."""
+
+    base_url: str
+
+    async def post(self, path: str, body: bytes) -> HttpResponse: ...
+
+    async def get(self, path: str) -> HttpResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AiohttpTransport:
+    """One pooled aiohttp session for one base URL (``.../v1``).
+
+    Time limits are the caller's: wrap calls in ``asyncio.timeout``. The API key lives only in the session's default headers; it is never part of the repr.
+    """
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, limit: int = 256) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"base URL must start with http:// or https://, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self._headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"asyncgen/{__version__}",
+        }
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._limit = limit
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._limit, limit_per_host=self._limit, ttl_dns_cache=300
+            )
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),
+                # Bodies are bytes already encoded by msgspec; skip aiohttp's JSON handling.
+                skip_auto_headers=("Accept-Encoding",),
+            )
+        return self._session
+
+    async def post(self, path: str, body: bytes) -> HttpResponse:
+        return await self._request("POST", path, body)
+
+    async def get(self, path: str) -> HttpResponse:
+        return await self._request("GET", path, None)
+
+    async def _request(self, method: str, path: str, body: bytes | None) -> HttpResponse:
+        session = self._get_session()
+        url = self.base_url + path
+        try:
+            async with session.request(method, url, data=body) as resp:
+                data = await resp.read()
+                return HttpResponse(resp.status, resp.headers, data)
+        except aiohttp.InvalidURL as exc:
+            raise ConfigError(f"invalid URL {url!r}") from exc
+        except aiohttp.ClientError as exc:
+            raise ConnectError(f"{type(exc).__name__} talking to {url}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def __repr__(self) -> str:
+        auth = "with key" if "Authorization" in self._headers else "no key"
+        return f"<AiohttpTransport {self.base_url} {auth}>"

@@ -1,0 +1,64 @@
+"""Shared fixtures: input shards, output readers, and the loopback mock server."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import zstandard
+from asyncgen.mock import MockConfig, MockServer
+
+KINDS = ("results", "failures", "errors")
+
+
+def write_shard(path: Path, records: Iterable[Any], *, compress: bool | None = None) -> Path:
+    """Write JSON lines (objects are encoded; bytes are written as they are)."""
+    lines = [r if isinstance(r, bytes) else msgspec.json.encode(r) for r in records]
+    data = b"".join(line + b"\n" for line in lines)
+    if compress is None:
+        compress = path.name.endswith(".zst")
+    if compress:
+        data = zstandard.ZstdCompressor(level=3).compress(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def personas(n: int, prefix: str = "person") -> list[dict[str, Any]]:
+    return [{"persona": f"A {prefix} number {i} who likes puzzles", "idx": i} for i in range(n)]
+
+
+def read_output(out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every record of every shard in ``out``, decoded independently of asyncgen's own reader
+    (plain zstandard, reading across frames), grouped by kind."""
+    found: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
+    for kind in KINDS:
+        for name in sorted(glob.glob(os.path.join(out, f"{kind}-*.jsonl.zst"))):
+            with open(name, "rb") as f:
+                data = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True).read()
+            found[kind].extend(msgspec.json.decode(line) for line in data.splitlines())
+    return found
+
+
+def assert_exactly_once(out: Path, expected: set[str]) -> dict[str, list[dict[str, Any]]]:
+    found = read_output(out)
+    ids = [r["custom_id"] for kind in KINDS for r in found[kind]]
+    dupes = {i: n for i, n in Counter(ids).items() if n > 1}
+    assert not dupes, f"duplicated ids: {list(dupes)[:10]}"
+    missing = expected - set(ids)
+    assert not missing, f"{len(missing)} ids missing, e.g. {sorted(missing)[:5]}"
+    extra = set(ids) - expected
+    assert not extra, f"unexpected ids: {sorted(extra)[:5]}"
+    return found
+
+
+@pytest.fixture
+async def mock_server() -> AsyncIterator[MockServer]:
+    async with MockServer(MockConfig(seed=3)) as server:
+        yield server

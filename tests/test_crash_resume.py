@@ -1,0 +1,119 @@
+"""Kill the CLI with SIGKILL at random instants, rerun it until it finishes, and check that
+every item is there exactly once, every file decodes, and a finished rerun sends nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import assert_exactly_once, personas, write_shard
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("OPENAI_API_KEY", None)
+    env.pop("OPENAI_BASE_URL", None)
+    return env
+
+
+@pytest.fixture
+def server_url() -> Iterator[str]:
+    """The mock server in its own process, so it outlives the clients we kill."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncgen", "mock-server", "--port", "0", "--latency", "0.02",
+         "--latency-jitter", "0.02", "--fail-500", "0.02", "--fail-429", "0.02",
+         "--retry-after", "0.05", "--malformed", "0.01", "--seed", "5"],
+        stdout=subprocess.PIPE, text=True, env=_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on" in line, line
+        yield line.split()[-1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def server_requests(base_url: str) -> int:
+    url = base_url.removesuffix("/v1") + "/mock/stats"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return int(json.load(resp)["requests"])
+
+
+def run_cli(args: list[str], *, kill_after: float | None = None) -> tuple[int, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncgen", "run", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )
+    try:
+        out, err = proc.communicate(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+    return proc.returncode, err
+
+
+def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str) -> None:
+    n = 4000
+    shards = [write_shard(tmp_path / f"personas-{k}.jsonl.zst", personas(n // 2, f"s{k}"))
+              for k in range(2)]
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "personas-*.jsonl.zst"), "--prompt", "math",
+            "--model", "mock-model", "--output", str(out), "--base-url", server_url,
+            "--concurrency", "64", "--max-attempts", "20", "--quiet"]
+    rng = random.Random(int(time.time()))
+    kills = 0
+    for _ in range(40):
+        kill_after = rng.uniform(0.4, 2.5) if kills < 6 else None
+        code, err = run_cli(args, kill_after=kill_after)
+        if code == -signal.SIGKILL:
+            kills += 1
+            continue
+        assert code == 0, err
+        break
+    else:
+        pytest.fail("the job never finished")
+    assert kills >= 3, "the job finished before it could be killed often enough"
+    expected = {f"personas-{k}:{i}:math:0" for k in range(len(shards)) for i in range(1, n // 2 + 1)}
+    found = assert_exactly_once(out, expected)
+    assert len(found["results"]) == n
+    # A finished job: the rerun sends zero requests and says so.
+    before = server_requests(server_url)
+    code, err = run_cli(args)
+    assert code == 0, err
+    assert "nothing to do" in err and "0 requests" in err
+    assert server_requests(server_url) == before
+
+
+def test_sigterm_stops_gracefully_and_resumes(tmp_path: Path, server_url: str) -> None:
+    shard = write_shard(tmp_path / "p.jsonl", personas(3000))
+    out = tmp_path / "out"
+    args = ["--input", str(shard), "--prompt", "reasoning", "--model", "mock-model",
+            "--output", str(out), "--base-url", server_url, "--concurrency", "16",
+            "--progress-interval", "0.2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncgen", "run", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "SIGTERM" in err and "stopped early" in err
+    assert "done " in err, "plain periodic progress lines when stderr is not a terminal"
+    code, err = run_cli(args)
+    assert code == 0, err
+    assert_exactly_once(out, {f"p:{i}:reasoning:0" for i in range(1, 3001)})

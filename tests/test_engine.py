@@ -1,0 +1,375 @@
+"""The engine end to end against the loopback mock server."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from asyncgen import Engine, JobConfig
+from asyncgen.errors import ConfigError, ConnectError, InputError, OutputError
+from asyncgen.mock import MockConfig, MockServer
+from asyncgen.records import BadLine, Result
+
+from .conftest import assert_exactly_once, personas, read_output, write_shard
+
+FAST = {"backoff_base": 0.01, "backoff_cap": 0.05, "flush_interval": 0.05}
+
+
+def job(tmp_path: Path, server: MockServer, inputs: list[Path], **kw: Any) -> JobConfig:
+    settings: dict[str, Any] = {
+        "inputs": [str(p) for p in inputs],
+        "output": str(tmp_path / "out"),
+        "prompt": "math",
+        "model": "mock-model",
+        "base_url": server.base_url,
+        "concurrency": 64,
+        **FAST,
+    }
+    settings.update(kw)
+    return JobConfig(**settings)
+
+
+def ids_for(shard: str, n: int, template: str = "math", samples: int = 1) -> set[str]:
+    return {f"{shard}:{i}:{template}:{s}" for i in range(1, n + 1) for s in range(samples)}
+
+
+async def test_thousands_of_items_with_faults_exactly_once(tmp_path: Path) -> None:
+    faults = MockConfig(fail_429=0.05, retry_after=0.01, fail_500=0.03, fail_503=0.03,
+                        drop=0.02, malformed=0.03, seed=11)
+    inputs = [write_shard(tmp_path / f"p{k}.jsonl.zst", personas(1500, f"s{k}")) for k in (1, 2)]
+    async with MockServer(faults) as server:
+        config = job(tmp_path, server, inputs, concurrency=128, max_attempts=10)
+        async with Engine(config, rng=random.Random(5)) as engine:
+            stats = await engine.run()
+        requests = server.stats().requests
+    expected = ids_for("p1", 1500) | ids_for("p2", 1500)
+    found = assert_exactly_once(tmp_path / "out", expected)
+    assert len(found["results"]) == 3000 and not found["failures"] and not found["errors"]
+    assert stats.finished and stats.succeeded == 3000 and stats.failed == 0
+    assert stats.retries > 100, "the injected faults were retried"
+    assert stats.requests == requests == 3000 + stats.retries
+    retried = [r for r in found["results"] if r["attempts"] > 1]
+    assert len(retried) > 100
+    record = found["results"][0]
+    assert record["persona"].startswith("A s") and record["template"] == "math"
+    assert record["output"] and record["finish_reason"] in ("stop", "length")
+    assert record["usage"]["completion_tokens"] > 0 and record["model"] == "mock-model"
+    assert record["error"] is None and record["latency_s"] >= 0
+    assert record["meta"] == {"idx": record["source"]["line"] - 1}
+
+
+async def test_rerun_of_finished_job_sends_nothing(tmp_path: Path, mock_server: MockServer) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(200))]
+    config = job(tmp_path, mock_server, inputs, samples=2)
+    async with Engine(config) as engine:
+        first = await engine.run()
+    assert first.succeeded == 400
+    before = mock_server.stats().requests
+    async with Engine(config) as engine:
+        second = await engine.run()
+    assert mock_server.stats().requests == before, "a finished job sends zero requests"
+    assert second.requests == 0 and second.skipped == 400 and second.finished
+    assert second.succeeded_total == 400
+    assert_exactly_once(tmp_path / "out", ids_for("p", 200, samples=2))
+
+
+async def test_results_iterator_yields_each_committed_record(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", [*personas(50), b"{not json", {"other": 1}])]
+    seen: list[str] = []
+    async with Engine(job(tmp_path, mock_server, inputs)) as engine:
+        async for record in engine.results():
+            assert isinstance(record, Result | BadLine)
+            seen.append(record.custom_id)
+        stats = engine.statistics()
+    assert sorted(seen) == sorted(ids_for("p", 50) | {"p:51", "p:52"})
+    assert stats.bad_lines == 2 and stats.lines_read == 52
+    assert "finished" in repr(engine)
+
+
+async def test_stopping_early_from_the_consumer_then_resuming(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl.zst", personas(2000))]
+    config = job(tmp_path, mock_server, inputs, flush_records=50)
+    async with Engine(config) as engine:
+        got = 0
+        async for _ in engine.results():
+            got += 1
+            if got >= 100:
+                break
+        assert not engine.statistics().finished
+    found = read_output(tmp_path / "out")
+    assert 100 <= len(found["results"]) < 2000
+    async with Engine(config) as engine:
+        stats = await engine.run()
+    assert stats.finished and stats.skipped >= 100
+    assert_exactly_once(tmp_path / "out", ids_for("p", 2000))
+
+
+async def test_graceful_stop_drains_in_flight(tmp_path: Path) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(3000))]
+    async with MockServer(MockConfig(latency=0.05)) as server:
+        config = job(tmp_path, server, inputs, concurrency=32)
+        async with Engine(config) as engine:
+            async def stop_soon() -> None:
+                await asyncio.sleep(0.3)
+                engine.stop()
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(stop_soon())
+                stats = await engine.run()
+        sent = server.stats().requests
+    assert stats.stopped and not stats.finished
+    assert stats.in_flight == 0
+    # Everything that was sent came back and was committed: nothing in flight was dropped.
+    assert stats.succeeded == sent and 0 < sent < 3000
+    async with MockServer() as server:
+        config = job(tmp_path, server, inputs, concurrency=32)
+        async with Engine(config) as engine:
+            await engine.run()
+        assert server.stats().requests == 3000 - sent
+    assert_exactly_once(tmp_path / "out", ids_for("p", 3000))
+
+
+async def test_drain_timeout_abandons_hung_requests(tmp_path: Path) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(20))]
+    async with MockServer(MockConfig(hang=1.0, hang_seconds=30)) as server:
+        config = job(tmp_path, server, inputs, concurrency=8, drain_timeout=0.2)
+        async with Engine(config) as engine:
+            async def stop_soon() -> None:
+                await asyncio.sleep(0.2)
+                engine.stop()
+
+            async with asyncio.timeout(10), asyncio.TaskGroup() as tg:
+                tg.create_task(stop_soon())
+                stats = await engine.run()
+    assert stats.stopped and stats.succeeded == 0 and stats.in_flight == 0
+    assert read_output(tmp_path / "out")["results"] == []
+
+
+async def test_permanent_errors_are_recorded_not_retried(tmp_path: Path) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(30))]
+    async with MockServer(MockConfig(models=["real-model"])) as server:
+        config = job(tmp_path, server, inputs, model="typo-model", max_attempts=5)
+        async with Engine(config) as engine:
+            stats = await engine.run()
+        assert server.stats().requests == 30, "a 404 is not retried"
+    found = assert_exactly_once(tmp_path / "out", ids_for("p", 30))
+    assert stats.failed == 30 and len(found["failures"]) == 30
+    error = found["failures"][0]["error"]
+    assert error["status"] == 404 and "typo-model" in error["message"]
+    assert found["failures"][0]["attempts"] == 1
+
+
+async def test_exhausted_retries_become_failures(tmp_path: Path) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(10))]
+    async with MockServer(MockConfig(fail_503=1.0)) as server:
+        config = job(tmp_path, server, inputs, max_attempts=3)
+        async with Engine(config) as engine:
+            stats = await engine.run()
+        assert server.stats().requests == 30
+    found = read_output(tmp_path / "out")
+    assert stats.failed == 10 and len(found["failures"]) == 10
+    error = found["failures"][0]["error"]
+    assert error["status"] == 503 and "gave up after 3 attempts" in error["message"]
+
+
+async def test_timeouts_are_retried(tmp_path: Path) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(10))]
+    async with MockServer(MockConfig(hang=0.3, hang_seconds=30, seed=4)) as server:
+        config = job(tmp_path, server, inputs, timeout=0.2, max_attempts=20)
+        async with Engine(config) as engine:
+            stats = await engine.run()
+    assert stats.succeeded == 10 and stats.retries >= 1
+
+
+async def test_retry_after_is_honoured(tmp_path: Path) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(1))]
+    slept: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        slept.append(delay)
+
+    async with MockServer(MockConfig(fail_429=1.0, retry_after=7.0)) as server:
+        config = job(tmp_path, server, inputs, max_attempts=3)
+        async with Engine(config, sleep=fake_sleep) as engine:
+            await engine.run()
+    assert len(slept) == 2 and all(7.0 <= d <= 7.7 for d in slept)
+
+
+async def test_batch_lines_pass_through(tmp_path: Path, mock_server: MockServer) -> None:
+    lines = [
+        {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "mock-model", "messages": [{"role": "user", "content": f"hi {i}"}],
+                  "max_tokens": 5}}
+        for i in range(20)
+    ]
+    lines.append({"custom_id": "text-1", "method": "POST", "url": "/v1/completions",
+                  "body": {"model": "mock-model", "prompt": "Once upon", "max_tokens": 5}})
+    lines.append({"custom_id": "req-3", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "mock-model", "messages": []}})
+    lines.append({"custom_id": "emb", "method": "POST", "url": "/v1/embeddings", "body": {}})
+    inputs = [write_shard(tmp_path / "batch.jsonl", lines)]
+    config = job(tmp_path, mock_server, inputs, prompt=None, model=None)
+    async with Engine(config) as engine:
+        stats = await engine.run()
+    found = read_output(tmp_path / "out")
+    ok = {r["custom_id"]: r for r in found["results"]}
+    assert set(ok) == {f"req-{i}" for i in range(20)} | {"text-1"}
+    assert ok["text-1"]["output"] and ok["req-0"]["usage"]["completion_tokens"] <= 5
+    errors = {e["custom_id"]: e["error"]["code"] for e in found["errors"]}
+    assert errors == {"batch:22": "duplicate_custom_id", "batch:23": "bad_input"}
+    assert stats.bad_lines == 2
+
+
+async def test_bad_lines_are_recorded_once_with_location(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    lines: list[Any] = [
+        {"persona": "fine"},
+        b"{broken json",
+        {"name": "no persona field"},
+        {"persona": "   "},
+        b'{"persona": "caf\xe9"}',
+        b"[1, 2]",
+        {"persona": None},
+        {"persona": "also fine"},
+    ]
+    inputs = [write_shard(tmp_path / "bad.jsonl", lines)]
+    config = job(tmp_path, mock_server, inputs)
+    for _ in range(2):  # the rerun must not record them again
+        async with Engine(config) as engine:
+            await engine.run()
+    found = read_output(tmp_path / "out")
+    assert {r["custom_id"] for r in found["results"]} == {"bad:1:math:0", "bad:8:math:0"}
+    errors = {e["source"]["line"]: e for e in found["errors"]}
+    assert sorted(errors) == [2, 3, 4, 5, 6, 7]
+    assert "malformed JSON" in errors[2]["error"]["message"]
+    assert "persona" in errors[3]["error"]["message"]
+    assert "empty" in errors[4]["error"]["message"]
+    assert "UTF-8" in errors[5]["error"]["message"]
+    assert "JSON object" in errors[6]["error"]["message"]
+    assert all(e["path"].endswith("bad.jsonl") for e in errors.values())
+    assert errors[2]["raw"] == "{broken json"
+
+
+async def test_strict_mode_fails_fast_naming_the_line(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    inputs = [write_shard(tmp_path / "bad.jsonl", [{"persona": "ok"}, b"nope"])]
+    async with Engine(job(tmp_path, mock_server, inputs, strict=True)) as engine:
+        with pytest.raises(ExceptionGroup) as info:
+            await engine.run()
+    errors = info.value.subgroup(InputError)
+    assert errors is not None
+    assert "bad.jsonl:2: malformed JSON" in str(errors.exceptions[0])
+
+
+async def test_corrupt_shard_is_recorded_and_other_shards_go_on(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    good = write_shard(tmp_path / "good.jsonl.zst", personas(30))
+    broken = write_shard(tmp_path / "broken.jsonl.zst", personas(20000, "b"))
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    config = job(tmp_path, mock_server, [broken, good], concurrency=256)
+    async with Engine(config) as engine:
+        stats = await engine.run()
+    found = read_output(tmp_path / "out")
+    assert stats.finished
+    assert {r["custom_id"] for r in found["results"]} >= ids_for("good", 30)
+    (err,) = found["errors"]
+    assert err["custom_id"] == "broken:file" and err["error"]["code"] == "corrupt_input"
+    assert "truncated" in err["error"]["message"]
+    assert len(found["results"]) == 30 + err["source"]["line"]
+
+
+async def test_other_job_in_same_output_is_refused(tmp_path: Path, mock_server: MockServer) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(3))]
+    async with Engine(job(tmp_path, mock_server, inputs)) as engine:
+        await engine.run()
+    with pytest.raises(OutputError, match="different job"):
+        async with Engine(job(tmp_path, mock_server, inputs, prompt="npc")):
+            pass
+
+
+async def test_unreachable_endpoint_fails_fast(tmp_path: Path) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(3))]
+    async with MockServer() as server:
+        url = server.base_url  # the port is free once the server is gone
+    config = JobConfig(inputs=[str(inputs[0])], output=str(tmp_path / "out"), prompt="math",
+                       model="m", base_url=url)
+    async with Engine(config) as engine:
+        with pytest.raises(ConnectError, match="cannot reach endpoint"):
+            await engine.run()
+    assert read_output(tmp_path / "out") == {"results": [], "failures": [], "errors": []}
+
+
+async def test_bad_api_key_fails_fast(tmp_path: Path) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(3))]
+    async with MockServer(MockConfig(api_key="sk-right-key")) as server:
+        config = job(tmp_path, server, inputs)
+        async with Engine(config, api_key="sk-wrong-secret") as engine:
+            with pytest.raises(ConfigError, match="refused the API key") as info:
+                await engine.run()
+        assert "sk-wrong-secret" not in str(info.value)
+        async with Engine(config, api_key="sk-right-key") as engine:
+            stats = await engine.run()
+            assert "sk-right-key" not in repr(engine) + repr(engine._transport)
+    assert stats.succeeded == 3
+    for path in (tmp_path / "out").iterdir():
+        assert b"sk-right-key" not in path.read_bytes()
+
+
+async def test_overrides_and_samples_reach_the_request(tmp_path: Path) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    class Recorder:
+        base_url = "http://recorder.invalid/v1"
+
+        async def post(self, path: str, body: bytes) -> Any:
+            from asyncgen.transport import HttpResponse
+
+            bodies.append({"path": path, **msgspec.json.decode(body)})
+            reply = {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}
+            return HttpResponse(200, {}, msgspec.json.encode(reply))
+
+        async def get(self, path: str) -> Any:
+            from asyncgen.transport import HttpResponse
+
+            return HttpResponse(200, {}, b"{}")
+
+        async def aclose(self) -> None:
+            pass
+
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(2))]
+    config = JobConfig(inputs=[str(inputs[0])], output=str(tmp_path / "out"), prompt="npc",
+                       model="m", samples=3, max_tokens=77,
+                       extra_body={"top_k": 20, "temperature": 0.1}, **FAST)
+    async with Engine(config, transport=Recorder()) as engine:
+        stats = await engine.run()
+    assert stats.succeeded == 6 and len(bodies) == 6
+    body = bodies[0]
+    assert body["path"] == "/chat/completions" and body["model"] == "m"
+    assert body["max_tokens"] == 77 and body["top_k"] == 20 and body["temperature"] == 0.1
+    assert any("person number 0" in m["content"] for m in body["messages"])
+
+
+async def test_rate_limit_paces_requests(tmp_path: Path, mock_server: MockServer) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(12))]
+    config = job(tmp_path, mock_server, inputs, rpm=600.0)  # 10 per second
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async with Engine(config) as engine:
+        stats = await engine.run()
+    elapsed = loop.time() - start
+    assert stats.succeeded == 12
+    # one second of budget may go at once, the rest is paced: >= 0.2 s for the last two
+    assert elapsed >= 0.15

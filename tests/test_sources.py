@@ -1,0 +1,85 @@
+"""Streaming input: plain and zstd JSON lines, globs, locations, corrupt files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from asyncgen.errors import ConfigError, InputError
+from asyncgen.sources import ShardReader, expand_inputs, shard_name
+
+from .conftest import personas, write_shard
+
+
+def read_all(path: Path, batch: int = 7) -> list[tuple[int, bytes]]:
+    reader = ShardReader(path)
+    out = []
+    while lines := reader.read_batch(batch):
+        out.extend((line.lineno, line.raw) for line in lines)
+    assert reader.position == reader.size
+    return out
+
+
+@pytest.mark.parametrize("name", ["p.jsonl", "p.jsonl.zst"])
+def test_reads_every_line_with_its_number(tmp_path: Path, name: str) -> None:
+    path = write_shard(tmp_path / name, [*personas(50), b"", b"  ", *personas(3, "late")])
+    lines = read_all(path)
+    assert len(lines) == 53
+    assert lines[0][0] == 1 and lines[49][0] == 50
+    assert lines[50][0] == 53, "blank lines are skipped but keep their numbers"
+    assert b"late number 2" in lines[-1][1]
+
+
+def test_multi_frame_zstd_and_crlf_and_no_final_newline(tmp_path: Path) -> None:
+    c = zstandard.ZstdCompressor()
+    data = c.compress(b'{"persona": "a"}\r\n{"persona": "b"}\n') + c.compress(b'{"persona": "c"}')
+    path = tmp_path / "m.jsonl.zst"
+    path.write_bytes(data)
+    assert [raw for _, raw in read_all(path)] == [
+        b'{"persona": "a"}',
+        b'{"persona": "b"}',
+        b'{"persona": "c"}',
+    ]
+
+
+def test_truncated_zstd_names_file_and_line(tmp_path: Path) -> None:
+    path = write_shard(tmp_path / "t.jsonl.zst", personas(20000))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    reader = ShardReader(path)
+    with pytest.raises(InputError, match=r"t\.jsonl\.zst: truncated zstd file.*after line \d+"):
+        while reader.read_batch(1000):
+            pass
+
+
+def test_garbage_zstd_is_an_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "g.jsonl.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd" + b"\xff" * 64)
+    with pytest.raises(InputError, match=r"g\.jsonl\.zst: (corrupt|truncated) zstd"):
+        read_all(path)
+
+
+def test_shard_names() -> None:
+    assert shard_name("/x/personas-00001.jsonl.zst") == "personas-00001"
+    assert shard_name("a.jsonl") == "a"
+    assert shard_name("b.ndjson.zst") == "b"
+    assert shard_name("c.txt") == "c.txt"
+
+
+def test_expand_inputs(tmp_path: Path) -> None:
+    for name in ("b.jsonl", "a.jsonl.zst", "c.jsonl"):
+        write_shard(tmp_path / name, personas(1))
+    paths = expand_inputs([str(tmp_path / "*.jsonl*"), str(tmp_path / "a.jsonl.zst")])
+    assert [p.name for p in paths] == ["a.jsonl.zst", "b.jsonl", "c.jsonl"]
+    with pytest.raises(ConfigError, match="no input file matches"):
+        expand_inputs([str(tmp_path / "*.none")])
+    with pytest.raises(ConfigError, match="not found"):
+        expand_inputs([str(tmp_path / "missing.jsonl")])
+    with pytest.raises(ConfigError, match="directory"):
+        expand_inputs([str(tmp_path)])
+    (tmp_path / "sub").mkdir()
+    write_shard(tmp_path / "sub" / "a.jsonl", personas(1))
+    with pytest.raises(ConfigError, match="same shard name 'a'"):
+        expand_inputs([str(tmp_path / "a.jsonl.zst"), str(tmp_path / "sub" / "a.jsonl")])

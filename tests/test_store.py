@@ -1,0 +1,176 @@
+"""The output store: commit protocol, torn-tail repair, manifest and lock."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from asyncgen.errors import OutputError
+from asyncgen.records import BadLine, ErrorInfo, Result, Source
+from asyncgen.shards import FrameWriter, scan_frames
+from asyncgen.store import Store
+
+from .conftest import read_output
+
+SPEC = {"model": "m", "template": {"name": "math", "sha256": "abc"}}
+
+
+def result(i: int, *, failed: bool = False) -> Result:
+    return Result(
+        custom_id=f"s:{i}:math:0",
+        error=ErrorInfo("http_400", "bad", 400) if failed else None,
+        output=None if failed else f"text {i}",
+        finish_reason=None if failed else "stop",
+        model="m",
+        template="math",
+        persona=f"p{i}",
+        source=Source("s", i),
+        attempts=1,
+        latency_s=0.1,
+        created=time.time(),
+    )
+
+
+def open_store(root: Path, **kw: object) -> Store:
+    return Store.open(root, SPEC, version="test", **kw)  # type: ignore[arg-type]
+
+
+def test_commit_then_reopen_sees_everything(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    ids = store.commit(
+        [result(1), result(2, failed=True)],
+        [BadLine("s:3", "in.jsonl", Source("s", 3), ErrorInfo("bad_input", "x"), "{")],
+    )
+    assert sorted(ids) == ["s:1:math:0", "s:2:math:0", "s:3"]
+    store.ledger.commit(ids)
+    store.close()
+    store = open_store(tmp_path)
+    assert store.counts == {"results": 1, "failures": 1, "errors": 1}
+    assert store.ledger.committed == 3 and store.ledger.is_committed("s:2:math:0")
+    store.close()
+    found = read_output(tmp_path)
+    assert [r["custom_id"] for r in found["results"]] == ["s:1:math:0"]
+    assert found["failures"][0]["error"]["code"] == "http_400"
+    assert found["errors"][0]["source"] == {"shard": "s", "line": 3}
+
+
+def test_shards_are_plain_multiframe_zstd(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    for i in range(5):
+        store.commit([result(i)])
+    store.close()
+    shard = next(tmp_path.glob("results-*.jsonl.zst"))
+    assert len(list(scan_frames(shard))) == 5
+    out = subprocess.run(["zstd", "-dc", str(shard)], capture_output=True, check=False)
+    if out.returncode == 0:  # the zstd CLI is optional on the machine
+        assert out.stdout.count(b"\n") == 5
+    with zstandard.open(shard, "rb") as f:
+        assert len(f.read().splitlines()) == 5
+
+
+def test_torn_data_tail_is_cut_and_unlogged_frames_recovered(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    store.ledger.commit(store.commit([result(1)]))
+    store.close()
+    shard = next(tmp_path.glob("results-*.jsonl.zst"))
+    # A crash after a frame was written but before its ledger line: recovered from the shard.
+    FrameWriter(shard).append(b'{"custom_id": "s:2:math:0"}\n')
+    good = shard.stat().st_size
+    # And a crash in the middle of the next frame: a torn tail.
+    frame = zstandard.ZstdCompressor(write_checksum=True).compress(b'{"custom_id": "s:3:math:0"}\n')
+    with open(shard, "ab") as f:
+        f.write(frame[: len(frame) - 5])
+    store = open_store(tmp_path)
+    assert store.ledger.is_committed("s:2:math:0")
+    assert not store.ledger.is_committed("s:3:math:0")
+    assert store.recovered_bytes == len(frame) - 5
+    assert shard.stat().st_size == good
+    assert store.counts["results"] == 2
+    store.close()
+    # Reopening again changes nothing: recovery is idempotent.
+    store = open_store(tmp_path)
+    assert store.counts["results"] == 2 and store.recovered_bytes == 0
+    store.close()
+
+
+def test_torn_ledger_tail_is_cut(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    store.commit([result(1)])
+    store.commit([result(2)])
+    store.close()
+    ledger = tmp_path / "ledger.zst"
+    size = ledger.stat().st_size
+    with open(ledger, "r+b") as f:
+        f.truncate(size - 3)  # the second ledger frame is torn; its data frame is intact
+    store = open_store(tmp_path)
+    assert store.ledger.committed == 2, "the data frame is re-logged from the shard"
+    store.close()
+
+
+def test_new_run_writes_new_shards_and_rotates(tmp_path: Path) -> None:
+    store = open_store(tmp_path, max_shard_bytes=1)
+    store.commit([result(1)])
+    store.commit([result(2)])
+    store.close()
+    store = open_store(tmp_path)
+    store.commit([result(3)])
+    store.close()
+    names = sorted(p.name for p in tmp_path.glob("results-*"))
+    assert names == [
+        "results-000001.jsonl.zst",
+        "results-000002.jsonl.zst",
+        "results-000003.jsonl.zst",
+    ]
+
+
+def test_different_spec_is_refused(tmp_path: Path) -> None:
+    open_store(tmp_path).close()
+    with pytest.raises(OutputError, match=r"different job.*model"):
+        Store.open(tmp_path, {**SPEC, "model": "other"}, version="test")
+
+
+def test_shards_without_manifest_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "results-000001.jsonl.zst").write_bytes(b"")
+    with pytest.raises(OutputError, match=r"no manifest\.json"):
+        open_store(tmp_path)
+
+
+def test_second_writer_is_locked_out(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    try:
+        with pytest.raises(OutputError, match="in use by another"):
+            open_store(tmp_path)
+    finally:
+        store.close()
+
+
+def test_shard_shorter_than_ledger_is_an_error(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    store.commit([result(1)])
+    store.close()
+    shard = next(tmp_path.glob("results-*.jsonl.zst"))
+    os.truncate(shard, 4)
+    with pytest.raises(OutputError, match="shorter"):
+        open_store(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output(tmp_path: Path) -> None:
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match="cannot use output directory"):
+            open_store(tmp_path / "out")
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_output_path_is_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(OutputError, match="cannot use output directory"):
+        open_store(target)
