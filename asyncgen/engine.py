@@ -45,6 +45,16 @@ Record = Result | BadLine
 Emit = Callable[[list[Record]], Awaitable[None]]
 
 
+def _leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves.extend(_leaf_errors(exc))
+        elif not isinstance(exc, asyncio.CancelledError):
+            leaves.append(exc)
+    return leaves
+
+
 class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
     """Everything a job needs except the API key (which is never stored or printed)."""
 
@@ -308,6 +318,16 @@ class Engine:
             )
 
     async def _pipeline(self, emit: Emit) -> None:
+        try:
+            await self._run_stages(emit)
+        except BaseExceptionGroup as group:
+            # Task groups wrap what stopped the job; callers want the error itself.
+            leaves = _leaf_errors(group)
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
+
+    async def _run_stages(self, emit: Emit) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._commit_loop(emit))
             try:

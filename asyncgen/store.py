@@ -205,6 +205,12 @@ class Store:
 
     def commit(self, results: Iterable[Result], bad_lines: Iterable[BadLine] = ()) -> list[str]:
         """Durably append a batch; return its ids (the caller marks them in :attr:`ledger`)."""
+        try:
+            return self._commit(results, bad_lines)
+        except OSError as exc:
+            raise OutputError(f"cannot write to {self.root}: {exc.strerror or exc}") from exc
+
+    def _commit(self, results: Iterable[Result], bad_lines: Iterable[BadLine]) -> list[str]:
         groups: dict[str, list[Result | BadLine]] = {k: [] for k in KINDS}
         for r in results:
             groups["failures" if r.error is not None else "results"].append(r)
