@@ -351,11 +351,10 @@ class Engine:
                 except InputError as exc:
                     if self.config.strict:
                         raise
-                    lineno = exc.line or 0
                     await self._record_bad(
                         f"{reader.shard}:file",
                         str(path),
-                        Source(reader.shard, lineno),
+                        Source(reader.shard, reader.lineno),
                         ErrorInfo("corrupt_input", exc.reason),
                         b"",
                     )

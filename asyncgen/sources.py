@@ -89,18 +89,31 @@ class ShardReader:
         self.position = 0
         """Bytes of the (possibly compressed) file consumed so far."""
         self._lineno = 0
+        self._failure: InputError | None = None
         self._lines = self._iter_lines()
 
     def read_batch(self, n: int) -> list[Line]:
         """Up to ``n`` lines; an empty list at the end. Raises :class:`InputError`."""
+        if self._failure is not None:
+            raise self._failure
         batch: list[Line] = []
         path = str(self.path)
-        for raw in self._lines:
-            self._lineno += 1
-            batch.append(Line(path, self.shard, self._lineno, raw))
-            if len(batch) >= n:
-                break
+        try:
+            for raw in self._lines:
+                self._lineno += 1
+                batch.append(Line(path, self.shard, self._lineno, raw))
+                if len(batch) >= n:
+                    break
+        except InputError as exc:
+            if not batch:
+                raise
+            self._failure = exc  # hand out the good lines first; fail on the next call
         return batch
+
+    @property
+    def lineno(self) -> int:
+        """Number of the last line read (blank lines included)."""
+        return self._lineno
 
     def _iter_lines(self) -> Iterator[bytes]:
         chunks = self._iter_zstd() if self._is_zstd() else self._iter_plain()

@@ -1,0 +1,232 @@
+"""Prompt templates: one TOML file each, rendered once per persona record.
+
+A template file looks like this::
+
+    description = "a hard math problem in the persona's voice"
+    endpoint = "chat"                # or "completions" for /v1/completions
+    fields = ["topic"]               # record fields usable besides {persona}
+    system = "You are ..."           # optional
+    user = "As {persona}, ..."       # required; becomes the prompt for "completions"
+
+    [sampling]                       # optional request defaults
+    temperature = 0.8
+    max_tokens = 1024
+
+Placeholders are ``{identifier}``: ``{persona}`` plus the names listed in ``fields``. Any other
+``{identifier}`` is an error when the template is loaded, not when the millionth record meets it.
+``{{`` and ``}}`` write literal braces; braces around anything that is not an identifier (JSON
+examples, say) are kept as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .errors import ConfigError, InputError
+
+__all__ = ["Template", "available_templates", "load_template", "parse_template", "template_dir"]
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENDPOINTS = {"chat": "/chat/completions", "completions": "/completions"}
+_KEYS = {"description", "endpoint", "fields", "system", "user", "sampling"}
+# Set by the engine (model), by the template itself (messages, prompt), or unsupported (stream).
+_RESERVED_SAMPLING = {"model", "messages", "prompt", "stream", "n"}
+
+
+def _placeholders(text: str) -> set[str]:
+    return {m.group(1) for m in _PLACEHOLDER.finditer(text) if m.group(1)}
+
+
+def _substitute(text: str, values: Mapping[str, str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return match.group(0)[0]  # "{{" -> "{", "}}" -> "}"
+        return values[name]
+
+    return _PLACEHOLDER.sub(replace, text)
+
+
+class Template:
+    """An immutable, validated prompt template."""
+
+    __slots__ = ("description", "digest", "endpoint", "fields", "name", "path", "sampling",
+                 "system", "user")
+
+    name: str
+    description: str
+    endpoint: str
+    system: str | None
+    user: str
+    fields: tuple[str, ...]
+    sampling: Mapping[str, Any]
+    path: str | None
+    digest: str
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        user: str,
+        description: str = "",
+        endpoint: str = "chat",
+        system: str | None = None,
+        fields: tuple[str, ...] = (),
+        sampling: Mapping[str, Any] | None = None,
+        path: str | None = None,
+        digest: str | None = None,
+    ) -> None:
+        where = f"template {name!r}" + (f" ({path})" if path else "")
+        if endpoint not in _ENDPOINTS:
+            raise ConfigError(f"{where}: endpoint must be 'chat' or 'completions', not {endpoint!r}")
+        if not user.strip():
+            raise ConfigError(f"{where}: 'user' is empty")
+        if endpoint == "completions" and system:
+            raise ConfigError(f"{where}: a 'completions' template has no system message")
+        allowed = {"persona", *fields}
+        for part, text in (("system", system or ""), ("user", user)):
+            unknown = sorted(_placeholders(text) - allowed)
+            if unknown:
+                listed = ", ".join("{" + u + "}" for u in unknown)
+                raise ConfigError(
+                    f"{where}: unknown placeholder {listed} in '{part}'; allowed: "
+                    + ", ".join("{" + a + "}" for a in sorted(allowed))
+                    + " (declare record fields in 'fields'; write {{ }} for literal braces)"
+                )
+        if "persona" not in _placeholders(user) | _placeholders(system or "") and not fields:
+            raise ConfigError(f"{where}: the template uses no placeholder; add {{persona}}")
+        sampling = dict(sampling or {})
+        reserved = sorted(_RESERVED_SAMPLING & sampling.keys())
+        if reserved:
+            raise ConfigError(f"{where}: [sampling] may not set {', '.join(reserved)}")
+        set_ = object.__setattr__
+        set_(self, "name", name)
+        set_(self, "description", description)
+        set_(self, "endpoint", endpoint)
+        set_(self, "system", system or None)
+        set_(self, "user", user)
+        set_(self, "fields", tuple(fields))
+        set_(self, "sampling", MappingProxyType(sampling))
+        set_(self, "path", path)
+        if digest is None:
+            canonical = repr((endpoint, system or None, user, tuple(fields), sorted(sampling.items())))
+            digest = hashlib.sha256(canonical.encode()).hexdigest()
+        set_(self, "digest", digest)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Template is immutable")
+
+    def __repr__(self) -> str:
+        return f"<Template {self.name} endpoint={self.endpoint} sha256={self.digest[:12]}>"
+
+    @property
+    def url(self) -> str:
+        """Path of the request relative to the base URL."""
+        return _ENDPOINTS[self.endpoint]
+
+    @property
+    def placeholders(self) -> frozenset[str]:
+        return frozenset(_placeholders(self.user) | _placeholders(self.system or ""))
+
+    def render(self, record: Mapping[str, Any], *, persona_field: str = "persona") -> dict[str, Any]:
+        """The request body for one record, without ``model``.
+
+        Raises InputError when a placeholder's field is missing, empty or not text.
+        """
+        values: dict[str, str] = {}
+        for name in self.placeholders:
+            key = persona_field if name == "persona" else name
+            value = record.get(key)
+            if value is None:
+                raise InputError(f"missing field {key!r}")
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise InputError(f"field {key!r} is {type(value).__name__}, not text")
+            text = str(value)
+            if not text.strip():
+                raise InputError(f"empty field {key!r}")
+            values[name] = text
+        user = _substitute(self.user, values)
+        body: dict[str, Any]
+        if self.endpoint == "completions":
+            body = {"prompt": user}
+        else:
+            messages = [{"role": "user", "content": user}]
+            if self.system:
+                messages.insert(0, {"role": "system", "content": _substitute(self.system, values)})
+            body = {"messages": messages}
+        body.update(self.sampling)
+        return body
+
+
+def parse_template(text: str, *, name: str, path: str | None = None) -> Template:
+    """Build a Template from TOML text; ConfigError says what is wrong and where."""
+    where = path or name
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"template {where}: not valid TOML: {exc}") from exc
+    unknown = sorted(data.keys() - _KEYS)
+    if unknown:
+        raise ConfigError(f"template {where}: unknown keys {unknown}; known: {sorted(_KEYS)}")
+    user = data.get("user")
+    if not isinstance(user, str):
+        raise ConfigError(f"template {where}: 'user' (the prompt text) is required")
+    fields = data.get("fields", [])
+    if not isinstance(fields, list) or not all(
+        isinstance(f, str) and f.isidentifier() for f in fields
+    ):
+        raise ConfigError(f"template {where}: 'fields' must be a list of field names")
+    sampling = data.get("sampling", {})
+    if not isinstance(sampling, dict):
+        raise ConfigError(f"template {where}: [sampling] must be a table")
+    for key in ("description", "endpoint", "system"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"template {where}: {key!r} must be a string")
+    return Template(
+        name=name,
+        user=user,
+        description=data.get("description", ""),
+        endpoint=data.get("endpoint", "chat"),
+        system=data.get("system"),
+        fields=tuple(fields),
+        sampling=sampling,
+        path=path,
+        digest=hashlib.sha256(text.encode()).hexdigest(),
+    )
+
+
+def template_dir() -> Path:
+    """Where the shipped templates are: inside the wheel, or ``prompts/`` of a source checkout."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "prompts"
+    return packaged if packaged.is_dir() else here.parent / "prompts"
+
+
+def available_templates() -> list[str]:
+    """Names of the shipped templates, sorted."""
+    return sorted(p.stem for p in template_dir().glob("*.toml"))
+
+
+def load_template(name_or_path: str) -> Template:
+    """A shipped template by name, or the user's own ``.toml`` file by path."""
+    candidate = Path(name_or_path)
+    looks_like_path = candidate.suffix == ".toml" or "/" in name_or_path or "\\" in name_or_path
+    if not looks_like_path:
+        candidate = template_dir() / f"{name_or_path}.toml"
+        if not candidate.is_file():
+            raise ConfigError(
+                f"unknown template {name_or_path!r}; shipped templates: "
+                + ", ".join(available_templates())
+                + " (or give the path of a .toml file)"
+            )
+    try:
+        text = candidate.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read template {name_or_path}: {exc}") from exc
+    return parse_template(text, name=candidate.stem, path=str(candidate))
