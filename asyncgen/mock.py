@@ -82,11 +82,56 @@ class MockStats(msgspec.Struct, frozen=True):
 
 
 _WORDS = (
-    "the quiet river turns north past old mills where a clockmaker counts gears and "
-    "measures time in brass while students argue about prime numbers under lamps of "
-    "amber glass seven bridges cross the town each holding a story of trade salt wool "
-    "iron bread and letters carried by night"
-).split()
+    "the",
+    "quiet",
+    "river",
+    "turns",
+    "north",
+    "past",
+    "old",
+    "mills",
+    "where",
+    "a",
+    "clockmaker",
+    "counts",
+    "gears",
+    "and",
+    "measures",
+    "time",
+    "in",
+    "brass",
+    "while",
+    "students",
+    "argue",
+    "about",
+    "prime",
+    "numbers",
+    "under",
+    "lamps",
+    "of",
+    "amber",
+    "glass",
+    "seven",
+    "bridges",
+    "cross",
+    "the",
+    "town",
+    "each",
+    "holding",
+    "a",
+    "story",
+    "of",
+    "trade",
+    "salt",
+    "wool",
+    "iron",
+    "bread",
+    "and",
+    "letters",
+    "carried",
+    "by",
+    "night",
+)
 _DEFAULT_MODEL = "mock-model"
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
@@ -114,9 +159,7 @@ def _prompt_text(body: dict[str, Any], chat: bool) -> str | None:
                 return None
             content = message.get("content")
             if isinstance(content, list):  # content parts
-                content = " ".join(
-                    str(p.get("text", "")) for p in content if isinstance(p, dict)
-                )
+                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
             parts.append(str(content or ""))
         return "\n".join(parts)
     prompt = body.get("prompt")
@@ -215,8 +258,9 @@ class MockServer:
 
     def _unauthorized(self) -> web.Response:
         # Unlike OpenAI, which echoes a masked key, say nothing about the key that was sent.
-        return _error(401, "Incorrect API key provided.", "invalid_request_error",
-                      "invalid_api_key")
+        return _error(
+            401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"
+        )
 
     async def _health(self, request: web.Request) -> web.Response:
         self._routes["/health"] += 1
@@ -264,33 +308,49 @@ class MockServer:
         try:
             body = _decode(raw)
         except msgspec.DecodeError:
-            return "400", _error(400, "We could not parse the JSON body of your request.",
-                                 "invalid_request_error", None)
+            return "400", _error(
+                400,
+                "We could not parse the JSON body of your request.",
+                "invalid_request_error",
+                None,
+            )
         if not isinstance(body, dict):
-            return "400", _error(400, "The request body must be a JSON object.",
-                                 "invalid_request_error", None)
+            return "400", _error(
+                400, "The request body must be a JSON object.", "invalid_request_error", None
+            )
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            return "400", _error(400, "You must provide a model parameter.",
-                                 "invalid_request_error", None)
+            return "400", _error(
+                400, "You must provide a model parameter.", "invalid_request_error", None
+            )
         if cfg.models and model not in cfg.models:
-            return "404", _error(404, f"The model `{model}` does not exist.",
-                                 "invalid_request_error", "model_not_found")
+            return "404", _error(
+                404,
+                f"The model `{model}` does not exist.",
+                "invalid_request_error",
+                "model_not_found",
+            )
         prompt = _prompt_text(body, chat)
         if prompt is None:
             what = "'messages' must be a non-empty list" if chat else "'prompt' is required"
             return "400", _error(400, what, "invalid_request_error", None)
         if body.get("stream"):
-            return "400", _error(400, "stream=true is not supported by the asyncgen mock.",
-                                 "invalid_request_error", None)
+            return "400", _error(
+                400,
+                "stream=true is not supported by the asyncgen mock.",
+                "invalid_request_error",
+                None,
+            )
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None and (not isinstance(limit, int) or limit < 1):
-            return "400", _error(400, "max_tokens must be a positive integer.",
-                                 "invalid_request_error", None)
+            return "400", _error(
+                400, "max_tokens must be a positive integer.", "invalid_request_error", None
+            )
         n = body.get("n", 1)
         if not isinstance(n, int) or not 1 <= n <= 128:
-            return "400", _error(400, "n must be an integer between 1 and 128.",
-                                 "invalid_request_error", None)
+            return "400", _error(
+                400, "n must be an integer between 1 and 128.", "invalid_request_error", None
+            )
 
         rng = self._rng
         draw = rng.random()
@@ -305,28 +365,32 @@ class MockServer:
             return "hang", self._completion(model, prompt, chat, limit, n)
         draw -= cfg.hang
         if draw < cfg.fail_429:
-            response = _error(429, "Rate limit reached for requests (mock).", "requests",
-                              "rate_limit_exceeded")
+            response = _error(
+                429, "Rate limit reached for requests (mock).", "requests", "rate_limit_exceeded"
+            )
             response.headers["retry-after"] = str(max(1, math.ceil(cfg.retry_after)))
             response.headers["retry-after-ms"] = str(round(cfg.retry_after * 1000))
             return "429", response
         draw -= cfg.fail_429
         await self._sleep_latency()
         if draw < cfg.fail_500:
-            return "500", _error(500, "The server had an error while processing your request.",
-                                 "server_error", None)
+            return "500", _error(
+                500, "The server had an error while processing your request.", "server_error", None
+            )
         draw -= cfg.fail_500
         if draw < cfg.fail_503:
-            return "503", _vllm_error(503, "The engine is overloaded; try again later.",
-                                      "ServiceUnavailableError")
+            return "503", _vllm_error(
+                503, "The engine is overloaded; try again later.", "ServiceUnavailableError"
+            )
         draw -= cfg.fail_503
         if draw < cfg.malformed:
             full = self._completion(model, prompt, chat, limit, n).body
             assert isinstance(full, bytes)
             variants = (b"", full[: len(full) // 2], b"<html>Bad Gateway</html>", b"{}")
             broken = variants[rng.randrange(len(variants))]
-            return "malformed", web.Response(status=200, body=broken,
-                                             content_type="application/json")
+            return "malformed", web.Response(
+                status=200, body=broken, content_type="application/json"
+            )
         return "ok", self._completion(model, prompt, chat, limit, n)
 
     async def _sleep_latency(self) -> None:
@@ -347,12 +411,14 @@ class MockServer:
         for index in range(n):
             text = _generate(model, prompt, cfg.seed, index, words)
             if chat:
-                choices.append({
-                    "index": index,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                })
+                choices.append(
+                    {
+                        "index": index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                )
             else:
                 choices.append(
                     {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
@@ -384,28 +450,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     add("--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)")
     add("--latency", type=float, default=d.latency, help="mean seconds per reply (default: 0)")
-    add("--latency-jitter", type=float, default=d.latency_jitter,
-        help="latency varies uniformly by ± this many seconds (default: 0)")
+    add(
+        "--latency-jitter",
+        type=float,
+        default=d.latency_jitter,
+        help="latency varies uniformly by ± this many seconds (default: 0)",
+    )
     add("--seed", type=int, default=d.seed, help="seed for replies and faults (default: 0)")
-    add("--output-tokens", type=int, default=d.output_tokens,
-        help="words per reply unless max_tokens cuts it (default: %(default)s)")
-    add("--model", action="append", dest="models", metavar="NAME",
-        help="serve only this model (repeatable); default: accept any model name")
-    add("--api-key-env", metavar="VAR",
-        help="require the API key held in this environment variable (default: no auth)")
-    add("--fail-429", type=float, default=0.0, metavar="P",
-        help="probability of 429 Too Many Requests")
-    add("--retry-after", type=float, default=d.retry_after, metavar="SECONDS",
-        help="delay announced by 429s (default: %(default)s)")
+    add(
+        "--output-tokens",
+        type=int,
+        default=d.output_tokens,
+        help="words per reply unless max_tokens cuts it (default: %(default)s)",
+    )
+    add(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="serve only this model (repeatable); default: accept any model name",
+    )
+    add(
+        "--api-key-env",
+        metavar="VAR",
+        help="require the API key held in this environment variable (default: no auth)",
+    )
+    add(
+        "--fail-429",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability of 429 Too Many Requests",
+    )
+    add(
+        "--retry-after",
+        type=float,
+        default=d.retry_after,
+        metavar="SECONDS",
+        help="delay announced by 429s (default: %(default)s)",
+    )
     add("--fail-500", type=float, default=0.0, metavar="P", help="probability of a 500")
     add("--fail-503", type=float, default=0.0, metavar="P", help="probability of a 503")
-    add("--drop", type=float, default=0.0, metavar="P",
-        help="probability of closing the connection without a reply")
+    add(
+        "--drop",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability of closing the connection without a reply",
+    )
     add("--hang", type=float, default=0.0, metavar="P", help="probability of hanging")
-    add("--hang-seconds", type=float, default=d.hang_seconds,
-        help="how long a hang lasts (default: %(default)s)")
-    add("--malformed", type=float, default=0.0, metavar="P",
-        help="probability of a 200 with an empty, truncated or non-JSON body")
+    add(
+        "--hang-seconds",
+        type=float,
+        default=d.hang_seconds,
+        help="how long a hang lasts (default: %(default)s)",
+    )
+    add(
+        "--malformed",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability of a 200 with an empty, truncated or non-JSON body",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> MockConfig:
@@ -415,10 +521,19 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
         if not api_key:
             raise ValueError(f"--api-key-env: environment variable {args.api_key_env} is not set")
     return MockConfig(
-        latency=args.latency, latency_jitter=args.latency_jitter, seed=args.seed,
-        output_tokens=args.output_tokens, models=args.models or [], api_key=api_key,
-        fail_429=args.fail_429, retry_after=args.retry_after, fail_500=args.fail_500,
-        fail_503=args.fail_503, drop=args.drop, hang=args.hang, hang_seconds=args.hang_seconds,
+        latency=args.latency,
+        latency_jitter=args.latency_jitter,
+        seed=args.seed,
+        output_tokens=args.output_tokens,
+        models=args.models or [],
+        api_key=api_key,
+        fail_429=args.fail_429,
+        retry_after=args.retry_after,
+        fail_500=args.fail_500,
+        fail_503=args.fail_503,
+        drop=args.drop,
+        hang=args.hang,
+        hang_seconds=args.hang_seconds,
         malformed=args.malformed,
     )
 
@@ -433,8 +548,11 @@ async def serve(config: MockConfig, host: str, port: int) -> None:
         print(f"asyncgen mock server listening on {server.base_url}", flush=True)
         await stop.wait()
         stats = server.stats()
-        print(f"asyncgen mock server: {stats.requests} requests, outcomes {stats.by_outcome}",
-              file=sys.stderr, flush=True)
+        print(
+            f"asyncgen mock server: {stats.requests} requests, outcomes {stats.by_outcome}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def main_from_args(args: argparse.Namespace) -> int:
@@ -448,7 +566,9 @@ def main_from_args(args: argparse.Namespace) -> int:
     try:
         uvloop.run(serve(config, args.host, args.port))
     except OSError as exc:
-        print(f"asyncgen mock-server: error: cannot listen on {args.host}:{args.port}: {exc}",
-              file=sys.stderr)
+        print(
+            f"asyncgen mock-server: error: cannot listen on {args.host}:{args.port}: {exc}",
+            file=sys.stderr,
+        )
         return 2
     return 0

@@ -56,8 +56,17 @@ def _substitute(text: str, values: Mapping[str, str]) -> str:
 class Template:
     """An immutable, validated prompt template."""
 
-    __slots__ = ("description", "digest", "endpoint", "fields", "name", "path", "sampling",
-                 "system", "user")
+    __slots__ = (
+        "description",
+        "digest",
+        "endpoint",
+        "fields",
+        "name",
+        "path",
+        "sampling",
+        "system",
+        "user",
+    )
 
     name: str
     description: str
@@ -84,7 +93,9 @@ class Template:
     ) -> None:
         where = f"template {name!r}" + (f" ({path})" if path else "")
         if endpoint not in _ENDPOINTS:
-            raise ConfigError(f"{where}: endpoint must be 'chat' or 'completions', not {endpoint!r}")
+            raise ConfigError(
+                f"{where}: endpoint must be 'chat' or 'completions', not {endpoint!r}"
+            )
         if not user.strip():
             raise ConfigError(f"{where}: 'user' is empty")
         if endpoint == "completions" and system:
@@ -115,7 +126,9 @@ class Template:
         set_(self, "sampling", MappingProxyType(sampling))
         set_(self, "path", path)
         if digest is None:
-            canonical = repr((endpoint, system or None, user, tuple(fields), sorted(sampling.items())))
+            canonical = repr(
+                (endpoint, system or None, user, tuple(fields), sorted(sampling.items()))
+            )
             digest = hashlib.sha256(canonical.encode()).hexdigest()
         set_(self, "digest", digest)
 
@@ -134,7 +147,9 @@ class Template:
     def placeholders(self) -> frozenset[str]:
         return frozenset(_placeholders(self.user) | _placeholders(self.system or ""))
 
-    def render(self, record: Mapping[str, Any], *, persona_field: str = "persona") -> dict[str, Any]:
+    def render(
+        self, record: Mapping[str, Any], *, persona_field: str = "persona"
+    ) -> dict[str, Any]:
         """The request body for one record, without ``model``.
 
         Raises InputError when a placeholder's field is missing, empty or not text.

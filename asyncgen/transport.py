@@ -39,7 +39,8 @@ class Transport(Protocol):
 class AiohttpTransport:
     """One pooled aiohttp session for one base URL (``.../v1``).
 
-    Time limits are the caller's: wrap calls in ``asyncio.timeout``. The API key lives only in the session's default headers; it is never part of the repr.
+    Time limits are the caller's: wrap calls in ``asyncio.timeout``. The API key lives only
+    in the session's default headers; it is never part of the repr.
     """
 
     def __init__(self, base_url: str, *, api_key: str | None = None, limit: int = 256) -> None:

@@ -38,11 +38,16 @@ def make_shard(path: Path, n: int) -> None:
     cctx = zstandard.ZstdCompressor(level=3)
     with open(path, "wb") as raw, cctx.stream_writer(raw) as out:
         for i in range(n):
-            out.write(msgspec.json.encode({
-                "persona": f"A retired engineer number {i} who restores clocks and reads "
-                "about the history of timekeeping in small coastal towns.",
-                "id": i,
-            }) + b"\n")
+            out.write(
+                msgspec.json.encode(
+                    {
+                        "persona": f"A retired engineer number {i} who restores clocks and reads "
+                        "about the history of timekeeping in small coastal towns.",
+                        "id": i,
+                    }
+                )
+                + b"\n"
+            )
 
 
 def measure_read(shard: Path) -> dict[str, Any]:
@@ -61,10 +66,14 @@ def measure_read(shard: Path) -> dict[str, Any]:
 
 class InstantTransport:
     base_url = "http://instant.invalid/v1"
-    _reply = msgspec.json.encode({
-        "choices": [{"message": {"content": "A short synthetic answer."}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 40, "completion_tokens": 5, "total_tokens": 45},
-    })
+    _reply = msgspec.json.encode(
+        {
+            "choices": [
+                {"message": {"content": "A short synthetic answer."}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 40, "completion_tokens": 5, "total_tokens": 45},
+        }
+    )
 
     async def post(self, path: str, body: bytes) -> Any:
         from asyncgen.transport import HttpResponse
@@ -84,8 +93,9 @@ def measure_engine(shard: Path, out: Path) -> dict[str, Any]:
     from asyncgen import Engine, JobConfig
 
     async def main() -> dict[str, Any]:
-        config = JobConfig(inputs=[str(shard)], output=str(out), prompt="math", model="m",
-                           concurrency=256)
+        config = JobConfig(
+            inputs=[str(shard)], output=str(out), prompt="math", model="m", concurrency=256
+        )
         async with Engine(config, transport=InstantTransport()) as engine:
             stats = await engine.run()
         return {"items": stats.succeeded, "requests": stats.requests}
@@ -102,12 +112,16 @@ def child(mode: str, shard: Path, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lines", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--modes", nargs="+", default=["read", "engine"],
-                        choices=["read", "engine"])
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "asyncgen-bench")
+    parser.add_argument(
+        "--modes", nargs="+", default=["read", "engine"], choices=["read", "engine"]
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "asyncgen-bench"
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -122,18 +136,26 @@ def main() -> None:
             out = args.workdir / f"out-{mode}-{n}-{os.getpid()}"
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", mode, str(shard), str(out)],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
-            row = {"lines": n, "mode": mode, "shard_mb": round(shard.stat().st_size / 1e6, 1),
-                   **json.loads(proc.stdout)}
+            row = {
+                "lines": n,
+                "mode": mode,
+                "shard_mb": round(shard.stat().st_size / 1e6, 1),
+                **json.loads(proc.stdout),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
             subprocess.run(["rm", "-rf", str(out)], check=False)
     print("\n| lines | mode | shard MB | items | seconds | peak RSS MB |")
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['lines']:,} | {r['mode']} | {r['shard_mb']} | {r['items']:,} | "
-              f"{r['seconds']} | {r['peak_rss_mb']} |")
+        print(
+            f"| {r['lines']:,} | {r['mode']} | {r['shard_mb']} | {r['items']:,} | "
+            f"{r['seconds']} | {r['peak_rss_mb']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 import zstandard
+
 from asyncgen.mock import MockConfig, MockServer
 
 KINDS = ("results", "failures", "errors")

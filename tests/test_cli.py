@@ -20,7 +20,10 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "asyncgen", *args],
-        capture_output=True, text=True, env=full_env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
     )
 
 
@@ -30,9 +33,23 @@ def test_help_explains_commands_and_flags() -> None:
         assert command in top
     result = cli("run", "--help")
     assert result.returncode == 0
-    for flag in ("--input", "--prompt", "--model", "--output", "--base-url", "--api-key-env",
-                 "--concurrency", "--rpm", "--tpm", "--max-attempts", "--timeout", "--samples",
-                 "--max-tokens", "--strict", "Exit status"):
+    for flag in (
+        "--input",
+        "--prompt",
+        "--model",
+        "--output",
+        "--base-url",
+        "--api-key-env",
+        "--concurrency",
+        "--rpm",
+        "--tpm",
+        "--max-attempts",
+        "--timeout",
+        "--samples",
+        "--max-tokens",
+        "--strict",
+        "Exit status",
+    ):
         assert flag in result.stdout, flag
     assert "math" in result.stdout and "npc" in result.stdout
 
@@ -46,11 +63,29 @@ def test_prompts_lists_templates(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     shard = write_shard(tmp_path / "p.jsonl", personas(2))
-    result = cli("run", "--input", str(tmp_path / "missing.jsonl"), "--prompt", "math",
-                 "--model", "m", "--output", str(tmp_path / "o"))
+    result = cli(
+        "run",
+        "--input",
+        str(tmp_path / "missing.jsonl"),
+        "--prompt",
+        "math",
+        "--model",
+        "m",
+        "--output",
+        str(tmp_path / "o"),
+    )
     assert result.returncode == 2 and "input file not found" in result.stderr
-    result = cli("run", "--input", str(shard), "--prompt", "no-such-template", "--model", "m",
-                 "--output", str(tmp_path / "o"))
+    result = cli(
+        "run",
+        "--input",
+        str(shard),
+        "--prompt",
+        "no-such-template",
+        "--model",
+        "m",
+        "--output",
+        str(tmp_path / "o"),
+    )
     assert result.returncode == 2 and "no-such-template" in result.stderr
     assert "math" in result.stderr, "the error lists the available templates"
     result = cli("run", "--input", str(shard), "--prompt", "math", "--output", str(tmp_path / "o"))
@@ -62,8 +97,19 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 
 def test_unreachable_endpoint_is_one_clear_line(tmp_path: Path) -> None:
     shard = write_shard(tmp_path / "p.jsonl", personas(2))
-    result = cli("run", "--input", str(shard), "--prompt", "math", "--model", "m",
-                 "--output", str(tmp_path / "o"), "--base-url", "http://127.0.0.1:9/v1")
+    result = cli(
+        "run",
+        "--input",
+        str(shard),
+        "--prompt",
+        "math",
+        "--model",
+        "m",
+        "--output",
+        str(tmp_path / "o"),
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+    )
     assert result.returncode == 2
     assert "cannot reach endpoint http://127.0.0.1:9/v1" in result.stderr
     assert "Traceback" not in result.stderr
@@ -73,8 +119,19 @@ def test_unwritable_output_is_one_clear_line(tmp_path: Path) -> None:
     shard = write_shard(tmp_path / "p.jsonl", personas(2))
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = cli("run", "--input", str(shard), "--prompt", "math", "--model", "m",
-                 "--output", str(blocker / "out"), "--base-url", "http://127.0.0.1:9/v1")
+    result = cli(
+        "run",
+        "--input",
+        str(shard),
+        "--prompt",
+        "math",
+        "--model",
+        "m",
+        "--output",
+        str(blocker / "out"),
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+    )
     assert result.returncode == 2 and "cannot use output directory" in result.stderr
 
 
@@ -82,30 +139,55 @@ async def test_exit_status_and_key_from_named_variable(tmp_path: Path) -> None:
     shard = write_shard(tmp_path / "p.jsonl", [*personas(20), b"{bad"])
     secret = "sk-test-very-secret-0123456789"
     async with MockServer(MockConfig(api_key=secret)) as server:
-        common = ["run", "--input", str(shard), "--prompt", "math", "--model", "mock-model",
-                  "--base-url", server.base_url]
+        common = [
+            "run",
+            "--input",
+            str(shard),
+            "--prompt",
+            "math",
+            "--model",
+            "mock-model",
+            "--base-url",
+            server.base_url,
+        ]
         # a bad line: finished, but exit 1; the key comes from the variable --api-key-env names
-        result = await _cli_async(*common, "--output", str(tmp_path / "a"),
-                                  "--api-key-env", "MY_KEY", env={"MY_KEY": secret})
+        result = await _cli_async(
+            *common,
+            "--output",
+            str(tmp_path / "a"),
+            "--api-key-env",
+            "MY_KEY",
+            env={"MY_KEY": secret},
+        )
         assert result.returncode == 1, result.stderr
         assert "20 succeeded" in result.stderr and "1 bad input lines" in result.stderr
         # the default variable
         ok_shard = write_shard(tmp_path / "q.jsonl", personas(5))
-        result = await _cli_async("run", "--input", str(ok_shard), "--prompt", "math",
-                                  "--model", "mock-model", "--base-url", server.base_url,
-                                  "--output", str(tmp_path / "b"),
-                                  env={"OPENAI_API_KEY": secret})
+        result = await _cli_async(
+            "run",
+            "--input",
+            str(ok_shard),
+            "--prompt",
+            "math",
+            "--model",
+            "mock-model",
+            "--base-url",
+            server.base_url,
+            "--output",
+            str(tmp_path / "b"),
+            env={"OPENAI_API_KEY": secret},
+        )
         assert result.returncode == 0, result.stderr
         # no key: a clear refusal
         result = await _cli_async(*common, "--output", str(tmp_path / "c"))
         assert result.returncode == 2 and "refused the API key" in result.stderr
-    for path in [*tmp_path.rglob("*")]:
-        if path.is_file():
-            assert secret.encode() not in path.read_bytes(), path
+    _assert_not_in_files(tmp_path, secret.encode())
     assert secret not in result.stderr + result.stdout
 
 
-async def _cli_async(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+async def _cli_async(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     import asyncio
 
     return await asyncio.to_thread(cli, *args, env=env)
@@ -113,8 +195,18 @@ async def _cli_async(*args: str, env: dict[str, str] | None = None) -> subproces
 
 def test_base_url_from_environment(tmp_path: Path) -> None:
     shard = write_shard(tmp_path / "p.jsonl", personas(1))
-    result = cli("run", "--input", str(shard), "--prompt", "math", "--model", "m",
-                 "--output", str(tmp_path / "o"), env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    result = cli(
+        "run",
+        "--input",
+        str(shard),
+        "--prompt",
+        "math",
+        "--model",
+        "m",
+        "--output",
+        str(tmp_path / "o"),
+        env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"},
+    )
     assert "http://127.0.0.1:9/v1" in result.stderr
 
 
@@ -127,3 +219,9 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert len(found["results"]) == 120 and not found["failures"]
     again = cli("demo", "--output", str(out), "--personas", "120")
     assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+def _assert_not_in_files(root: Path, secret: bytes) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_bytes(), path

@@ -39,8 +39,15 @@ def ids_for(shard: str, n: int, template: str = "math", samples: int = 1) -> set
 
 
 async def test_thousands_of_items_with_faults_exactly_once(tmp_path: Path) -> None:
-    faults = MockConfig(fail_429=0.05, retry_after=0.01, fail_500=0.03, fail_503=0.03,
-                        drop=0.02, malformed=0.03, seed=11)
+    faults = MockConfig(
+        fail_429=0.05,
+        retry_after=0.01,
+        fail_500=0.03,
+        fail_503=0.03,
+        drop=0.02,
+        malformed=0.03,
+        seed=11,
+    )
     inputs = [write_shard(tmp_path / f"p{k}.jsonl.zst", personas(1500, f"s{k}")) for k in (1, 2)]
     async with MockServer(faults) as server:
         config = job(tmp_path, server, inputs, concurrency=128, max_attempts=10)
@@ -118,6 +125,7 @@ async def test_graceful_stop_drains_in_flight(tmp_path: Path) -> None:
     async with MockServer(MockConfig(latency=0.05)) as server:
         config = job(tmp_path, server, inputs, concurrency=32)
         async with Engine(config) as engine:
+
             async def stop_soon() -> None:
                 await asyncio.sleep(0.3)
                 engine.stop()
@@ -143,6 +151,7 @@ async def test_drain_timeout_abandons_hung_requests(tmp_path: Path) -> None:
     async with MockServer(MockConfig(hang=1.0, hang_seconds=30)) as server:
         config = job(tmp_path, server, inputs, concurrency=8, drain_timeout=0.2)
         async with Engine(config) as engine:
+
             async def stop_soon() -> None:
                 await asyncio.sleep(0.2)
                 engine.stop()
@@ -206,15 +215,34 @@ async def test_retry_after_is_honoured(tmp_path: Path) -> None:
 
 async def test_batch_lines_pass_through(tmp_path: Path, mock_server: MockServer) -> None:
     lines = [
-        {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "mock-model", "messages": [{"role": "user", "content": f"hi {i}"}],
-                  "max_tokens": 5}}
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "mock-model",
+                "messages": [{"role": "user", "content": f"hi {i}"}],
+                "max_tokens": 5,
+            },
+        }
         for i in range(20)
     ]
-    lines.append({"custom_id": "text-1", "method": "POST", "url": "/v1/completions",
-                  "body": {"model": "mock-model", "prompt": "Once upon", "max_tokens": 5}})
-    lines.append({"custom_id": "req-3", "method": "POST", "url": "/v1/chat/completions",
-                  "body": {"model": "mock-model", "messages": []}})
+    lines.append(
+        {
+            "custom_id": "text-1",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "mock-model", "prompt": "Once upon", "max_tokens": 5},
+        }
+    )
+    lines.append(
+        {
+            "custom_id": "req-3",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "mock-model", "messages": []},
+        }
+    )
     lines.append({"custom_id": "emb", "method": "POST", "url": "/v1/embeddings", "body": {}})
     inputs = [write_shard(tmp_path / "batch.jsonl", lines)]
     config = job(tmp_path, mock_server, inputs, prompt=None, model=None)
@@ -301,8 +329,13 @@ async def test_unreachable_endpoint_fails_fast(tmp_path: Path) -> None:
     inputs = [write_shard(tmp_path / "p.jsonl", personas(3))]
     async with MockServer() as server:
         url = server.base_url  # the port is free once the server is gone
-    config = JobConfig(inputs=[str(inputs[0])], output=str(tmp_path / "out"), prompt="math",
-                       model="m", base_url=url)
+    config = JobConfig(
+        inputs=[str(inputs[0])],
+        output=str(tmp_path / "out"),
+        prompt="math",
+        model="m",
+        base_url=url,
+    )
     async with Engine(config) as engine:
         with pytest.raises(ConnectError, match="cannot reach endpoint"):
             await engine.run()
@@ -347,9 +380,16 @@ async def test_overrides_and_samples_reach_the_request(tmp_path: Path) -> None:
             pass
 
     inputs = [write_shard(tmp_path / "p.jsonl", personas(2))]
-    config = JobConfig(inputs=[str(inputs[0])], output=str(tmp_path / "out"), prompt="npc",
-                       model="m", samples=3, max_tokens=77,
-                       extra_body={"top_k": 20, "temperature": 0.1}, **FAST)
+    config = JobConfig(
+        inputs=[str(inputs[0])],
+        output=str(tmp_path / "out"),
+        prompt="npc",
+        model="m",
+        samples=3,
+        max_tokens=77,
+        extra_body={"top_k": 20, "temperature": 0.1},
+        **FAST,
+    )
     async with Engine(config, transport=Recorder()) as engine:
         stats = await engine.run()
     assert stats.succeeded == 6 and len(bodies) == 6
