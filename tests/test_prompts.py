@@ -1,0 +1,142 @@
+"""Prompt templates: the shipped ones render, and mistakes are caught when a template loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from asyncgen.errors import ConfigError, InputError
+from asyncgen.prompts import Template, available_templates, load_template, parse_template
+
+REQUIRED = {"math", "reasoning", "instruction", "knowledge", "npc", "tool"}
+PERSONA = "a retired aerospace engineer who restores antique clocks"
+
+
+def test_required_templates_ship() -> None:
+    assert set(available_templates()) >= REQUIRED | {"persona", "text_to_persona"}
+
+
+@pytest.mark.parametrize("name", available_templates())
+def test_every_shipped_template_renders(name: str) -> None:
+    template = load_template(name)
+    assert template.name == name and template.description
+    assert len(template.digest) == 64
+    record = {"persona": PERSONA, "text": "Notes on escapement wear in 18th-century clocks."}
+    body = template.render(record)
+    assert "model" not in body and "stream" not in body
+    if template.endpoint == "chat":
+        assert template.url == "/chat/completions"
+        user = body["messages"][-1]
+        assert user["role"] == "user"
+        text = "\n".join(m["content"] for m in body["messages"])
+    else:
+        assert template.url == "/completions"
+        text = body["prompt"]
+    used = PERSONA if "persona" in template.placeholders else record["text"]
+    assert used in text
+    assert "{" + "persona}" not in text and "{" + "text}" not in text
+    assert isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 0
+
+
+def test_render_chat_with_system_and_sampling_copy() -> None:
+    template = parse_template(
+        'system = "You are terse."\nuser = "As {persona}, ask a question."\n'
+        "[sampling]\ntemperature = 0.5\nmax_tokens = 64\n",
+        name="t",
+    )
+    body = template.render({"persona": "a baker"})
+    assert body == {
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "As a baker, ask a question."},
+        ],
+        "temperature": 0.5,
+        "max_tokens": 64,
+    }
+    body["temperature"] = 2.0  # a render is a fresh dict; the template is not changed
+    assert template.render({"persona": "x"})["temperature"] == 0.5
+
+
+def test_render_completions_and_custom_persona_field() -> None:
+    template = parse_template('endpoint = "completions"\nuser = "{persona} writes:"\n', name="base")
+    assert template.render({"who": "a poet"}, persona_field="who") == {"prompt": "a poet writes:"}
+
+
+def test_literal_braces_and_declared_fields() -> None:
+    template = parse_template(
+        'fields = ["topic"]\n'
+        'user = "As {persona}, about {topic}: answer as {\\"k\\": 1} '
+        'and {{persona}} {not a name}"\n',
+        name="braces",
+    )
+    assert template.placeholders == {"persona", "topic"}
+    body = template.render({"persona": "a chemist", "topic": 7})
+    assert body["messages"][0]["content"] == (
+        'As a chemist, about 7: answer as {"k": 1} and {persona} {not a name}'
+    )
+
+
+def test_unknown_placeholder_is_reported_at_load() -> None:
+    with pytest.raises(ConfigError, match=r"unknown placeholder \{persnoa\}.*allowed: \{persona\}"):
+        parse_template('user = "As {persnoa}, write."\n', name="typo")
+    with pytest.raises(ConfigError, match=r"\{topic\} in 'system'"):
+        parse_template('system = "{topic}"\nuser = "{persona}"\n', name="sys")
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({}, "missing field 'persona'"),
+        ({"persona": None}, "missing field 'persona'"),
+        ({"persona": "   "}, "empty field 'persona'"),
+        ({"persona": ["a", "list"]}, "field 'persona' is list, not text"),
+        ({"persona": True}, "field 'persona' is bool, not text"),
+    ],
+)
+def test_bad_records_raise_input_error(record: dict[str, object], message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        load_template("math").render(record)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('user = "{persona}', "not valid TOML"),
+        ('system = "only a system"', "'user' .* is required"),
+        ('user = "   "', "'user' is empty"),
+        ('user = "no placeholder at all"', "uses no placeholder"),
+        ('user = "{persona}"\nendpoint = "embeddings"', "endpoint must be"),
+        ('user = "{persona}"\nendpoint = "completions"\nsystem = "s"', "no system message"),
+        ('user = "{persona}"\n[sampling]\nmodel = "x"', r"may not set model"),
+        ('user = "{persona}"\n[sampling]\nstream = true', r"may not set stream"),
+        ('user = "{persona}"\nfields = "topic"', "'fields' must be a list"),
+        ('user = "{persona}"\ntemprature = 1', "unknown keys"),
+    ],
+)
+def test_invalid_templates(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_template(text, name="bad")
+
+
+def test_load_by_path_and_unknown_name(tmp_path: Path) -> None:
+    own = tmp_path / "mine.toml"
+    own.write_text('description = "mine"\nuser = "Dear {persona},"\n', encoding="utf-8")
+    template = load_template(str(own))
+    assert template.name == "mine" and template.path == str(own)
+    with pytest.raises(ConfigError, match=r"unknown template 'maths'.*math"):
+        load_template("maths")
+    with pytest.raises(ConfigError, match="cannot read template"):
+        load_template(str(tmp_path / "absent.toml"))
+
+
+def test_digest_follows_content_and_template_is_immutable() -> None:
+    a = parse_template('user = "{persona} A"', name="t")
+    b = parse_template('user = "{persona} B"', name="t")
+    assert a.digest != b.digest
+    assert a.digest == parse_template('user = "{persona} A"', name="t").digest
+    with pytest.raises(AttributeError):
+        a.user = "changed"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        a.sampling["temperature"] = 1  # type: ignore[index]
+    assert "t" in repr(a) and isinstance(a, Template)
