@@ -24,13 +24,80 @@ class Claim(enum.Enum):
     """In flight in this run already: the input names the same id twice."""
 
 
+class _IdSet:
+    """A set of custom_ids that costs about one bit per persona item.
+
+    Ids of the persona form ``{shard}:{line}:{template}:{sample}`` (canonical decimal line and
+    sample, as :mod:`asyncgen.items` builds them) set one bit in a bitmap per
+    ``(shard, template, sample)``, indexed by line. The mapping is reversible, so any string of
+    that form is stored exactly; every other id is kept as a string.
+    """
+
+    __slots__ = ("_bitmaps", "_count", "_strings")
+
+    def __init__(self) -> None:
+        self._bitmaps: dict[tuple[str, str, str], bytearray] = {}
+        self._strings: set[str] = set()
+        self._count = 0
+
+    @staticmethod
+    def _split(custom_id: str) -> tuple[tuple[str, str, str], int] | None:
+        parts = custom_id.rsplit(":", 3)
+        if len(parts) != 4:
+            return None
+        shard, line, template, sample = parts
+        if not (_canonical(line) and _canonical(sample)):
+            return None
+        return (shard, template, sample), int(line)
+
+    def __contains__(self, custom_id: str) -> bool:
+        split = self._split(custom_id)
+        if split is None:
+            return custom_id in self._strings
+        key, line = split
+        bitmap = self._bitmaps.get(key)
+        byte = line >> 3
+        return bitmap is not None and byte < len(bitmap) and bool(bitmap[byte] >> (line & 7) & 1)
+
+    def add(self, custom_id: str) -> None:
+        split = self._split(custom_id)
+        if split is None:
+            if custom_id not in self._strings:
+                self._strings.add(custom_id)
+                self._count += 1
+            return
+        key, line = split
+        bitmap = self._bitmaps.get(key)
+        if bitmap is None:
+            bitmap = self._bitmaps[key] = bytearray()
+        byte, bit = line >> 3, 1 << (line & 7)
+        if byte >= len(bitmap):
+            # grow geometrically so a shard read in order costs amortised O(1) per id
+            bitmap.extend(bytes(max(byte + 1 - len(bitmap), len(bitmap) // 2)))
+        if not bitmap[byte] & bit:
+            bitmap[byte] |= bit
+            self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def _canonical(digits: str) -> bool:
+    """A decimal number written the one way ``str(int)`` writes it."""
+    return digits.isdecimal() and digits.isascii() and (digits == "0" or digits[0] != "0")
+
+
 class Ledger:
-    """Committed and pending ids; the committed set only ever grows."""
+    """Committed and pending ids; the committed set only ever grows.
+
+    Committed persona ids cost about a bit each (see :class:`_IdSet`), so a job over a billion
+    personas can resume without holding a billion strings.
+    """
 
     __slots__ = ("_committed", "_pending")
 
     def __init__(self) -> None:
-        self._committed: set[str] = set()
+        self._committed = _IdSet()
         self._pending: set[str] = set()
 
     def claim(self, custom_id: str) -> Claim:

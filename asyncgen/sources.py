@@ -20,6 +20,9 @@ from .errors import ConfigError, InputError
 __all__ = ["Line", "ShardReader", "expand_inputs", "shard_name"]
 
 _CHUNK = 1 << 20
+# Compressed bytes fed to the decoder at a time. Its output is not bounded per call, so the
+# input is: persona text compresses 10-60x, and a 1 MiB read could inflate to 60 MB at once.
+_ZSTD_CHUNK = 1 << 14
 _SUFFIXES = (".zst", ".zstd", ".jsonl", ".ndjson", ".json")
 
 
@@ -145,7 +148,7 @@ class ShardReader:
         obj = dctx.decompressobj()
         in_frame = False
         with open(self.path, "rb") as f:
-            while raw := f.read(_CHUNK):
+            while raw := f.read(_ZSTD_CHUNK):
                 self.position += len(raw)
                 while raw:
                     try:

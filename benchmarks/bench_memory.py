@@ -6,8 +6,8 @@ Each measurement runs in a fresh subprocess and reports its peak RSS:
   must stay flat whatever the input size.
 * ``engine`` — the whole pipeline (gate, send, retry bookkeeping, msgspec, zstd, fsync'd
   commits) through an in-process transport that answers instantly, so the network is not what
-  is measured. Its memory grows only with the set of committed ids kept for exactly-once
-  skipping (about 100 bytes per id), not with file size.
+  is measured. The exactly-once ledger keeps about one bit per committed persona item, so this
+  too must stay flat.
 
 Usage::
 

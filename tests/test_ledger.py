@@ -21,3 +21,59 @@ def test_commit_without_claim_is_recovery() -> None:
     assert ledger.committed == 2
     assert ledger.claim("y") is Claim.DONE
     assert "committed=2" in repr(ledger)
+
+
+def test_persona_ids_and_lookalikes_are_kept_apart() -> None:
+    ledger = Ledger()
+    ids = [f"shard-a:{line}:math:{sample}" for line in range(1, 2000, 3) for sample in (0, 1)]
+    ledger.commit(ids)
+    ledger.commit(ids[:10])  # recommitting counts once
+    assert ledger.committed == len(ids)
+    assert all(ledger.is_committed(i) for i in ids)
+    near = [
+        "shard-a:2:math:0",  # a line not committed
+        "shard-a:1:math:2",  # another sample
+        "shard-a:1:npc:0",  # another template
+        "shard-b:1:math:0",  # another shard
+        "shard-a:01:math:0",  # not canonical: a different string, must not alias line 1
+        "shard-a:1:math:00",
+        "shard-a:1:math:",
+        "shard-a:1:math",
+        "shard-a:\u0661:math:0",  # Arabic-Indic digit one
+        "shard-a:-1:math:0",
+        "shard-a:99999999:math:0",  # far past the bitmap
+    ]
+    assert not any(ledger.is_committed(i) for i in near)
+    ledger.commit(near)
+    assert ledger.committed == len(ids) + len(near)
+    assert all(ledger.is_committed(i) for i in near)
+    assert ledger.claim("shard-a:01:math:0") is Claim.DONE
+    assert ledger.claim("weird:id:with:colons:0:1") is Claim.SEND
+
+
+def test_shard_names_may_contain_colons() -> None:
+    ledger = Ledger()
+    ledger.commit(["s3:bucket:shard:7:math:0", "batch-0001", "0:0:0:0"])
+    assert ledger.is_committed("s3:bucket:shard:7:math:0")
+    assert not ledger.is_committed("s3:bucket:shard:7:math:1")
+    assert ledger.is_committed("batch-0001") and ledger.is_committed("0:0:0:0")
+    assert ledger.committed == 3
+
+
+def test_matches_a_plain_set_on_random_ids() -> None:
+    import random
+
+    rng = random.Random(7)
+    parts = ["a", "b:c", "", "0", "01", "7", "12", "x:1", "math", "\u0663"]
+
+    def random_id() -> str:
+        return ":".join(rng.choice(parts) for _ in range(rng.randint(1, 5)))
+
+    ledger, reference = Ledger(), set()
+    for _ in range(3000):
+        custom_id = random_id()
+        assert ledger.is_committed(custom_id) == (custom_id in reference), custom_id
+        if rng.random() < 0.5:
+            ledger.commit([custom_id])
+            reference.add(custom_id)
+    assert ledger.committed == len(reference)
