@@ -488,8 +488,8 @@ class Engine:
         choice = c.choices[0]
         message = choice.message
         if c.usage is not None:
-            self._prompt_tokens += c.usage.prompt_tokens
-            self._completion_tokens += c.usage.completion_tokens
+            self._prompt_tokens += c.usage.prompt_tokens or 0
+            self._completion_tokens += c.usage.completion_tokens or 0
         return Result(
             custom_id=item.custom_id,
             error=None,

@@ -18,11 +18,12 @@ __all__ = [
 
 
 class Usage(msgspec.Struct):
-    """Token counts as reported by the server (OpenAI ``usage`` object)."""
+    """Token counts as reported by the server (OpenAI ``usage`` object); some gateways send
+    ``null`` for counts they do not know, and such a reply is still a good reply."""
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+    prompt_tokens: int | None = 0
+    completion_tokens: int | None = 0
+    total_tokens: int | None = 0
 
 
 class ErrorInfo(msgspec.Struct):

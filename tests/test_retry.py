@@ -83,3 +83,45 @@ def test_server_hint_wins_and_deadline_bounds() -> None:
     delay = policy.next_delay(1, 0.0, 30.0, rng)
     assert delay is not None and 30.0 <= delay <= 33.0, "a server hint beyond the cap is honoured"
     assert policy.next_delay(1, 80.0, 30.0, rng) is None, "would pass the per-item deadline"
+
+
+def test_real_server_reply_shapes_are_accepted() -> None:
+    """Fields real servers send beyond the minimum, or as null, do not make a reply malformed."""
+    vllm_reasoning = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "Qwen/Qwen3-8B",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "42",
+                    "reasoning_content": "think",
+                    "tool_calls": [],
+                },
+                "logprobs": None,
+                "finish_reason": "stop",
+                "stop_reason": None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 10,
+            "completion_tokens": 2,
+            "total_tokens": 12,
+            "prompt_tokens_details": None,
+        },
+        "prompt_logprobs": None,
+        "kv_transfer_params": None,
+    }
+    gateway_nulls = {
+        "choices": [{"message": {"content": None, "tool_calls": [{"id": "t"}]}}],
+        "usage": {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None},
+    }
+    no_usage = {"choices": [{"text": "base model text", "finish_reason": "length"}], "usage": None}
+    for reply in (vllm_reasoning, gateway_nulls, no_usage):
+        outcome = interpret(200, msgspec.json.encode(reply))
+        assert outcome.completion is not None, reply
+    reasoning = interpret(200, msgspec.json.encode(vllm_reasoning)).completion
+    assert reasoning is not None and reasoning.choices[0].message is not None
+    assert reasoning.choices[0].message.reasoning_content == "think"
