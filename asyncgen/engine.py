@@ -27,7 +27,7 @@ import msgspec
 from . import __version__
 from .errors import ConfigError, ConnectError, InputError, RequestTimeout, TransportError
 from .items import Expander
-from .ledger import Claim
+from .ledger import Claim, bad_line_key
 from .limits import Gate
 from .prompts import Template, load_template
 from .records import BadLine, Completion, ErrorInfo, Result, Source, WorkItem
@@ -530,7 +530,7 @@ class Engine:
         self, custom_id: str, path: str, source: Source, error: ErrorInfo, raw: bytes
     ) -> None:
         assert self._store is not None
-        if self._store.ledger.claim(custom_id) is not Claim.SEND:
+        if self._store.ledger.claim(bad_line_key(custom_id)) is not Claim.SEND:
             return  # recorded by an earlier run (or already in this one)
         await self._space.wait()
         self._bad.append(

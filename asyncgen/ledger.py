@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
-__all__ = ["Claim", "Ledger"]
+__all__ = ["Claim", "Ledger", "bad_line_key"]
 
 
 class Claim(enum.Enum):
@@ -87,43 +87,58 @@ def _canonical(digits: str) -> bool:
     return digits.isdecimal() and digits.isascii() and (digits == "0" or digits[0] != "0")
 
 
-class Ledger:
-    """Committed and pending ids; the committed set only ever grows.
+def bad_line_key(custom_id: str) -> str:
+    """The ledger key of a bad-input record, in a namespace of its own so that the id of a bad
+    line (``{shard}:{line}``) never collides with a request's ``custom_id``."""
+    return "\x00" + custom_id
 
-    Committed persona ids cost about a bit each (see :class:`_IdSet`), so a job over a billion
-    personas can resume without holding a billion strings.
+
+class Ledger:
+    """Committed and pending ids; the committed sets only ever grow.
+
+    Ids found in the output directory at start (:meth:`recover`) are *done*: the input is
+    skipping work an earlier run finished. An id committed or in flight in *this* run that the
+    input names again is a *duplicate*. Committed persona ids cost about a bit each (see
+    :class:`_IdSet`), so a job over a billion personas resumes without a billion strings.
     """
 
-    __slots__ = ("_committed", "_pending")
+    __slots__ = ("_committed", "_pending", "_recovered")
 
     def __init__(self) -> None:
+        self._recovered = _IdSet()
         self._committed = _IdSet()
         self._pending: set[str] = set()
 
     def claim(self, custom_id: str) -> Claim:
-        if custom_id in self._committed:
+        if custom_id in self._recovered:
             return Claim.DONE
-        if custom_id in self._pending:
+        if custom_id in self._pending or custom_id in self._committed:
             return Claim.DUPLICATE
         self._pending.add(custom_id)
         return Claim.SEND
 
+    def recover(self, ids: Iterable[str]) -> None:
+        """Mark ids an earlier run made durable."""
+        for custom_id in ids:
+            self._recovered.add(custom_id)
+
     def commit(self, ids: Iterable[str]) -> None:
-        """Mark ids durable. Ids committed without a claim (recovery) are accepted."""
+        """Mark ids this run claimed as durable."""
         for custom_id in ids:
             self._pending.discard(custom_id)
-            self._committed.add(custom_id)
+            if custom_id not in self._recovered:
+                self._committed.add(custom_id)
 
     def release(self, custom_id: str) -> None:
         """Give back a claimed id that will not be committed by this run."""
         self._pending.discard(custom_id)
 
     def is_committed(self, custom_id: str) -> bool:
-        return custom_id in self._committed
+        return custom_id in self._recovered or custom_id in self._committed
 
     @property
     def committed(self) -> int:
-        return len(self._committed)
+        return len(self._recovered) + len(self._committed)
 
     @property
     def pending(self) -> int:

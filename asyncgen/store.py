@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 
 from .errors import OutputError
-from .ledger import Ledger
+from .ledger import Ledger, bad_line_key
 from .records import BadLine, Result
 from .shards import FrameWriter, repair_tail, scan_frames
 
@@ -172,7 +172,7 @@ class Store:
                 for line in payload.splitlines():
                     entry = _entry_decoder.decode(line)
                     self._count(entry.file, len(entry.ids))
-                    self.ledger.commit(entry.ids)
+                    self.ledger.recover(_ledger_keys(entry.file, entry.ids))
                     ends[entry.file] = max(ends.get(entry.file, 0), entry.end)
             self.recovered_bytes += repair_tail(ledger_path, valid_end)
         self._ledger_writer = FrameWriter(ledger_path)
@@ -195,7 +195,7 @@ class Store:
                 ids = [_id_decoder.decode(line).custom_id for line in payload.splitlines()]
                 self._log(path.name, end, ids)
                 self._count(path.name, len(ids))
-                self.ledger.commit(ids)
+                self.ledger.recover(_ledger_keys(path.name, ids))
             self.recovered_bytes += repair_tail(path, end)
 
     def _count(self, file: str, n: int) -> None:
@@ -204,7 +204,8 @@ class Store:
     # --- committing ---------------------------------------------------------------------------
 
     def commit(self, results: Iterable[Result], bad_lines: Iterable[BadLine] = ()) -> list[str]:
-        """Durably append a batch; return its ids (the caller marks them in :attr:`ledger`)."""
+        """Durably append a batch; return its ledger keys (the caller commits them in
+        :attr:`ledger`: custom_ids, and :func:`bad_line_key` of bad lines)."""
         try:
             return self._commit(results, bad_lines)
         except OSError as exc:
@@ -235,7 +236,7 @@ class Store:
                 self._encoder.encode_into(entry, buf, len(buf))
                 buf.extend(b"\n")
                 self._count(entry.file, len(entry.ids))
-                ids.extend(entry.ids)
+                ids.extend(_ledger_keys(entry.file, entry.ids))
             assert self._ledger_writer is not None
             self._ledger_writer.append(bytes(buf))
         return ids
@@ -273,3 +274,7 @@ class Store:
     def __repr__(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in self.counts.items())
         return f"<Store {self.root} {counts}>"
+
+
+def _ledger_keys(file: str, ids: list[str]) -> list[str]:
+    return [bad_line_key(i) for i in ids] if file.startswith("errors-") else ids

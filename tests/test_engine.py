@@ -257,6 +257,51 @@ async def test_batch_lines_pass_through(tmp_path: Path, mock_server: MockServer)
     assert stats.bad_lines == 2
 
 
+def batch_line(custom_id: str, text: str = "hi") -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "mock-model", "messages": [{"role": "user", "content": text}]},
+    }
+
+
+async def test_duplicate_custom_id_is_recorded_however_late_it_comes(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    # the first "dup" is long committed when its copy is read: still a duplicate, not "done"
+    lines = [batch_line("dup", "first"), *(batch_line(f"r{i}") for i in range(300))]
+    lines.append(batch_line("dup", "second"))
+    inputs = [write_shard(tmp_path / "b.jsonl", lines)]
+    config = job(
+        tmp_path, mock_server, inputs, prompt=None, model=None, concurrency=4, flush_records=10
+    )
+    async with Engine(config) as engine:
+        stats = await engine.run()
+    found = assert_exactly_once(tmp_path / "out", {"dup", *(f"r{i}" for i in range(300)), "b:302"})
+    (dup,) = found["errors"]
+    assert dup["custom_id"] == "b:302" and dup["error"]["code"] == "duplicate_custom_id"
+    assert stats.bad_lines == 1 and stats.skipped == 0
+    async with Engine(config) as engine:  # the rerun skips all, records nothing new
+        stats = await engine.run()
+    assert stats.requests == 0 and stats.skipped == 302 and stats.bad_lines == 0
+
+
+async def test_bad_line_ids_never_collide_with_custom_ids(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    # line 1 is bad, so its record is "b:1"; line 2 is a valid request whose own id is "b:1"
+    lines: list[Any] = [{"custom_id": "x"}, batch_line("b:1")]
+    inputs = [write_shard(tmp_path / "b.jsonl", lines)]
+    config = job(tmp_path, mock_server, inputs, prompt=None, model=None)
+    for _ in range(2):
+        async with Engine(config) as engine:
+            await engine.run()
+    found = read_output(tmp_path / "out")
+    assert [r["custom_id"] for r in found["results"]] == ["b:1"]
+    assert [(e["custom_id"], e["error"]["code"]) for e in found["errors"]] == [("b:1", "bad_input")]
+
+
 async def test_bad_lines_are_recorded_once_with_location(
     tmp_path: Path, mock_server: MockServer
 ) -> None:

@@ -1,13 +1,13 @@
-from asyncgen.ledger import Claim, Ledger
+from asyncgen.ledger import Claim, Ledger, bad_line_key
 
 
 def test_claim_commit_release_cycle() -> None:
     ledger = Ledger()
     assert ledger.claim("a") is Claim.SEND
-    assert ledger.claim("a") is Claim.DUPLICATE
+    assert ledger.claim("a") is Claim.DUPLICATE, "in flight twice"
     assert ledger.pending == 1
     ledger.commit(["a"])
-    assert ledger.claim("a") is Claim.DONE
+    assert ledger.claim("a") is Claim.DUPLICATE, "committed by this run: the input repeats it"
     assert (ledger.committed, ledger.pending) == (1, 0)
     assert ledger.claim("b") is Claim.SEND
     ledger.release("b")
@@ -15,19 +15,29 @@ def test_claim_commit_release_cycle() -> None:
     assert ledger.is_committed("a") and not ledger.is_committed("b")
 
 
-def test_commit_without_claim_is_recovery() -> None:
+def test_recovered_ids_are_done_not_duplicates() -> None:
     ledger = Ledger()
-    ledger.commit(["x", "y", "x"])
+    ledger.recover(["x", "y", "x"])
     assert ledger.committed == 2
     assert ledger.claim("y") is Claim.DONE
+    assert ledger.claim("y") is Claim.DONE, "skipping twice is still skipping"
+    ledger.commit(["y"])  # a commit of a recovered id does not count it twice
+    assert ledger.committed == 2
     assert "committed=2" in repr(ledger)
+
+
+def test_bad_line_keys_do_not_collide_with_custom_ids() -> None:
+    ledger = Ledger()
+    ledger.recover([bad_line_key("batch:1")])
+    assert ledger.claim("batch:1") is Claim.SEND
+    assert ledger.claim(bad_line_key("batch:1")) is Claim.DONE
 
 
 def test_persona_ids_and_lookalikes_are_kept_apart() -> None:
     ledger = Ledger()
     ids = [f"shard-a:{line}:math:{sample}" for line in range(1, 2000, 3) for sample in (0, 1)]
-    ledger.commit(ids)
-    ledger.commit(ids[:10])  # recommitting counts once
+    ledger.recover(ids)
+    ledger.recover(ids[:10])  # recovering twice counts once
     assert ledger.committed == len(ids)
     assert all(ledger.is_committed(i) for i in ids)
     near = [
@@ -44,7 +54,7 @@ def test_persona_ids_and_lookalikes_are_kept_apart() -> None:
         "shard-a:99999999:math:0",  # far past the bitmap
     ]
     assert not any(ledger.is_committed(i) for i in near)
-    ledger.commit(near)
+    ledger.recover(near)
     assert ledger.committed == len(ids) + len(near)
     assert all(ledger.is_committed(i) for i in near)
     assert ledger.claim("shard-a:01:math:0") is Claim.DONE
@@ -53,7 +63,7 @@ def test_persona_ids_and_lookalikes_are_kept_apart() -> None:
 
 def test_shard_names_may_contain_colons() -> None:
     ledger = Ledger()
-    ledger.commit(["s3:bucket:shard:7:math:0", "batch-0001", "0:0:0:0"])
+    ledger.recover(["s3:bucket:shard:7:math:0", "batch-0001", "0:0:0:0"])
     assert ledger.is_committed("s3:bucket:shard:7:math:0")
     assert not ledger.is_committed("s3:bucket:shard:7:math:1")
     assert ledger.is_committed("batch-0001") and ledger.is_committed("0:0:0:0")
@@ -74,6 +84,6 @@ def test_matches_a_plain_set_on_random_ids() -> None:
         custom_id = random_id()
         assert ledger.is_committed(custom_id) == (custom_id in reference), custom_id
         if rng.random() < 0.5:
-            ledger.commit([custom_id])
+            ledger.recover([custom_id])
             reference.add(custom_id)
     assert ledger.committed == len(reference)

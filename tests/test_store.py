@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 from asyncgen.errors import OutputError
+from asyncgen.ledger import bad_line_key
 from asyncgen.records import BadLine, ErrorInfo, Result, Source
 from asyncgen.shards import FrameWriter, scan_frames
 from asyncgen.store import Store
@@ -47,12 +48,13 @@ def test_commit_then_reopen_sees_everything(tmp_path: Path) -> None:
         [result(1), result(2, failed=True)],
         [BadLine("s:3", "in.jsonl", Source("s", 3), ErrorInfo("bad_input", "x"), "{")],
     )
-    assert sorted(ids) == ["s:1:math:0", "s:2:math:0", "s:3"]
+    assert sorted(ids) == [bad_line_key("s:3"), "s:1:math:0", "s:2:math:0"]
     store.ledger.commit(ids)
     store.close()
     store = open_store(tmp_path)
     assert store.counts == {"results": 1, "failures": 1, "errors": 1}
     assert store.ledger.committed == 3 and store.ledger.is_committed("s:2:math:0")
+    assert store.ledger.is_committed(bad_line_key("s:3")) and not store.ledger.is_committed("s:3")
     store.close()
     found = read_output(tmp_path)
     assert [r["custom_id"] for r in found["results"]] == ["s:1:math:0"]
