@@ -177,6 +177,7 @@ class Engine:
         self._stopping = False
         self._finished = False
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._pipeline_task: asyncio.Task[None] | None = None
         self._started: float | None = None
         self._input_total = 0
         self._input_done = 0
@@ -230,6 +231,14 @@ class Engine:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        # Leaving the block while results() is still running (a consumer that broke out of
+        # the loop) stops the job: what came back is committed, in-flight requests are
+        # abandoned to the next run. Nothing may touch the store once it is closed.
+        pipeline = self._pipeline_task
+        if pipeline is not None and not pipeline.done():
+            pipeline.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pipeline
         try:
             if self._owns_transport and self._transport is not None:
                 await self._transport.aclose()
@@ -280,7 +289,7 @@ class Engine:
         if self.config.check_endpoint:
             await self.check_endpoint()
         queue: asyncio.Queue[list[Record]] = asyncio.Queue(maxsize=8)
-        pipeline = asyncio.create_task(self._pipeline(queue.put))
+        pipeline = self._pipeline_task = asyncio.create_task(self._pipeline(queue.put))
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())

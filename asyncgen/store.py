@@ -206,6 +206,8 @@ class Store:
     def commit(self, results: Iterable[Result], bad_lines: Iterable[BadLine] = ()) -> list[str]:
         """Durably append a batch; return its ledger keys (the caller commits them in
         :attr:`ledger`: custom_ids, and :func:`bad_line_key` of bad lines)."""
+        if self._ledger_writer is None:
+            raise OutputError(f"the store for {self.root} is closed")
         try:
             return self._commit(results, bad_lines)
         except OSError as exc:

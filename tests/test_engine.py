@@ -100,23 +100,30 @@ async def test_results_iterator_yields_each_committed_record(
     assert "finished" in repr(engine)
 
 
-async def test_stopping_early_from_the_consumer_then_resuming(
-    tmp_path: Path, mock_server: MockServer
-) -> None:
+async def test_stopping_early_from_the_consumer_then_resuming(tmp_path: Path) -> None:
     inputs = [write_shard(tmp_path / "p.jsonl.zst", personas(2000))]
-    config = job(tmp_path, mock_server, inputs, flush_records=50)
-    async with Engine(config) as engine:
-        got = 0
-        async for _ in engine.results():
-            got += 1
-            if got >= 100:
-                break
-        assert not engine.statistics().finished
-    found = read_output(tmp_path / "out")
-    assert 100 <= len(found["results"]) < 2000
-    async with Engine(config) as engine:
-        stats = await engine.run()
-    assert stats.finished and stats.skipped >= 100
+    async with MockServer(MockConfig(latency=0.05)) as server:
+        config = job(tmp_path, server, inputs, concurrency=32, flush_records=500)
+        async with Engine(config) as engine:
+            got = 0
+            async for _ in engine.results():
+                got += 1
+                if got >= 5:
+                    break
+            assert not engine.statistics().finished
+        # The generator was left suspended, not closed: leaving the block still stops the job.
+        assert not [t for t in asyncio.all_tasks() if "Engine." in repr(t.get_coro())]
+        assert engine.statistics().in_flight == 0
+        sent = server.stats().requests
+        files = {p.name: p.stat().st_size for p in (tmp_path / "out").iterdir()}
+        await asyncio.sleep(0.3)
+        assert server.stats().requests == sent, "no request after the block was left"
+        assert {p.name: p.stat().st_size for p in (tmp_path / "out").iterdir()} == files
+        found = read_output(tmp_path / "out")
+        assert 5 <= len(found["results"]) < 2000
+        async with Engine(config) as engine:
+            stats = await engine.run()
+    assert stats.finished and stats.skipped >= 5
     assert_exactly_once(tmp_path / "out", ids_for("p", 2000))
 
 
