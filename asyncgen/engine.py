@@ -25,7 +25,14 @@ from typing import Any
 import msgspec
 
 from . import __version__
-from .errors import ConfigError, ConnectError, InputError, RequestTimeout, TransportError
+from .errors import (
+    AsyncgenError,
+    ConfigError,
+    ConnectError,
+    InputError,
+    RequestTimeout,
+    TransportError,
+)
 from .items import Expander
 from .ledger import Claim, bad_line_key
 from .limits import Gate
@@ -43,6 +50,22 @@ _READ_BATCH = 1024
 
 Record = Result | BadLine
 Emit = Callable[[list[Record]], Awaitable[None]]
+
+
+class _ModelId(msgspec.Struct):
+    id: str
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_ModelId]
+
+
+def _served_models(body: bytes) -> set[str] | None:
+    """Model ids of a ``GET /models`` reply, or None when it is not the OpenAI list shape."""
+    try:
+        return {m.id for m in msgspec.json.decode(body, type=_ModelList).data}
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
 
 
 def _leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -325,14 +348,30 @@ class Engine:
                 f"endpoint {url} refused the API key (HTTP {resp.status}); "
                 "check the variable named by --api-key-env"
             )
+        if resp.status == 404:
+            raise ConfigError(
+                f"endpoint {url} has no /models (HTTP 404): is the base URL right? "
+                "OpenAI-compatible servers answer under /v1, as in http://HOST:8000/v1 "
+                "(--no-check skips this check)"
+            )
+        model = self.config.model
+        served = _served_models(resp.body) if resp.status == 200 else None
+        if model is not None and served is not None and model not in served:
+            listed = ", ".join(sorted(served)[:10]) + (", ..." if len(served) > 10 else "")
+            raise ConfigError(
+                f"model {model!r} is not served by {url}; it serves: {listed or 'nothing'} "
+                "(--no-check skips this check)"
+            )
 
     async def _pipeline(self, emit: Emit) -> None:
         try:
             await self._run_stages(emit)
         except BaseExceptionGroup as group:
             # Task groups wrap what stopped the job; callers want the error itself.
+            # Several senders may hit the same job-level error at once (a 401 for all): one
+            # is enough. Anything unexpected keeps the whole group, so no bug is hidden.
             leaves = _leaf_errors(group)
-            if len(leaves) == 1:
+            if len(leaves) == 1 or (leaves and all(isinstance(e, AsyncgenError) for e in leaves)):
                 raise leaves[0] from None
             raise
 
@@ -466,6 +505,7 @@ class Engine:
                 outcome = interpret(resp.status, resp.body)
                 if outcome.error is not None:
                     hint = parse_retry_after(resp.headers)
+                    self._raise_if_job_level(item, outcome)
             finally:
                 self._in_flight -= 1
             elapsed = self._clock() - first
@@ -492,6 +532,20 @@ class Engine:
                 await self._sleep(delay)
             finally:
                 self._retrying -= 1
+
+    def _raise_if_job_level(self, item: WorkItem, outcome: Outcome) -> None:
+        """Stop the job on an answer every request would get: a refused key, or a 404 for the
+        job's one model or URL. Recording it per item would burn the whole input as failures."""
+        error = outcome.error
+        if outcome.retryable or error is None or error.status is None:
+            return
+        if error.status in (401, 403) or (error.status == 404 and self.config.model is not None):
+            assert self._transport is not None
+            raise ConfigError(
+                f"endpoint {self._transport.base_url} answered HTTP {error.status} to "
+                f"POST {item.url}: {error.message}; stopping, since every request would get "
+                "the same answer (the item is not recorded and will be sent by the next run)"
+            )
 
     def _success(self, item: WorkItem, c: Completion, attempts: int, latency: float) -> Result:
         choice = c.choices[0]

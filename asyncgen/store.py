@@ -123,6 +123,12 @@ class Store:
             raise
         return store
 
+    def _holds_records(self) -> bool:
+        return any(
+            (_SHARD_RE.match(p.name) or p.name == _LEDGER) and p.stat().st_size > 0
+            for p in self.root.iterdir()
+        )
+
     def _check_manifest(self, spec: Mapping[str, Any], version: str) -> None:
         path = self.root / _MANIFEST
         digest = fingerprint(spec)
@@ -134,7 +140,7 @@ class Store:
                 raise OutputError(
                     f"{path} is unreadable; is {self.root} an asyncgen output?"
                 ) from exc
-            if old_digest != digest:
+            if old_digest != digest and self._holds_records():
                 old_spec = old.get("spec", {})
                 changed = sorted(
                     k for k in set(old_spec) | set(spec) if old_spec.get(k) != spec.get(k)
@@ -144,8 +150,11 @@ class Store:
                     f"(changed: {', '.join(changed) or 'spec'}); "
                     "use a new --output directory, or rerun with the original settings"
                 )
-            return
-        if any(_SHARD_RE.match(p.name) for p in self.root.iterdir()):
+            if old_digest == digest:
+                return
+            # A job that stopped before committing anything (a typo in the model, say) leaves
+            # a manifest but no records: the directory is free for the corrected job.
+        elif any(_SHARD_RE.match(p.name) for p in self.root.iterdir()):
             raise OutputError(
                 f"{self.root} holds result shards but no {_MANIFEST}; refusing to mix"
             )

@@ -170,18 +170,48 @@ async def test_drain_timeout_abandons_hung_requests(tmp_path: Path) -> None:
     assert read_output(tmp_path / "out")["results"] == []
 
 
-async def test_permanent_errors_are_recorded_not_retried(tmp_path: Path) -> None:
-    inputs = [write_shard(tmp_path / "p.jsonl", personas(30))]
-    async with MockServer(MockConfig(models=["real-model"])) as server:
-        config = job(tmp_path, server, inputs, model="typo-model", max_attempts=5)
-        async with Engine(config) as engine:
-            stats = await engine.run()
-        assert server.stats().requests == 30, "a 404 is not retried"
-    found = assert_exactly_once(tmp_path / "out", ids_for("p", 30))
-    assert stats.failed == 30 and len(found["failures"]) == 30
+async def test_permanent_errors_are_recorded_not_retried(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    lines = [batch_line(f"r{i}") for i in range(20)]
+    for i in (3, 7):  # the server answers 400 to these two alone
+        lines[i]["body"]["messages"] = []
+    inputs = [write_shard(tmp_path / "b.jsonl", lines)]
+    config = job(tmp_path, mock_server, inputs, prompt=None, model=None, max_attempts=5)
+    async with Engine(config) as engine:
+        stats = await engine.run()
+    assert mock_server.stats().requests == 20, "a 400 is not retried"
+    found = assert_exactly_once(tmp_path / "out", {f"r{i}" for i in range(20)})
+    assert stats.failed == 2 and {r["custom_id"] for r in found["failures"]} == {"r3", "r7"}
     error = found["failures"][0]["error"]
-    assert error["status"] == 404 and "typo-model" in error["message"]
+    assert error["status"] == 400 and "messages" in error["message"]
     assert found["failures"][0]["attempts"] == 1
+
+
+async def test_wrong_model_or_url_stops_the_job_instead_of_failing_every_item(
+    tmp_path: Path,
+) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(300))]
+    async with MockServer(MockConfig(models=["real-model"])) as server:
+        config = job(tmp_path, server, inputs, model="typo-model")
+        async with Engine(config) as engine:
+            with pytest.raises(ConfigError, match=r"'typo-model' is not served.*real-model"):
+                await engine.run()
+        assert server.stats().requests == 0
+        unchecked = msgspec.structs.replace(config, check_endpoint=False, concurrency=8)
+        async with Engine(unchecked) as engine:
+            with pytest.raises(ConfigError, match=r"answered HTTP 404.*typo-model"):
+                await engine.run()
+        assert 1 <= server.stats().requests <= 8
+        no_v1 = msgspec.structs.replace(config, base_url=server.base_url.removesuffix("/v1"))
+        async with Engine(no_v1) as engine:
+            with pytest.raises(ConfigError, match=r"no /models.*base URL"):
+                await engine.run()
+        assert read_output(tmp_path / "out") == {"results": [], "failures": [], "errors": []}
+        async with Engine(msgspec.structs.replace(config, model="real-model")) as engine:
+            stats = await engine.run()
+    assert stats.succeeded == 300
+    assert_exactly_once(tmp_path / "out", ids_for("p", 300))
 
 
 async def test_exhausted_retries_become_failures(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -131,8 +132,14 @@ def test_new_run_writes_new_shards_and_rotates(tmp_path: Path) -> None:
     ]
 
 
-def test_different_spec_is_refused(tmp_path: Path) -> None:
+def test_different_spec_is_refused_once_records_exist(tmp_path: Path) -> None:
     open_store(tmp_path).close()
+    # nothing committed yet (a job stopped by a typo): the corrected spec takes the directory
+    Store.open(tmp_path, {**SPEC, "model": "fixed"}, version="test").close()
+    assert json.loads((tmp_path / "manifest.json").read_text())["spec"]["model"] == "fixed"
+    store = Store.open(tmp_path, {**SPEC, "model": "fixed"}, version="test")
+    store.commit([result(1)])
+    store.close()
     with pytest.raises(OutputError, match=r"different job.*model"):
         Store.open(tmp_path, {**SPEC, "model": "other"}, version="test")
 
