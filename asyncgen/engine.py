@@ -78,6 +78,9 @@ def _leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException
     return leaves
 
 
+_RESERVED_BODY = frozenset({"model", "messages", "prompt", "stream", "n"})
+
+
 class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
     """Everything a job needs except the API key (which is never stored or printed)."""
 
@@ -127,6 +130,13 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
                 raise ConfigError(message)
         if self.prompt is not None and self.model is None:
             raise ConfigError("a --model is required with --prompt")
+        reserved = sorted(_RESERVED_BODY & self.extra_body.keys())
+        if reserved:
+            raise ConfigError(
+                f"extra body may not set {', '.join(reserved)}: the template and --model "
+                "decide the prompt and model, --samples asks for more outputs (one choice is "
+                "kept per request), and streaming is not supported"
+            )
 
 
 class Statistics(msgspec.Struct, frozen=True, kw_only=True):

@@ -68,6 +68,12 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
             path = Path(match)
             if path.is_dir():
                 raise ConfigError(f"input {match} is a directory; give files or a glob")
+            if not path.is_file():
+                # Ids are line numbers in a named file; a pipe cannot be read again on resume.
+                raise ConfigError(
+                    f"input {match} is not a regular file (a pipe or device?); "
+                    "write it to a file first, so a rerun can resume"
+                )
             if path.resolve() not in seen:
                 seen.add(path.resolve())
                 paths.append(path)

@@ -184,6 +184,13 @@ class Store:
                     self.ledger.recover(_ledger_keys(entry.file, entry.ids))
                     ends[entry.file] = max(ends.get(entry.file, 0), entry.end)
             self.recovered_bytes += repair_tail(ledger_path, valid_end)
+        missing = sorted(f for f in ends if not (self.root / f).is_file())
+        if missing:
+            # Its ids count as done; carrying on would lose those records silently.
+            raise OutputError(
+                f"{self.root / missing[0]} is missing, but {_LEDGER} records results in it; "
+                "restore it, or start over in a new --output directory"
+            )
         self._ledger_writer = FrameWriter(ledger_path)
         for path in sorted(self.root.iterdir()):
             match = _SHARD_RE.match(path.name)

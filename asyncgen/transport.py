@@ -7,6 +7,7 @@ embedding applications can pass their own.
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Mapping
 from typing import NamedTuple, Protocol
 
@@ -46,7 +47,19 @@ class AiohttpTransport:
     def __init__(self, base_url: str, *, api_key: str | None = None, limit: int = 256) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base URL must start with http:// or https://, got {base_url!r}")
-        self.base_url = base_url.rstrip("/")
+        self._base = base_url.rstrip("/")
+        parts = urllib.parse.urlsplit(self._base)
+        if parts.username is not None or parts.password is not None:
+            # A key in the URL's userinfo must not reach logs, records or error messages.
+            host = parts.netloc.rpartition("@")[2]
+            self.base_url = urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
+            if api_key:
+                raise ConfigError(
+                    f"the base URL {self.base_url} carries credentials and an API key is set "
+                    "too; HTTP allows one Authorization, so give only one of them"
+                )
+        else:
+            self.base_url = self._base
         self._headers = {
             "Content-Type": "application/json",
             "User-Agent": f"asyncgen/{__version__}",
@@ -78,15 +91,16 @@ class AiohttpTransport:
 
     async def _request(self, method: str, path: str, body: bytes | None) -> HttpResponse:
         session = self._get_session()
-        url = self.base_url + path
+        url = self.base_url + path  # for messages: never the userinfo
         try:
-            async with session.request(method, url, data=body) as resp:
+            async with session.request(method, self._base + path, data=body) as resp:
                 data = await resp.read()
                 return HttpResponse(resp.status, resp.headers, data)
-        except aiohttp.InvalidURL as exc:
-            raise ConfigError(f"invalid URL {url!r}") from exc
+        except aiohttp.InvalidURL:
+            raise ConfigError(f"invalid URL {url!r}") from None
         except aiohttp.ClientError as exc:
-            raise ConnectError(f"{type(exc).__name__} talking to {url}: {exc}") from exc
+            detail = str(exc).replace(self._base, self.base_url)
+            raise ConnectError(f"{type(exc).__name__} talking to {url}: {detail}") from None
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,10 @@ def test_expand_inputs(tmp_path: Path) -> None:
     write_shard(tmp_path / "sub" / "a.jsonl", personas(1))
     with pytest.raises(ConfigError, match="same shard name 'a'"):
         expand_inputs([str(tmp_path / "a.jsonl.zst"), str(tmp_path / "sub" / "a.jsonl")])
+
+
+def test_pipes_are_refused_clearly(tmp_path: Path) -> None:
+    fifo = tmp_path / "personas.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        expand_inputs([str(fifo)])

@@ -184,3 +184,12 @@ def test_output_path_is_a_file(tmp_path: Path) -> None:
     target.write_text("x")
     with pytest.raises(OutputError, match="cannot use output directory"):
         open_store(target)
+
+
+def test_a_missing_shard_is_refused_not_silently_skipped(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    store.commit([result(1), result(2, failed=True)])
+    store.close()
+    next(tmp_path.glob("failures-*.jsonl.zst")).unlink()
+    with pytest.raises(OutputError, match=r"failures-\d+\.jsonl\.zst is missing"):
+        open_store(tmp_path)
