@@ -495,7 +495,7 @@ class Engine:
         assert self._transport is not None
         body = self._encoder.encode(item.body)
         first = self._clock()
-        attempt = 0
+        attempt = throttled = 0
         while True:
             if attempt:
                 await self._gate.wait_rate(item.est_tokens)
@@ -522,8 +522,12 @@ class Engine:
             if outcome.completion is not None:
                 return self._success(item, outcome.completion, attempt, elapsed)
             assert outcome.error is not None
+            if outcome.error.status == 429:
+                throttled += 1
             delay = (
-                self._policy.next_delay(attempt, elapsed, hint, self._rng)
+                self._policy.next_delay(
+                    attempt, elapsed, hint, self._rng, counted=attempt - throttled
+                )
                 if outcome.retryable
                 else None
             )

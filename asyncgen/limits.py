@@ -14,31 +14,25 @@ from aiolimiter import AsyncLimiter
 __all__ = ["Gate"]
 
 
-def _limiter(per_minute: float, largest: float) -> AsyncLimiter:
-    # Capacity of one second of budget (at least the largest single request) drained at the
-    # configured rate: smooth pacing without a start-up burst of a whole minute's worth.
-    capacity = max(per_minute / 60.0, largest, 1.0)
+def _limiter(per_minute: float) -> AsyncLimiter:
+    # One second of budget drained at the configured rate: smooth pacing without a start-up
+    # burst of a whole minute's worth.
+    capacity = max(per_minute / 60.0, 1.0)
     return AsyncLimiter(capacity, capacity * 60.0 / per_minute)
 
 
 class Gate:
-    """Concurrency slots and rate limits; ``statistics`` are read by the engine."""
+    """Concurrency slots and rate limits."""
 
     def __init__(
-        self,
-        concurrency: int,
-        *,
-        rpm: float | None = None,
-        tpm: float | None = None,
-        max_request_tokens: int = 1,
+        self, concurrency: int, *, rpm: float | None = None, tpm: float | None = None
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
-        self._rpm = _limiter(rpm, 1) if rpm else None
-        self._tpm_cap = max(float(max_request_tokens), (tpm or 0) / 60.0, 1.0)
-        self._tpm = _limiter(tpm, self._tpm_cap) if tpm else None
+        self._rpm = _limiter(rpm) if rpm else None
+        self._tpm = _limiter(tpm) if tpm else None
 
     async def acquire_slot(self) -> None:
         await self._slots.acquire()
@@ -51,7 +45,13 @@ class Gate:
         if self._rpm is not None:
             await self._rpm.acquire()
         if self._tpm is not None:
-            await self._tpm.acquire(min(float(tokens), self._tpm.max_rate))
+            # A request may cost more than the bucket holds: charge it in bucket-sized parts,
+            # so the sustained rate never exceeds the limit however large requests are.
+            remaining = float(tokens)
+            while remaining > 0:
+                part = min(remaining, self._tpm.max_rate)
+                await self._tpm.acquire(part)
+                remaining -= part
 
     def __repr__(self) -> str:
         return f"<Gate concurrency={self.concurrency} rpm={self._rpm} tpm={self._tpm}>"

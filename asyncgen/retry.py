@@ -121,14 +121,22 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds from an item's first attempt after which no new attempt starts."""
 
     def next_delay(
-        self, attempt: int, elapsed: float, hint: float | None, rng: random.Random
+        self,
+        attempt: int,
+        elapsed: float,
+        hint: float | None,
+        rng: random.Random,
+        *,
+        counted: int | None = None,
     ) -> float | None:
         """Delay before attempt ``attempt + 1``, or ``None`` to give up.
 
         ``attempt`` counts attempts made so far (1 after the first); ``elapsed`` is seconds since
-        the first began; ``hint`` is the server's Retry-After, if any.
+        the first began; ``hint`` is the server's Retry-After, if any. ``counted`` is how many
+        of the attempts count against ``max_attempts`` (default: all): rate-limit rejections
+        are the server pacing us, not the item failing, so only the deadline bounds them.
         """
-        if attempt >= self.max_attempts:
+        if (attempt if counted is None else counted) >= self.max_attempts:
             return None
         if hint is not None:
             # Honour the server, with a little spread so a crowd of waiters does not return at once.

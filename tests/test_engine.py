@@ -227,6 +227,16 @@ async def test_exhausted_retries_become_failures(tmp_path: Path) -> None:
     assert error["status"] == 503 and "gave up after 3 attempts" in error["message"]
 
 
+async def test_a_429_storm_does_not_use_up_attempts(tmp_path: Path) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(200))]
+    async with MockServer(MockConfig(fail_429=0.7, retry_after=0.001, seed=8)) as server:
+        config = job(tmp_path, server, inputs, max_attempts=2)
+        async with Engine(config) as engine:
+            stats = await engine.run()
+        assert server.stats().by_outcome["429"] > 200
+    assert stats.succeeded == 200 and stats.failed == 0
+
+
 async def test_timeouts_are_retried(tmp_path: Path) -> None:
     inputs = [write_shard(tmp_path / "p.jsonl", personas(10))]
     async with MockServer(MockConfig(hang=0.3, hang_seconds=30, seed=4)) as server:
@@ -239,15 +249,21 @@ async def test_timeouts_are_retried(tmp_path: Path) -> None:
 async def test_retry_after_is_honoured(tmp_path: Path) -> None:
     inputs = [write_shard(tmp_path / "p.jsonl", personas(1))]
     slept: list[float] = []
+    now = [0.0]
 
     async def fake_sleep(delay: float) -> None:
         slept.append(delay)
+        now[0] += delay
 
     async with MockServer(MockConfig(fail_429=1.0, retry_after=7.0)) as server:
-        config = job(tmp_path, server, inputs, max_attempts=3)
-        async with Engine(config, sleep=fake_sleep) as engine:
-            await engine.run()
+        # 429s do not use up attempts; the per-item deadline ends the wait
+        config = job(tmp_path, server, inputs, max_attempts=2, deadline=20.0)
+        async with Engine(config, sleep=fake_sleep, clock=lambda: now[0]) as engine:
+            stats = await engine.run()
     assert len(slept) == 2 and all(7.0 <= d <= 7.7 for d in slept)
+    assert stats.failed == 1
+    (failure,) = read_output(tmp_path / "out")["failures"]
+    assert failure["attempts"] == 3 and failure["error"]["status"] == 429
 
 
 async def test_batch_lines_pass_through(tmp_path: Path, mock_server: MockServer) -> None:

@@ -85,6 +85,15 @@ def test_server_hint_wins_and_deadline_bounds() -> None:
     assert policy.next_delay(1, 80.0, 30.0, rng) is None, "would pass the per-item deadline"
 
 
+def test_uncounted_attempts_are_bounded_by_the_deadline_only() -> None:
+    policy = RetryPolicy(max_attempts=3, base_delay=0.1, max_delay=1.0, deadline=10.0)
+    rng = random.Random(3)
+    assert policy.next_delay(3, 1.0, None, rng) is None
+    assert policy.next_delay(50, 1.0, 0.1, rng, counted=2) is not None, "47 were rate limits"
+    assert policy.next_delay(50, 9.95, 0.1, rng, counted=0) is None, "past the deadline"
+    assert policy.next_delay(50, 1.0, None, rng, counted=3) is None
+
+
 def test_real_server_reply_shapes_are_accepted() -> None:
     """Fields real servers send beyond the minimum, or as null, do not make a reply malformed."""
     vllm_reasoning = {
