@@ -7,6 +7,7 @@ Exit status of ``asyncgen run`` (and ``demo``):
   (see ``failures-*.jsonl.zst`` and ``errors-*.jsonl.zst`` in the output directory);
 * 2 — usage, configuration, input or output-directory error, unreachable endpoint, or a bad
   line under ``--strict``; nothing was lost, fix the cause and rerun;
+* 3 — an unexpected internal error (a bug; the traceback follows): please report it;
 * 130 — interrupted (Ctrl-C / SIGTERM) before the end; rerun the same command to resume.
 """
 
@@ -20,6 +21,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -31,7 +33,7 @@ from .prompts import available_templates, load_template
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
@@ -142,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         "render a prompt template for every persona, send the requests concurrently within "
         "rate limits, retry what can be retried, and write every result exactly once.",
         epilog="Exit status: 0 all succeeded; 1 some items failed or input lines were bad; "
-        "2 usage/input/setup error; 130 interrupted (rerun to resume).",
+        "2 usage/input/setup error; 3 internal error (a bug); 130 interrupted (rerun to "
+        "resume).",
     )
     parser.add_argument("--version", action="version", version=f"asyncgen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -154,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         "line) becomes a request; results go to --output as zstd JSON lines. Rerunning the "
         "same command resumes: committed items are skipped, nothing is written twice.",
         epilog="Exit status: 0 all succeeded; 1 some items failed or input lines were bad; "
-        "2 usage/input/setup error; 130 interrupted (rerun to resume).",
+        "2 usage/input/setup error; 3 internal error (a bug); 130 interrupted (rerun to "
+        "resume).",
     )
     run.add_argument(
         "--input",
@@ -357,7 +361,8 @@ async def run_job(
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
             reporter.finish()
-    err.write(summary(stats, config.output) + "\n")
+    with contextlib.suppress(OSError):  # a closed stderr does not change the outcome
+        err.write(summary(stats, config.output) + "\n")
     return exit_status(stats)
 
 
@@ -398,6 +403,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("asyncgen: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception:
+        # Not 1, which scripts read as "finished with some failures".
+        traceback.print_exc()
+        print(
+            "asyncgen: internal error (a bug; please report it with the traceback above); "
+            "committed results are safe, rerun to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -113,6 +113,11 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
     check_endpoint: bool = True
 
     def validate(self) -> None:
+        """Raise ConfigError for settings that cannot work (wrong types included)."""
+        try:
+            msgspec.convert(msgspec.structs.asdict(self), type(self))
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"invalid job configuration: {exc}") from None
         checks = [
             (self.samples >= 1, "samples must be at least 1"),
             (self.concurrency >= 1, "concurrency must be at least 1"),
@@ -441,6 +446,12 @@ class Engine:
                         if claim is Claim.DONE:
                             self._skipped += 1
                         elif claim is Claim.DUPLICATE:
+                            if self.config.strict:
+                                raise InputError(
+                                    f"custom_id {item.custom_id!r} appears twice",
+                                    path=line.path,
+                                    line=line.lineno,
+                                )
                             await self._record_bad(
                                 f"{line.shard}:{line.lineno}",
                                 line.path,

@@ -43,6 +43,7 @@ class ProgressReporter:
         self.interval = interval if interval is not None else (0.5 if self.live else 30.0)
         self._last: tuple[float, int, int] | None = None
         self._shown = False
+        self._broken = False
 
     def line(self, s: Statistics) -> str:
         now = time.monotonic()
@@ -68,18 +69,26 @@ class ProgressReporter:
     def show(self) -> None:
         text = self.line(self._stats())
         if self.live:
-            self._stream.write("\r" + text + "\x1b[K")
+            self._write("\r" + text + "\x1b[K")
             self._shown = True
         else:
-            self._stream.write(text + "\n")
-        self._stream.flush()
+            self._write(text + "\n")
 
     def finish(self) -> None:
         """End a live line so the next output starts on its own line."""
         if self.live and self._shown:
-            self._stream.write("\n")
-            self._stream.flush()
+            self._write("\n")
             self._shown = False
+
+    def _write(self, text: str) -> None:
+        # Progress is a courtesy: a closed stderr (``2>&1 | head``) must not fail the job.
+        if self._broken:
+            return
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+        except OSError:
+            self._broken = True
 
     async def run(self) -> None:
         while True:
@@ -91,7 +100,9 @@ def summary(s: Statistics, output: str) -> str:
     """The closing report of a run."""
     lines = []
     new = s.succeeded + s.failed + s.bad_lines
-    if s.finished and new == 0 and s.requests == 0:
+    if s.finished and s.lines_read == 0:
+        lines.append("nothing to do: the input holds no records (empty files?); 0 requests sent")
+    elif s.finished and new == 0 and s.requests == 0:
         lines.append(
             f"nothing to do: all {s.skipped:,} items were already committed in {output}; "
             "0 requests sent"

@@ -23,6 +23,7 @@ _CHUNK = 1 << 20
 # Compressed bytes fed to the decoder at a time. Its output is not bounded per call, so the
 # input is: persona text compresses 10-60x, and a 1 MiB read could inflate to 60 MB at once.
 _ZSTD_CHUNK = 1 << 14
+_MAX_LINE = 256 << 20
 _SUFFIXES = (".zst", ".zstd", ".jsonl", ".ndjson", ".json")
 
 
@@ -127,15 +128,31 @@ class ShardReader:
     def _iter_lines(self) -> Iterator[bytes]:
         chunks = self._iter_zstd() if self._is_zstd() else self._iter_plain()
         pending = b""
+        partial: list[bytes] = []  # pieces of a line longer than a chunk: joined once, at its end
+        partial_size = 0
         for chunk in chunks:
-            pending += chunk
-            lines = pending.split(b"\n")
+            if b"\n" not in chunk:
+                partial.append(chunk)
+                partial_size += len(chunk)
+                if len(pending) + partial_size > _MAX_LINE:
+                    raise self._error(
+                        f"line {self._lineno + 1} is longer than {_MAX_LINE >> 20} MiB; "
+                        "is this a JSON-lines file?"
+                    )
+                continue
+            if partial:
+                chunk = pending + b"".join(partial) + chunk
+                pending, partial, partial_size = b"", [], 0
+            else:
+                chunk = pending + chunk
+            lines = chunk.split(b"\n")
             pending = lines.pop()
             for line in lines:
                 if line.strip():
                     yield line.rstrip(b"\r")
                 else:
                     self._lineno += 1  # blank lines keep their number, but are not records
+        pending += b"".join(partial)
         if pending.strip():
             yield pending.rstrip(b"\r")
 

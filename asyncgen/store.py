@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -55,6 +55,8 @@ class _IdView(msgspec.Struct):
     custom_id: str
 
 
+_T = TypeVar("_T")
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _entry_decoder = msgspec.json.Decoder(_Entry)
 _id_decoder = msgspec.json.Decoder(_IdView)
 
@@ -179,7 +181,7 @@ class Store:
             for end, payload in scan_frames(ledger_path):
                 valid_end = end
                 for line in payload.splitlines():
-                    entry = _entry_decoder.decode(line)
+                    entry = _decode_or_refuse(_entry_decoder, line, ledger_path)
                     self._count(entry.file, len(entry.ids))
                     self.ledger.recover(_ledger_keys(entry.file, entry.ids))
                     ends[entry.file] = max(ends.get(entry.file, 0), entry.end)
@@ -206,9 +208,21 @@ class Store:
                 )
             if size == known:
                 continue
+            with open(path, "rb") as f:
+                f.seek(known)
+                head = f.read(4)
+            if not _ZSTD_MAGIC.startswith(head):
+                # Past the recorded end there may only be whole or torn frames of ours.
+                raise OutputError(
+                    f"{path} does not continue with a zstd frame at byte {known}, where "
+                    f"{_LEDGER} says its last commit ended; was it rewritten outside asyncgen?"
+                )
             end = known
             for end, payload in scan_frames(path, known):
-                ids = [_id_decoder.decode(line).custom_id for line in payload.splitlines()]
+                ids = [
+                    _decode_or_refuse(_id_decoder, line, path).custom_id
+                    for line in payload.splitlines()
+                ]
                 self._log(path.name, end, ids)
                 self._count(path.name, len(ids))
                 self.ledger.recover(_ledger_keys(path.name, ids))
@@ -296,3 +310,13 @@ class Store:
 
 def _ledger_keys(file: str, ids: list[str]) -> list[str]:
     return [bad_line_key(i) for i in ids] if file.startswith("errors-") else ids
+
+
+def _decode_or_refuse(decoder: msgspec.json.Decoder[_T], line: bytes, path: Path) -> _T:
+    try:
+        return decoder.decode(line)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise OutputError(
+            f"{path} holds a line that asyncgen did not write ({exc}); "
+            "was it modified outside asyncgen?"
+        ) from exc

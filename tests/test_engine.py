@@ -508,3 +508,20 @@ async def test_rate_limit_paces_requests(tmp_path: Path, mock_server: MockServer
     assert stats.succeeded == 12
     # one second of budget may go at once, the rest is paced: >= 0.2 s for the last two
     assert elapsed >= 0.15
+
+
+def test_job_config_types_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"Expected `array`, got `str` - at `\$.inputs`"):
+        JobConfig(inputs="personas.jsonl", output="out", prompt="math", model="m").validate()  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"\$.samples"):
+        JobConfig(inputs=["p"], output="out", prompt="math", model="m", samples="2").validate()  # type: ignore[arg-type]
+
+
+async def test_strict_mode_stops_on_a_duplicate_custom_id(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    inputs = [write_shard(tmp_path / "b.jsonl", [batch_line("a"), batch_line("a")])]
+    config = job(tmp_path, mock_server, inputs, prompt=None, model=None, strict=True)
+    async with Engine(config) as engine:
+        with pytest.raises(InputError, match=r"b\.jsonl:2: custom_id 'a' appears twice"):
+            await engine.run()

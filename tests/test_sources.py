@@ -91,3 +91,19 @@ def test_pipes_are_refused_clearly(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(ConfigError, match="not a regular file"):
         expand_inputs([str(fifo)])
+
+
+def test_long_lines_span_chunks_and_a_limit_applies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long = b'{"persona": "' + b"x" * (3 << 20) + b'"}'
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(b'{"persona": "a"}\n' + long + b"\n" + long)  # the last without newline
+    lines = ShardReader(path).read_batch(10)
+    assert [len(line.raw) for line in lines] == [16, len(long), len(long)]
+    assert [line.lineno for line in lines] == [1, 2, 3]
+    monkeypatch.setattr("asyncgen.sources._MAX_LINE", 2 << 20)
+    reader = ShardReader(path)
+    assert [line.lineno for line in reader.read_batch(10)] == [1]
+    with pytest.raises(InputError, match="line 2 is longer than 2 MiB"):
+        reader.read_batch(10)

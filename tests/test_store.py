@@ -193,3 +193,43 @@ def test_a_missing_shard_is_refused_not_silently_skipped(tmp_path: Path) -> None
     next(tmp_path.glob("failures-*.jsonl.zst")).unlink()
     with pytest.raises(OutputError, match=r"failures-\d+\.jsonl\.zst is missing"):
         open_store(tmp_path)
+
+
+def test_foreign_lines_are_refused_with_a_clear_error(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    store.commit([result(1)])
+    store.close()
+    with open(tmp_path / "ledger.zst", "ab") as f:
+        f.write(zstandard.ZstdCompressor().compress(b"garbage\n"))
+    with pytest.raises(OutputError, match=r"ledger\.zst holds a line that asyncgen did not write"):
+        open_store(tmp_path)
+
+
+def test_a_rewritten_shard_is_refused_not_cut(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    for i in range(20):
+        store.commit([result(i)])
+    store.close()
+    shard = next(tmp_path.glob("results-*.jsonl.zst"))
+    data = zstandard.ZstdDecompressor().stream_reader(shard.read_bytes(), read_across_frames=True)
+    # the same records, compressed anew, plus a large incompressible line: longer than before
+    filler = b'{"custom_id": "%s"}\n' % os.urandom(6000).hex().encode()
+    recompressed = zstandard.ZstdCompressor().compress(data.read() + filler)
+    shard.write_bytes(recompressed)
+    with pytest.raises(OutputError, match="does not continue with a zstd frame"):
+        open_store(tmp_path)
+    assert shard.read_bytes() == recompressed, "nothing was cut"
+
+
+def test_a_tail_torn_inside_the_frame_magic_is_cut(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    store.commit([result(1)])
+    store.close()
+    shard = next(tmp_path.glob("results-*.jsonl.zst"))
+    size = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(b"\x28\xb5")  # a crash two bytes into the next frame
+    store = open_store(tmp_path)
+    assert store.ledger.committed == 1
+    store.close()
+    assert shard.stat().st_size == size

@@ -1,0 +1,79 @@
+"""Progress lines and the closing summary."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from asyncgen.engine import Statistics
+from asyncgen.progress import ProgressReporter, summary
+
+
+def stats(**kw: Any) -> Statistics:
+    values: dict[str, Any] = dict(
+        elapsed=10.0,
+        lines_read=100,
+        skipped=0,
+        in_flight=3,
+        retrying=1,
+        succeeded=90,
+        failed=2,
+        bad_lines=1,
+        requests=120,
+        retries=20,
+        prompt_tokens=5000,
+        completion_tokens=9000,
+        succeeded_total=90,
+        failed_total=2,
+        bad_lines_total=1,
+        input_fraction=0.5,
+        finished=False,
+        stopped=False,
+    )
+    values.update(kw)
+    return Statistics(**values)
+
+
+class ClosedPipe(io.StringIO):
+    def write(self, s: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_plain_line_has_counts_rates_and_eta() -> None:
+    out = io.StringIO()
+    reporter = ProgressReporter(lambda: stats(), out, live=False)
+    reporter.show()
+    line = out.getvalue()
+    assert line.endswith("\n") and "\r" not in line
+    for part in (
+        "done 90",
+        "failed 2",
+        "bad 1",
+        "in flight 3",
+        "retrying 1",
+        "req/s",
+        "tok/s",
+        "input 50.0%",
+        "ETA 0:00:10",
+    ):
+        assert part in line, part
+
+
+def test_a_closed_stream_does_not_fail_the_job() -> None:
+    reporter = ProgressReporter(lambda: stats(), ClosedPipe(), live=True)
+    reporter.show()
+    reporter.show()
+    reporter.finish()
+
+
+def test_summaries() -> None:
+    done = summary(
+        stats(finished=True, succeeded=0, failed=0, bad_lines=0, requests=0, skipped=100), "out"
+    )
+    assert "nothing to do: all 100 items were already committed in out; 0 requests" in done
+    empty = summary(
+        stats(finished=True, lines_read=0, succeeded=0, failed=0, bad_lines=0, requests=0), "out"
+    )
+    assert "the input holds no records" in empty
+    stopped = summary(stats(), "out")
+    assert "stopped early" in stopped and "rerun" in stopped
