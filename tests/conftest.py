@@ -18,6 +18,13 @@ from asyncgen.mock import MockConfig, MockServer
 KINDS = ("results", "failures", "errors")
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without OPENAI_* settings, for CLI subprocesses."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env.update(extra)
+    return env
+
+
 def write_shard(path: Path, records: Iterable[Any], *, compress: bool | None = None) -> Path:
     """Write JSON lines (objects are encoded; bytes are written as they are)."""
     lines = [r if isinstance(r, bytes) else msgspec.json.encode(r) for r in records]

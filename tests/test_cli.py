@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,11 @@ import pytest
 from asyncgen.cli import build_parser, main
 from asyncgen.mock import MockConfig, MockServer
 
-from .conftest import personas, read_output, write_shard
+from .conftest import clean_env, personas, read_output, write_shard
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-    full_env.update(env or {})
+    full_env = clean_env(**(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "asyncgen", *args],
         capture_output=True,

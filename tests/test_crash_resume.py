@@ -4,7 +4,6 @@ every item is there exactly once, every file decodes, and a finished rerun sends
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -16,16 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import assert_exactly_once, personas, write_shard
+from .conftest import assert_exactly_once, clean_env, personas, write_shard
 
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("OPENAI_API_KEY", None)
-    env.pop("OPENAI_BASE_URL", None)
-    return env
 
 
 @pytest.fixture
@@ -56,7 +48,7 @@ def server_url() -> Iterator[str]:
         ],
         stdout=subprocess.PIPE,
         text=True,
-        env=_env(),
+        env=clean_env(),
     )
     try:
         assert proc.stdout is not None
@@ -82,7 +74,7 @@ def run_cli(args: list[str], *, kill_after: float | None = None) -> tuple[int, s
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_env(),
+        env=clean_env(),
     )
     try:
         _, err = proc.communicate(timeout=kill_after)
@@ -169,7 +161,7 @@ def test_sigterm_stops_gracefully_and_resumes(tmp_path: Path, server_url: str) -
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_env(),
+        env=clean_env(),
     )
     time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)

@@ -17,6 +17,8 @@ import pytest
 
 from asyncgen.mock import MockConfig, MockServer
 
+from .conftest import clean_env
+
 
 def sdk(server: MockServer, key: str = "sk-test", **kw: object) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=server.base_url, api_key=key, **kw)  # type: ignore[arg-type]
@@ -200,8 +202,7 @@ def test_bad_config_is_rejected() -> None:
 
 
 def test_mock_server_command_serves_and_stops_on_sigterm() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-    env["MOCK_KEY"] = "sk-command-line"
+    env = clean_env(MOCK_KEY="sk-command-line")
     command = [
         sys.executable,
         "-m",
