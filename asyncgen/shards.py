@@ -15,8 +15,10 @@ from pathlib import Path
 
 import zstandard
 
-__all__ = ["FrameWriter", "iter_lines", "repair_tail", "scan_frames"]
+__all__ = ["ZSTD_MAGIC", "FrameWriter", "iter_lines", "repair_tail", "scan_frames"]
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+"""The first four bytes of every zstd frame."""
 _READ_CHUNK = 1 << 20
 
 

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import zstandard
 
 from .errors import ConfigError, InputError
+from .shards import ZSTD_MAGIC
 
 __all__ = ["Line", "ShardReader", "expand_inputs", "shard_name"]
 
@@ -158,7 +159,7 @@ class ShardReader:
 
     def _is_zstd(self) -> bool:
         with open(self.path, "rb") as f:
-            return f.read(4) == b"\x28\xb5\x2f\xfd"
+            return f.read(4) == ZSTD_MAGIC
 
     def _iter_plain(self) -> Iterator[bytes]:
         with open(self.path, "rb") as f:

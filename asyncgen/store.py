@@ -33,7 +33,7 @@ import msgspec
 from .errors import OutputError
 from .ledger import Ledger, bad_line_key
 from .records import BadLine, Result
-from .shards import FrameWriter, repair_tail, scan_frames
+from .shards import ZSTD_MAGIC, FrameWriter, repair_tail, scan_frames
 
 __all__ = ["KINDS", "Store", "fingerprint"]
 
@@ -56,7 +56,6 @@ class _IdView(msgspec.Struct):
 
 
 _T = TypeVar("_T")
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _entry_decoder = msgspec.json.Decoder(_Entry)
 _id_decoder = msgspec.json.Decoder(_IdView)
 
@@ -211,7 +210,7 @@ class Store:
             with open(path, "rb") as f:
                 f.seek(known)
                 head = f.read(4)
-            if not _ZSTD_MAGIC.startswith(head):
+            if not ZSTD_MAGIC.startswith(head):
                 # Past the recorded end there may only be whole or torn frames of ours.
                 raise OutputError(
                     f"{path} does not continue with a zstd frame at byte {known}, where "
