@@ -1,4 +1,4 @@
-"""An OpenAI/vLLM-compatible mock server with latency and fault injection, on loopback.
+"""An OpenAI/vLLM-compatible mock server with latency, load, rate limits and fault injection.
 
 Routes (under ``/v1`` like OpenAI and ``vllm serve``): ``POST /chat/completions``,
 ``POST /completions``, ``GET /models``; plus ``GET /health`` (vLLM) and, for tests and
@@ -6,8 +6,23 @@ benchmarks, ``GET /mock/stats`` and ``POST /mock/reset``.
 
 Replies are deterministic: the text is derived from a hash of the model, the prompt and the
 seed, ``usage`` counts whitespace-separated words, and a reply is cut at ``max_tokens`` with
-``finish_reason="length"``. Faults are drawn per generation request, in this order: dropped
-connection, hang, 429 with ``retry-after`` / ``retry-after-ms``, 500, 503, malformed 200.
+``finish_reason="length"``. ``stream: true`` answers with server-sent events like OpenAI and
+vLLM: a role chunk (chat), one chunk per word, a ``finish_reason`` chunk, a usage chunk when
+``stream_options.include_usage`` is set, then ``data: [DONE]``.
+
+A generation request goes through, in order:
+
+1. the rate budgets (``rpm_limit``, ``tpm_limit``; see ``asyncgen.mockbudget``): a request
+   that does not fit is refused with OpenAI's 429 and ``retry-after-ms``; replies carry
+   ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` unless ``ratelimit_headers`` is
+   off;
+2. the faults, drawn per request: dropped connection, hang, 429 with ``retry-after`` /
+   ``retry-after-ms``, then (after the latency) 500, 503, malformed 200;
+3. the running slots (``max_running``): requests beyond it wait in FIFO order, like vLLM's
+   waiting queue;
+4. generation: ``latency`` to the first token, then ``token_latency`` per token, slowed by
+   ``load_slowdown`` for each other request generating at the same time. A stream may be cut
+   (``stream_cut``) or stall for ``hang_seconds`` (``stream_stall``) part-way.
 
 Use it as an async context manager (``async with MockServer(MockConfig(...)) as server``) or
 as ``asyncgen mock-server``.
@@ -26,19 +41,40 @@ import sys
 import time
 from collections import Counter
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from aiohttp import web
 
+from .mockbudget import RateBudgets, RunningSlots
+
 __all__ = ["MockConfig", "MockServer", "MockStats", "add_arguments", "main_from_args"]
+
+_PROBABILITIES = (
+    "fail_429",
+    "fail_500",
+    "fail_503",
+    "drop",
+    "hang",
+    "malformed",
+    "stream_cut",
+    "stream_stall",
+)
+_NON_NEGATIVE = (
+    "latency",
+    "latency_jitter",
+    "retry_after",
+    "hang_seconds",
+    "token_latency",
+    "load_slowdown",
+)
 
 
 class MockConfig(msgspec.Struct, kw_only=True):
     """How the mock behaves. Probabilities are per generation request, in [0, 1]."""
 
     latency: float = 0.0
-    """Seconds before a reply, on average."""
+    """Seconds before a reply (or a stream's first token), on average."""
     latency_jitter: float = 0.0
     """Latency is drawn uniformly from ``latency ± latency_jitter`` (never below 0)."""
     seed: int = 0
@@ -60,78 +96,73 @@ class MockConfig(msgspec.Struct, kw_only=True):
     hang_seconds: float = 3600.0
     malformed: float = 0.0
     """Reply 200 with an empty, truncated or non-JSON body."""
+    rpm_limit: float | None = None
+    """Requests per minute admitted (a leaky bucket); beyond it, 429 ``rate_limit_exceeded``."""
+    tpm_limit: float | None = None
+    """Tokens (prompt + completion) per minute admitted, like ``rpm_limit``."""
+    limit_burst: float = 1.0
+    """Seconds of budget each bucket holds (at least one request, and any one request's tokens)."""
+    ratelimit_headers: bool = True
+    """Announce the budgets in ``x-ratelimit-*`` headers (off: a gateway that hides them)."""
+    max_running: int | None = None
+    """At most this many requests generate at once; the rest wait in FIFO order."""
+    token_latency: float = 0.0
+    """Seconds per output token, after ``latency``."""
+    load_slowdown: float = 0.0
+    """Per-token time grows by this fraction for each other request generating at once."""
+    stream_comments: bool = False
+    """Streams also carry SSE comments and blank lines, and split events across writes."""
+    stream_cut: float = 0.0
+    """Close a stream abruptly after some content (no finish chunk, no ``[DONE]``)."""
+    stream_stall: float = 0.0
+    """Pause a stream for ``hang_seconds`` after some content, then finish it."""
 
     def __post_init__(self) -> None:
-        for name in ("fail_429", "fail_500", "fail_503", "drop", "hang", "malformed"):
+        for name in _PROBABILITIES:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
-        for name in ("latency", "latency_jitter", "retry_after", "hang_seconds"):
-            if getattr(self, name) < 0:
+        for name in _NON_NEGATIVE:
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative")
         if self.output_tokens < 1:
             raise ValueError("output_tokens must be at least 1")
+        for name in ("rpm_limit", "tpm_limit"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        if not 0 < self.limit_burst < math.inf:
+            raise ValueError(
+                f"limit_burst must be a positive number of seconds, got {self.limit_burst}"
+            )
+        if self.max_running is not None and self.max_running < 1:
+            raise ValueError(f"max_running must be at least 1, got {self.max_running}")
 
 
 class MockStats(msgspec.Struct, frozen=True):
-    """What the server saw: generation ``requests``, their outcomes, and hits per route."""
+    """What the server saw: generation ``requests``, their outcomes, hits per route, the tokens
+    of complete replies, refusals by the rate budgets, and the most requests generating at once.
+
+    Outcomes: ``ok``, ``hang``, ``rate_limited`` (the budgets), the injected ``drop``, ``429``,
+    ``500``, ``503``, ``malformed``, ``stream_cut``, ``stream_stalled``; ``disconnected`` (the
+    client left mid-stream); and the client's errors ``400``, ``401``, ``404``."""
 
     requests: int
     by_outcome: dict[str, int]
     by_route: dict[str, int]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    rate_limited: int = 0
+    max_running_seen: int = 0
 
 
-_WORDS = (
-    "the",
-    "quiet",
-    "river",
-    "turns",
-    "north",
-    "past",
-    "old",
-    "mills",
-    "where",
-    "a",
-    "clockmaker",
-    "counts",
-    "gears",
-    "and",
-    "measures",
-    "time",
-    "in",
-    "brass",
-    "while",
-    "students",
-    "argue",
-    "about",
-    "prime",
-    "numbers",
-    "under",
-    "lamps",
-    "of",
-    "amber",
-    "glass",
-    "seven",
-    "bridges",
-    "cross",
-    "the",
-    "town",
-    "each",
-    "holding",
-    "a",
-    "story",
-    "of",
-    "trade",
-    "salt",
-    "wool",
-    "iron",
-    "bread",
-    "and",
-    "letters",
-    "carried",
-    "by",
-    "night",
+_VOCABULARY = (
+    "the quiet river turns north past old mills where a clockmaker counts gears and measures"
+    " time in brass while students argue about prime numbers under lamps of amber glass seven"
+    " bridges cross the town each holding a story of trade salt wool iron bread and letters"
+    " carried by night"
 )
+_WORDS = tuple(_VOCABULARY.split())
 _DEFAULT_MODEL = "mock-model"
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
@@ -176,20 +207,144 @@ def _generate(model: str, prompt: str, seed: int, index: int, words: int) -> str
     return " ".join(_WORDS[(digest[i % 32] + i * 7) % n] for i in range(words))
 
 
+def _retry_after(response: web.StreamResponse, ms: int) -> None:
+    response.headers["retry-after-ms"] = str(ms)
+    response.headers["retry-after"] = str(max(1, math.ceil(ms / 1000)))
+
+
+class _Reply(NamedTuple):
+    """One generation reply, computed before anything is sent: its tokens are its cost."""
+
+    id: str
+    model: str
+    chat: bool
+    texts: list[str]
+    finish: str
+    prompt_tokens: int
+    steps: int
+    """Tokens (words) per choice; the choices are generated side by side."""
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.steps * len(self.texts)
+
+    def usage(self) -> dict[str, int]:
+        total = self.prompt_tokens + self.completion_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": total,
+        }
+
+    def body(self) -> bytes:
+        choices: list[dict[str, Any]] = []
+        for index, text in enumerate(self.texts):
+            if self.chat:
+                choices.append(
+                    {
+                        "index": index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": self.finish,
+                    }
+                )
+            else:
+                choices.append(
+                    {"index": index, "text": text, "logprobs": None, "finish_reason": self.finish}
+                )
+        reply = {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+        return _encode(reply)
+
+    def choice(
+        self, index: int, text: str, *, role: bool = False, finish: str | None = None
+    ) -> dict[str, Any]:
+        """A chunk's choice: the role (chat only), a piece of text, or the finish reason."""
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        delta = (
+            {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        )
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def event(
+        self,
+        created: int,
+        choices: list[dict[str, Any]],
+        include_usage: bool,
+        usage: dict[str, int] | None = None,
+    ) -> bytes:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if include_usage:  # OpenAI sends "usage": null on every chunk but the last
+            chunk["usage"] = usage
+        return b"data: " + _encode(chunk) + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+class _EventWriter:
+    """Writes SSE events; given an rng, it also writes keep-alive comments and blank lines,
+    and splits events across writes, so client parsers are exercised."""
+
+    def __init__(self, response: web.StreamResponse, rng: random.Random | None) -> None:
+        self._response = response
+        self._rng = rng
+
+    async def send(self, event: bytes) -> None:
+        write = self._response.write
+        if self._rng is None:
+            await write(event)
+            return
+        roll = self._rng.random()
+        if roll < 0.2:
+            await write(b": keep-alive\n\n")
+            await write(event)
+        elif roll < 0.4:
+            await write(event)
+            await write(b"\n" * self._rng.randint(1, 3))
+        elif roll < 0.6:
+            cut = self._rng.randrange(1, len(event))
+            await write(event[:cut])
+            await asyncio.sleep(0.001)  # so the halves leave in separate segments
+            await write(event[cut:])
+        else:
+            await write(event)
+
+
 class MockServer:
     """The mock on ``host:port`` (port 0 picks a free one) for the life of the context."""
 
     def __init__(
         self, config: MockConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
     ) -> None:
-        self.config = config or MockConfig()
+        self.config = cfg = config or MockConfig()
         self.host = host
         self._requested_port = port
         self.port = 0
-        self._rng = random.Random(self.config.seed)
+        self._rng = random.Random(cfg.seed)
         self._requests = 0
         self._outcomes: Counter[str] = Counter()
         self._routes: Counter[str] = Counter()
+        self._prompt_tokens = 0
+        self._completion_tokens = 0
+        self._rate_limited = 0
+        self._budgets: RateBudgets | None = None
+        if cfg.rpm_limit is not None or cfg.tpm_limit is not None:
+            self._budgets = RateBudgets(cfg.rpm_limit, cfg.tpm_limit, cfg.limit_burst)
+        self._slots = RunningSlots(cfg.max_running)
         self._runner: web.AppRunner | None = None
         self._ids = 0
 
@@ -200,16 +355,33 @@ class MockServer:
         return f"http://{self.host}:{self.port}/v1"
 
     def stats(self) -> MockStats:
-        return MockStats(self._requests, dict(self._outcomes), dict(self._routes))
+        return MockStats(
+            self._requests,
+            dict(self._outcomes),
+            dict(self._routes),
+            prompt_tokens=self._prompt_tokens,
+            completion_tokens=self._completion_tokens,
+            rate_limited=self._rate_limited,
+            max_running_seen=self._slots.peak,
+        )
 
     def reset_stats(self) -> None:
+        """Zero the counters and empty the rate budgets' buckets."""
         self._requests = 0
         self._outcomes.clear()
         self._routes.clear()
+        self._prompt_tokens = self._completion_tokens = self._rate_limited = 0
+        self._slots.reset_peak()
+        if self._budgets is not None:
+            self._budgets.clear()
 
     def __repr__(self) -> str:
         state = f"at {self.base_url}" if self.port else "stopped"
-        return f"<MockServer {state} requests={self._requests}>"
+        slots = self._slots
+        return (
+            f"<MockServer {state} requests={self._requests} running={slots.running} "
+            f"waiting={slots.waiting}>"
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -334,13 +506,11 @@ class MockServer:
         if prompt is None:
             what = "'messages' must be a non-empty list" if chat else "'prompt' is required"
             return "400", _error(400, what, "invalid_request_error", None)
-        if body.get("stream"):
-            return "400", _error(
-                400,
-                "stream=true is not supported by the asyncgen mock.",
-                "invalid_request_error",
-                None,
-            )
+        stream = bool(body.get("stream"))
+        options = body.get("stream_options")
+        include_usage = (
+            stream and isinstance(options, dict) and options.get("include_usage") is True
+        )
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             return "400", _error(
@@ -351,6 +521,20 @@ class MockServer:
             return "400", _error(
                 400, "n must be an integer between 1 and 128.", "invalid_request_error", None
             )
+        reply = self._reply(model, prompt, chat, limit, n)
+
+        headers: dict[str, str] = {}
+        if self._budgets is not None:
+            now = asyncio.get_running_loop().time()
+            verdict = self._budgets.admit(reply.prompt_tokens + reply.completion_tokens, now)
+            if cfg.ratelimit_headers:
+                headers = verdict.headers
+            if not verdict.admitted:
+                self._rate_limited += 1
+                response = _error(429, verdict.message, verdict.kind, "rate_limit_exceeded")
+                _retry_after(response, math.ceil(verdict.wait * 1000))
+                response.headers.update(headers)
+                return "rate_limited", response
 
         rng = self._rng
         draw = rng.random()
@@ -362,36 +546,74 @@ class MockServer:
         draw -= cfg.drop
         if draw < cfg.hang:
             await asyncio.sleep(cfg.hang_seconds)
-            return "hang", self._completion(model, prompt, chat, limit, n)
+            if stream:
+                outcome, streamed = await self._stream(request, reply, headers, include_usage)
+                return ("hang" if outcome == "ok" else outcome), streamed
+            self._count(reply)
+            return "hang", self._json(reply, headers)
         draw -= cfg.hang
         if draw < cfg.fail_429:
             response = _error(
                 429, "Rate limit reached for requests (mock).", "requests", "rate_limit_exceeded"
             )
-            response.headers["retry-after"] = str(max(1, math.ceil(cfg.retry_after)))
-            response.headers["retry-after-ms"] = str(round(cfg.retry_after * 1000))
+            _retry_after(response, round(cfg.retry_after * 1000))
+            response.headers.update(headers)
             return "429", response
         draw -= cfg.fail_429
-        await self._sleep_latency()
-        if draw < cfg.fail_500:
-            return "500", _error(
-                500, "The server had an error while processing your request.", "server_error", None
-            )
-        draw -= cfg.fail_500
-        if draw < cfg.fail_503:
-            return "503", _vllm_error(
-                503, "The engine is overloaded; try again later.", "ServiceUnavailableError"
-            )
-        draw -= cfg.fail_503
-        if draw < cfg.malformed:
-            full = self._completion(model, prompt, chat, limit, n).body
-            assert isinstance(full, bytes)
-            variants = (b"", full[: len(full) // 2], b"<html>Bad Gateway</html>", b"{}")
-            broken = variants[rng.randrange(len(variants))]
-            return "malformed", web.Response(
-                status=200, body=broken, content_type="application/json"
-            )
-        return "ok", self._completion(model, prompt, chat, limit, n)
+        async with self._slots.hold():
+            await self._sleep_latency()
+            if draw < cfg.fail_500:
+                response = _error(
+                    500,
+                    "The server had an error while processing your request.",
+                    "server_error",
+                    None,
+                )
+                response.headers.update(headers)
+                return "500", response
+            draw -= cfg.fail_500
+            if draw < cfg.fail_503:
+                response = _vllm_error(
+                    503, "The engine is overloaded; try again later.", "ServiceUnavailableError"
+                )
+                response.headers.update(headers)
+                return "503", response
+            draw -= cfg.fail_503
+            if draw < cfg.malformed:
+                full = reply.body()
+                variants = (b"", full[: len(full) // 2], b"<html>Bad Gateway</html>", b"{}")
+                broken = variants[rng.randrange(len(variants))]
+                return "malformed", web.Response(
+                    status=200, body=broken, content_type="application/json", headers=headers
+                )
+            if stream:
+                return await self._stream(request, reply, headers, include_usage)
+            await self._decode(reply.steps)
+        self._count(reply)
+        return "ok", self._json(reply, headers)
+
+    def _reply(self, model: str, prompt: str, chat: bool, limit: int | None, n: int) -> _Reply:
+        cfg = self.config
+        words = cfg.output_tokens if limit is None else min(cfg.output_tokens, limit)
+        finish = "length" if limit is not None and limit < cfg.output_tokens else "stop"
+        texts = [_generate(model, prompt, cfg.seed, index, words) for index in range(n)]
+        self._ids += 1
+        return _Reply(
+            id=f"{'chatcmpl' if chat else 'cmpl'}-mock{self._ids:012d}",
+            model=model,
+            chat=chat,
+            texts=texts,
+            finish=finish,
+            prompt_tokens=max(1, len(prompt.split())),
+            steps=words,
+        )
+
+    def _json(self, reply: _Reply, headers: dict[str, str]) -> web.Response:
+        return web.Response(body=reply.body(), content_type="application/json", headers=headers)
+
+    def _count(self, reply: _Reply) -> None:
+        self._prompt_tokens += reply.prompt_tokens
+        self._completion_tokens += reply.completion_tokens
 
     async def _sleep_latency(self) -> None:
         cfg = self.config
@@ -401,43 +623,71 @@ class MockServer:
         if delay:
             await asyncio.sleep(delay)
 
-    def _completion(
-        self, model: str, prompt: str, chat: bool, limit: int | None, n: int
-    ) -> web.Response:
+    def _token_time(self) -> float:
+        """Seconds per token now: decode slows as the batch of generating requests grows."""
         cfg = self.config
-        words = cfg.output_tokens if limit is None else min(cfg.output_tokens, limit)
-        finish = "length" if limit is not None and limit < cfg.output_tokens else "stop"
-        choices: list[dict[str, Any]] = []
-        for index in range(n):
-            text = _generate(model, prompt, cfg.seed, index, words)
-            if chat:
-                choices.append(
-                    {
-                        "index": index,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": None,
-                        "finish_reason": finish,
-                    }
-                )
-            else:
-                choices.append(
-                    {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-                )
-        prompt_tokens = max(1, len(prompt.split()))
-        self._ids += 1
-        reply = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-mock{self._ids:012d}",
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": words * n,
-                "total_tokens": prompt_tokens + words * n,
-            },
-        }
-        return web.Response(body=_encode(reply), content_type="application/json")
+        return cfg.token_latency * (1.0 + cfg.load_slowdown * max(0, self._slots.running - 1))
+
+    async def _decode(self, steps: int) -> None:
+        cfg = self.config
+        if not cfg.token_latency:
+            return
+        if not cfg.load_slowdown:
+            await asyncio.sleep(steps * cfg.token_latency)
+            return
+        for _ in range(steps):  # token by token, since the batch changes as we go
+            await asyncio.sleep(self._token_time())
+
+    async def _stream(
+        self, request: web.Request, reply: _Reply, headers: dict[str, str], include_usage: bool
+    ) -> tuple[str, web.StreamResponse]:
+        """Send ``reply`` as server-sent events, one chunk per token, maybe cut or stalled."""
+        cfg = self.config
+        # Cut points and comments come from the reply's own rng, so they do not shift the
+        # fault draws of other requests.
+        local = random.Random(f"{cfg.seed}/{reply.id}")
+        cut_at = stall_at = 0
+        if cfg.stream_cut or cfg.stream_stall:
+            draw = self._rng.random()
+            if draw < cfg.stream_cut:
+                cut_at = local.randint(1, reply.steps)
+            elif draw - cfg.stream_cut < cfg.stream_stall:
+                stall_at = local.randint(1, reply.steps)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+        )
+        writer = _EventWriter(response, local if cfg.stream_comments else None)
+        created = int(time.time())
+        words = [text.split(" ") for text in reply.texts]
+        try:
+            await response.prepare(request)
+            if reply.chat:
+                for index in range(len(words)):
+                    choice = reply.choice(index, "", role=True)
+                    await writer.send(reply.event(created, [choice], include_usage))
+            for step in range(reply.steps):
+                if step and cfg.token_latency:
+                    await asyncio.sleep(self._token_time())
+                for index, choice_words in enumerate(words):
+                    piece = choice_words[step] if step == 0 else " " + choice_words[step]
+                    choice = reply.choice(index, piece)
+                    await writer.send(reply.event(created, [choice], include_usage))
+                if step + 1 == cut_at:
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return "stream_cut", response
+                if step + 1 == stall_at:
+                    await asyncio.sleep(cfg.hang_seconds)
+            for index in range(len(words)):
+                choice = reply.choice(index, "", finish=reply.finish)
+                await writer.send(reply.event(created, [choice], include_usage))
+            if include_usage:
+                await writer.send(reply.event(created, [], include_usage, reply.usage()))
+            await writer.send(_DONE)
+        except ConnectionError:  # the client went away
+            return "disconnected", response
+        self._count(reply)
+        return ("stream_stalled" if stall_at else "ok"), response
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -512,6 +762,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="probability of a 200 with an empty, truncated or non-JSON body",
     )
+    add(
+        "--rpm-limit",
+        type=float,
+        metavar="N",
+        help="admit at most N requests per minute (a leaky bucket); beyond it, 429 with "
+        "retry-after-ms (default: no limit)",
+    )
+    add(
+        "--tpm-limit",
+        type=float,
+        metavar="N",
+        help="admit at most N tokens (prompt + completion) per minute (default: no limit)",
+    )
+    add(
+        "--limit-burst",
+        type=float,
+        default=d.limit_burst,
+        metavar="SECONDS",
+        help="seconds of budget the rate buckets hold (default: %(default)s)",
+    )
+    add(
+        "--no-ratelimit-headers",
+        dest="ratelimit_headers",
+        action="store_false",
+        help="do not announce the budgets in x-ratelimit-* headers",
+    )
+    add(
+        "--max-running",
+        type=int,
+        metavar="N",
+        help="at most N requests generate at once; the rest wait in FIFO order (default: no limit)",
+    )
+    add(
+        "--token-latency",
+        type=float,
+        default=d.token_latency,
+        metavar="SECONDS",
+        help="seconds per output token, after --latency (default: 0)",
+    )
+    add(
+        "--load-slowdown",
+        type=float,
+        default=d.load_slowdown,
+        metavar="F",
+        help="per-token time grows by F for each other request generating at once (default: 0)",
+    )
+    add(
+        "--stream-comments",
+        action="store_true",
+        help="streams also carry SSE comments and blank lines, and split events across writes",
+    )
+    add(
+        "--stream-cut",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability of closing a stream abruptly part-way (no [DONE])",
+    )
+    add(
+        "--stream-stall",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability of a stream pausing for --hang-seconds part-way",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> MockConfig:
@@ -535,6 +850,16 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
         hang=args.hang,
         hang_seconds=args.hang_seconds,
         malformed=args.malformed,
+        rpm_limit=args.rpm_limit,
+        tpm_limit=args.tpm_limit,
+        limit_burst=args.limit_burst,
+        ratelimit_headers=args.ratelimit_headers,
+        max_running=args.max_running,
+        token_latency=args.token_latency,
+        load_slowdown=args.load_slowdown,
+        stream_comments=args.stream_comments,
+        stream_cut=args.stream_cut,
+        stream_stall=args.stream_stall,
     )
 
 
