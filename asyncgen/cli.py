@@ -82,8 +82,27 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("endpoint")
     g.add_argument(
         "--base-url",
+        action="append",
+        metavar="URL",
         help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 "
-        f"(default: $OPENAI_BASE_URL, else {OPENAI_BASE_URL})",
+        f"(default: $OPENAI_BASE_URL, else {OPENAI_BASE_URL}); give it several times for "
+        "replicas serving the same model: each request goes to the healthy one with the "
+        "least work in flight, and one that stops answering is ejected and probed until it "
+        "is back",
+    )
+    g.add_argument(
+        "--stream",
+        action="store_true",
+        help="request server-sent events: long generations are limited by --idle-timeout "
+        "rather than cut by --timeout, and each result records its time to first token",
+    )
+    g.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --stream, retry an attempt after this long without a byte "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--api-key-env",
@@ -98,14 +117,29 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=256,
         metavar="N",
-        help="requests in flight at most (default: %(default)s)",
+        help="requests in flight at most, over all endpoints (default: %(default)s); each "
+        "endpoint's share adapts: it halves on 429, 503 and timeouts and grows back on success",
     )
-    g.add_argument("--rpm", type=_positive_float, metavar="N", help="requests per minute limit")
+    g.add_argument(
+        "--min-concurrency",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="an endpoint's adaptive share never drops below this (default: %(default)s)",
+    )
+    g.add_argument(
+        "--rpm",
+        type=_positive_float,
+        metavar="N",
+        help="requests per minute, paced evenly (default: none, but budgets a server "
+        "announces in x-ratelimit-* headers are always followed)",
+    )
     g.add_argument(
         "--tpm",
         type=_positive_float,
         metavar="N",
-        help="tokens per minute limit (prompt estimate + max output tokens)",
+        help="tokens per minute, paced evenly: each request reserves its estimated prompt plus "
+        "the expected output, corrected to the reply's usage",
     )
     g.add_argument(
         "--max-attempts",
@@ -119,7 +153,7 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
         type=_positive_float,
         default=600.0,
         metavar="SECONDS",
-        help="time limit of one attempt (default: %(default)s)",
+        help="time limit of one attempt, streamed or not (default: %(default)s)",
     )
     g.add_argument(
         "--deadline",
@@ -282,18 +316,21 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
         extra["temperature"] = args.temperature
     if args.top_p is not None:
         extra["top_p"] = args.top_p
-    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL
+    base_url = args.base_url or [os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL]
     return JobConfig(
         inputs=list(args.input),
         output=args.output,
         prompt=args.prompt,
         model=args.model,
-        base_url=base_url,
+        base_url=base_url[0] if len(base_url) == 1 else base_url,
         samples=args.samples,
         max_tokens=args.max_tokens,
         persona_field=args.persona_field,
         extra_body=extra,
         concurrency=args.concurrency,
+        min_concurrency=min(args.min_concurrency, args.concurrency),
+        stream=args.stream,
+        idle_timeout=args.idle_timeout,
         rpm=args.rpm,
         tpm=args.tpm,
         max_attempts=args.max_attempts,

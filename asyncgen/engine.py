@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,13 +33,16 @@ from .errors import (
     RequestTimeout,
     TransportError,
 )
+from .flow import EndpointStats, Feedback, FlowControl, Lease, Signal
+from .gate import Gate
+from .hints import parse_ratelimit, parse_retry_after
 from .items import Expander
 from .ledger import Claim, bad_line_key
-from .limits import Gate
 from .prompts import Template, load_template
 from .records import BadLine, Completion, ErrorInfo, Result, Source, WorkItem
-from .retry import Outcome, RetryPolicy, interpret, parse_retry_after
+from .retry import Outcome, RetryPolicy, interpret
 from .sources import ShardReader, expand_inputs
+from .sse import SSEParser, StreamAssembler, StreamError, StreamIncomplete, StreamServerError
 from .store import Store
 from .transport import AiohttpTransport, Transport
 
@@ -78,6 +81,25 @@ def _leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException
     return leaves
 
 
+_UNUSED = Feedback(Signal.CANCELLED)
+_TIMEOUT = Feedback(Signal.TIMEOUT)
+_ERROR = Feedback(Signal.ERROR)
+_UNREACHABLE = Feedback(Signal.UNREACHABLE)
+
+
+def _signal(status: int) -> Signal:
+    """What an HTTP status that is not a good reply says about the endpoint."""
+    if status == 429:
+        return Signal.THROTTLED
+    if status == 503:
+        return Signal.OVERLOADED
+    if status == 408:
+        return Signal.TIMEOUT
+    if status >= 500 or status in (200, 409):
+        return Signal.ERROR  # a 200 here is a broken reply
+    return Signal.REJECTED
+
+
 _RESERVED_BODY = frozenset({"model", "messages", "prompt", "stream", "n"})
 
 
@@ -89,18 +111,26 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
     prompt: str | None = None
     """Template name or path; ``None`` when every input line is an OpenAI Batch request."""
     model: str | None = None
-    base_url: str = DEFAULT_BASE_URL
+    base_url: str | list[str] = DEFAULT_BASE_URL
+    """One endpoint, or several serving the same model (replicas, gateways)."""
     samples: int = 1
     max_tokens: int | None = None
     persona_field: str = "persona"
     extra_body: dict[str, Any] = {}
     """Merged into every request body (sampling parameters, vLLM extras)."""
     concurrency: int = 256
+    """Requests in flight at most, over all endpoints."""
+    min_concurrency: int = 1
+    """The floor each endpoint's adaptive window never goes below."""
     rpm: float | None = None
     tpm: float | None = None
+    stream: bool = False
+    """Ask for server-sent events; record time to first token; time out on silence."""
+    idle_timeout: float = 60.0
+    """Streaming: seconds without a byte from the server after which an attempt is retried."""
     max_attempts: int = 6
     timeout: float = 600.0
-    """Seconds for one attempt."""
+    """Seconds for one attempt (a streamed one included)."""
     deadline: float = 3600.0
     """Seconds from an item's first attempt after which it is not retried again."""
     backoff_base: float = 1.0
@@ -121,6 +151,16 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
         checks = [
             (self.samples >= 1, "samples must be at least 1"),
             (self.concurrency >= 1, "concurrency must be at least 1"),
+            (
+                1 <= self.min_concurrency <= self.concurrency,
+                "min concurrency must be between 1 and concurrency",
+            ),
+            (self.idle_timeout > 0, "idle timeout must be positive"),
+            (bool(self.base_urls), "no base URL given"),
+            (
+                len(set(self.base_urls)) == len(self.base_urls),
+                "the same base URL is given twice",
+            ),
             (self.max_attempts >= 1, "max attempts must be at least 1"),
             (self.timeout > 0, "timeout must be positive"),
             (self.deadline > 0, "deadline must be positive"),
@@ -140,8 +180,12 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
             raise ConfigError(
                 f"extra body may not set {', '.join(reserved)}: the template and --model "
                 "decide the prompt and model, --samples asks for more outputs (one choice is "
-                "kept per request), and streaming is not supported"
+                "kept per request), and --stream asks for streaming"
             )
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
 
 class Statistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -159,6 +203,8 @@ class Statistics(msgspec.Struct, frozen=True, kw_only=True):
     requests: int
     """HTTP attempts made by this run."""
     retries: int
+    throttled: int
+    """Attempts answered 429 in this run."""
     prompt_tokens: int
     completion_tokens: int
     succeeded_total: int
@@ -169,6 +215,9 @@ class Statistics(msgspec.Struct, frozen=True, kw_only=True):
     finished: bool
     """The whole input was read and every item committed."""
     stopped: bool
+    endpoints: list[EndpointStats] = []
+    waiting_for_endpoint: bool = False
+    """No endpoint is up: the job waits for one to come back."""
 
 
 class Engine:
@@ -179,7 +228,7 @@ class Engine:
         config: JobConfig,
         *,
         api_key: str | None = None,
-        transport: Transport | None = None,
+        transport: Transport | Sequence[Transport] | None = None,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -187,7 +236,12 @@ class Engine:
         config.validate()
         self.config = config
         self._api_key = api_key
-        self._transport = transport
+        if transport is None:
+            self._transports: list[Transport] = []
+        elif isinstance(transport, Sequence):
+            self._transports = list(transport)
+        else:
+            self._transports = [transport]
         self._owns_transport = transport is None
         self._rng = rng or random.Random()
         self._sleep = sleep
@@ -202,7 +256,7 @@ class Engine:
         self._expander = Expander(None, model=config.model)
         self._paths: list[Path] = []
         self._store: Store | None = None
-        self._gate = Gate(config.concurrency, rpm=config.rpm, tpm=config.tpm)
+        self._gate: Gate | None = None
         self._encoder = msgspec.json.Encoder()
         # pipeline state
         self._tasks: set[asyncio.Task[None]] = set()
@@ -230,6 +284,7 @@ class Engine:
         self._bad_lines = 0
         self._requests = 0
         self._retries = 0
+        self._throttled = 0
         self._prompt_tokens = 0
         self._completion_tokens = 0
 
@@ -253,14 +308,24 @@ class Engine:
         self._store = await asyncio.to_thread(
             Store.open, Path(cfg.output), self.job_spec(), version=__version__
         )
-        if self._transport is None:
+        if self._owns_transport:
             try:
-                self._transport = AiohttpTransport(
-                    cfg.base_url, api_key=self._api_key, limit=cfg.concurrency
-                )
+                self._transports = [
+                    AiohttpTransport(url, api_key=self._api_key, limit=cfg.concurrency)
+                    for url in cfg.base_urls
+                ]
             except BaseException:
                 await asyncio.to_thread(self._store.close)
                 raise
+        flow = FlowControl(
+            [t.base_url for t in self._transports],
+            concurrency=cfg.concurrency,
+            min_concurrency=cfg.min_concurrency,
+            rpm=cfg.rpm,
+            tpm=cfg.tpm,
+            now=self._clock(),
+        )
+        self._gate = Gate(flow, concurrency=cfg.concurrency, clock=self._clock)
         return self
 
     async def __aexit__(
@@ -278,8 +343,9 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await pipeline
         try:
-            if self._owns_transport and self._transport is not None:
-                await self._transport.aclose()
+            if self._owns_transport:
+                for transport in self._transports:
+                    await transport.aclose()
         finally:
             if self._store is not None:
                 await asyncio.to_thread(self._store.close)
@@ -348,12 +414,32 @@ class Engine:
                     await pipeline
 
     async def check_endpoint(self) -> None:
-        """Fail fast, with a clear message, when the endpoint cannot be reached or rejects us."""
-        assert self._transport is not None
-        url = self._transport.base_url
+        """Fail fast, with a clear message, when no endpoint can be reached or one rejects us.
+
+        An endpoint that cannot be reached while another can starts ejected; it is probed
+        and joins when it answers.
+        """
+        assert self._gate is not None
+        errors = await asyncio.gather(
+            *(self._check_one(t) for t in self._transports), return_exceptions=True
+        )
+        for error in errors:
+            if isinstance(error, BaseException) and not isinstance(error, TransportError):
+                raise error
+        if all(errors):
+            first = errors[0]
+            assert isinstance(first, BaseException)
+            raise first
+        now = self._clock()
+        for index, error in enumerate(errors):
+            if error is not None:
+                self._gate.flow.mark_down(index, now)
+
+    async def _check_one(self, transport: Transport) -> None:
+        url = transport.base_url
         try:
             async with asyncio.timeout(min(30.0, self.config.timeout)):
-                resp = await self._transport.get("/models")
+                resp = await transport.get("/models")
         except TimeoutError as exc:
             raise RequestTimeout(f"endpoint {url} did not answer GET /models in time") from exc
         except TransportError as exc:
@@ -378,6 +464,15 @@ class Engine:
                 "(--no-check skips this check)"
             )
 
+    async def _probe(self, index: int) -> bool:
+        """Is an ejected endpoint answering again? Any reply below 500 says it is."""
+        try:
+            async with asyncio.timeout(min(5.0, self.config.timeout)):
+                resp = await self._transports[index].get("/models")
+        except (TimeoutError, TransportError):
+            return False
+        return resp.status < 500
+
     async def _pipeline(self, emit: Emit) -> None:
         try:
             await self._run_stages(emit)
@@ -391,13 +486,16 @@ class Engine:
             raise
 
     async def _run_stages(self, emit: Emit) -> None:
+        assert self._gate is not None
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._commit_loop(emit))
+            prober = tg.create_task(self._gate.probe_forever(self._probe))
             try:
                 async with asyncio.TaskGroup() as senders:
                     await self._intake(senders)
                 self._finished = not self._stopping
             finally:
+                prober.cancel()
                 if self._drain_timer is not None:
                     self._drain_timer.cancel()
                 self._closing = True
@@ -470,29 +568,31 @@ class Engine:
     async def _spawn(self, senders: asyncio.TaskGroup, item: WorkItem) -> bool:
         """Wait at the gate, then start the item's task; False (and the claim released) if
         the job was stopped meanwhile."""
-        assert self._store is not None
-        await self._gate.acquire_slot()
+        assert self._store is not None and self._gate is not None
+        gate = self._gate
+        await gate.acquire_slot()
         try:
-            await self._gate.wait_rate(item.est_tokens)
+            lease = await gate.lease(item.est_prompt_tokens, item.max_output_tokens)
         except BaseException:
-            self._gate.release_slot()
+            gate.release_slot()
             self._store.ledger.release(item.custom_id)
             raise
         if self._stopping:
-            self._gate.release_slot()
+            gate.release(lease, _UNUSED)
+            gate.release_slot()
             self._store.ledger.release(item.custom_id)
             return False
-        task = senders.create_task(self._send(item))
+        task = senders.create_task(self._send(item, lease))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
     # --- sending ------------------------------------------------------------------------------
 
-    async def _send(self, item: WorkItem) -> None:
-        assert self._store is not None
+    async def _send(self, item: WorkItem, lease: Lease) -> None:
+        assert self._store is not None and self._gate is not None
         try:
-            result = await self._attempts(item)
+            result = await self._attempts(item, lease)
             await self._space.wait()
             self._results.append(result)
             self._buffered()
@@ -502,42 +602,38 @@ class Engine:
         finally:
             self._gate.release_slot()
 
-    async def _attempts(self, item: WorkItem) -> Result:
-        assert self._transport is not None
-        body = self._encoder.encode(item.body)
+    async def _attempts(self, item: WorkItem, first_lease: Lease) -> Result:
+        assert self._gate is not None
+        gate = self._gate
+        body = self._encoder.encode(self._request_body(item))
         first = self._clock()
         attempt = throttled = 0
+        lease: Lease | None = first_lease
         while True:
-            if attempt:
-                await self._gate.wait_rate(item.est_tokens)
+            if lease is None:
+                lease = await gate.lease(item.est_prompt_tokens, item.max_output_tokens)
             attempt += 1
             self._requests += 1
             self._in_flight += 1
-            hint: float | None = None
+            feedback = _UNUSED
             try:
-                async with asyncio.timeout(self.config.timeout):
-                    resp = await self._transport.post(item.url, body)
-            except TimeoutError:
-                message = f"no complete response within {self.config.timeout:g}s"
-                outcome = Outcome(None, ErrorInfo("timeout", message), True)
-            except TransportError as exc:
-                outcome = Outcome(None, ErrorInfo("connection_error", str(exc)), True)
-            else:
-                outcome = interpret(resp.status, resp.body)
-                if outcome.error is not None:
-                    hint = parse_retry_after(resp.headers)
-                    self._raise_if_job_level(item, outcome)
+                outcome, feedback, ttft = await self._attempt(item, body, lease)
             finally:
                 self._in_flight -= 1
+                gate.release(lease, feedback)
+                lease = None
             elapsed = self._clock() - first
             if outcome.completion is not None:
-                return self._success(item, outcome.completion, attempt, elapsed)
+                return self._success(item, outcome.completion, attempt, elapsed, ttft)
             assert outcome.error is not None
-            if outcome.error.status == 429:
+            if feedback.signal is Signal.THROTTLED:
+                self._throttled += 1
                 throttled += 1
+            elif feedback.signal is Signal.UNREACHABLE:
+                throttled += 1  # never reached a server: not the item's fault either
             delay = (
                 self._policy.next_delay(
-                    attempt, elapsed, hint, self._rng, counted=attempt - throttled
+                    attempt, elapsed, feedback.retry_after, self._rng, counted=attempt - throttled
                 )
                 if outcome.retryable
                 else None
@@ -558,21 +654,113 @@ class Engine:
             finally:
                 self._retrying -= 1
 
-    def _raise_if_job_level(self, item: WorkItem, outcome: Outcome) -> None:
+    def _request_body(self, item: WorkItem) -> dict[str, Any]:
+        if not self.config.stream:
+            return item.body
+        body = {**item.body, "stream": True}
+        # Usage arrives on a last chunk only when asked for; it corrects the token budget.
+        body.setdefault("stream_options", {"include_usage": True})
+        return body
+
+    async def _attempt(
+        self, item: WorkItem, body: bytes, lease: Lease
+    ) -> tuple[Outcome, Feedback, float | None]:
+        """One HTTP attempt: its outcome, what it says about the endpoint, and (streaming)
+        the seconds to its first token."""
+        transport = self._transports[lease.endpoint]
+        ttft: float | None = None
+        headers: Mapping[str, str] = {}
+        try:
+            if self.config.stream:
+                status, headers, outcome, ttft = await self._streamed(transport, item.url, body)
+            else:
+                async with asyncio.timeout(self.config.timeout):
+                    resp = await transport.post(item.url, body)
+                status, headers = resp.status, resp.headers
+                outcome = interpret(resp.status, resp.body)
+        except TimeoutError as exc:
+            message = str(exc) or f"no complete response within {self.config.timeout:g}s"
+            return Outcome(None, ErrorInfo("timeout", message), True), _TIMEOUT, None
+        except ConnectError as exc:
+            outcome = Outcome(None, ErrorInfo("connection_error", str(exc)), True)
+            return outcome, _ERROR if exc.sent else _UNREACHABLE, None
+        except TransportError as exc:
+            return Outcome(None, ErrorInfo("connection_error", str(exc)), True), _ERROR, None
+        hints = parse_ratelimit(headers) if headers else None
+        completion = outcome.completion
+        if completion is not None:
+            usage = completion.usage
+            feedback = Feedback(
+                Signal.OK,
+                hints,
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=usage.completion_tokens if usage else None,
+            )
+            return outcome, feedback, ttft
+        self._raise_if_job_level(transport, item, outcome)
+        return outcome, Feedback(_signal(status), hints, parse_retry_after(headers)), ttft
+
+    async def _streamed(
+        self, transport: Transport, path: str, body: bytes
+    ) -> tuple[int, Mapping[str, str], Outcome, float | None]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        total = started + self.config.timeout
+        idle = self.config.idle_timeout
+        parser, assembler = SSEParser(), StreamAssembler()
+        ttft: float | None = None
+        status: int = 0
+        headers: Mapping[str, str] = {}
+        try:
+            async with asyncio.timeout(min(total, started + idle)) as limit:
+                async with transport.stream(path, body) as reply:
+                    status, headers = reply.status, reply.headers
+                    if status != 200:
+                        return status, headers, interpret(status, await reply.read()), None
+                    async for data in reply.chunks():
+                        limit.reschedule(min(total, loop.time() + idle))
+                        for payload in parser.feed(data):
+                            assembler.add(payload)
+                            if ttft is None and assembler.got_token:
+                                ttft = loop.time() - started
+        except StreamServerError as exc:
+            return status, headers, Outcome(None, exc.error, exc.retryable), ttft
+        except StreamError as exc:
+            error = ErrorInfo("malformed_response", f"bad event stream: {exc}", status)
+            return status, headers, Outcome(None, error, True), ttft
+        except TimeoutError:
+            if not assembler.done:  # a server that idles after [DONE] still answered
+                now = loop.time()
+                if now >= total:
+                    raise TimeoutError(
+                        f"no complete response within {self.config.timeout:g}s"
+                    ) from None
+                raise TimeoutError(
+                    f"stream stalled: nothing for {idle:g}s after {assembler.chunks} chunks"
+                ) from None
+        try:
+            completion = assembler.completion()
+        except StreamIncomplete as exc:
+            error = ErrorInfo("stream_cut", f"the stream ended early: {exc}", status)
+            return status, headers, Outcome(None, error, True), ttft
+        return status, headers, Outcome(completion, None, False), ttft
+
+    def _raise_if_job_level(self, transport: Transport, item: WorkItem, outcome: Outcome) -> None:
         """Stop the job on an answer every request would get: a refused key, or a 404 for the
         job's one model or URL. Recording it per item would burn the whole input as failures."""
         error = outcome.error
         if outcome.retryable or error is None or error.status is None:
             return
         if error.status in (401, 403) or (error.status == 404 and self.config.model is not None):
-            assert self._transport is not None
             raise ConfigError(
-                f"endpoint {self._transport.base_url} answered HTTP {error.status} to "
+                f"endpoint {transport.base_url} answered HTTP {error.status} to "
                 f"POST {item.url}: {error.message}; stopping, since every request would get "
                 "the same answer (the item is not recorded and will be sent by the next run)"
             )
 
-    def _success(self, item: WorkItem, c: Completion, attempts: int, latency: float) -> Result:
+    def _success(
+        self, item: WorkItem, c: Completion, attempts: int, latency: float, ttft: float | None
+    ) -> Result:
         choice = c.choices[0]
         message = choice.message
         if c.usage is not None:
@@ -594,6 +782,7 @@ class Engine:
             meta=item.meta,
             reasoning=(message.reasoning_content or message.reasoning) if message else None,
             tool_calls=message.tool_calls if message else None,
+            ttft_s=None if ttft is None else round(ttft, 4),
         )
 
     def _failure(self, item: WorkItem, error: ErrorInfo, attempts: int, latency: float) -> Result:
@@ -688,6 +877,7 @@ class Engine:
             bad_lines=self._bad_lines,
             requests=self._requests,
             retries=self._retries,
+            throttled=self._throttled,
             prompt_tokens=self._prompt_tokens,
             completion_tokens=self._completion_tokens,
             succeeded_total=counts.get("results", 0),
@@ -696,6 +886,8 @@ class Engine:
             input_fraction=min(1.0, fraction),
             finished=self._finished,
             stopped=self._stopping,
+            endpoints=[] if self._gate is None else self._gate.endpoint_stats(),
+            waiting_for_endpoint=self._gate is not None and self._gate.waiting_for_endpoint,
         )
 
     def __repr__(self) -> str:

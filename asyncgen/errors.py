@@ -53,7 +53,14 @@ class TransportError(AsyncgenError):
 
 
 class ConnectError(TransportError):
-    """The connection could not be made, or was dropped before a full response."""
+    """The connection could not be made, or was dropped before a full response.
+
+    ``sent`` is False when no connection was made, so the server never saw the request.
+    """
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class RequestTimeout(TransportError):

@@ -24,12 +24,11 @@ BATCH_URLS = {
     "/chat/completions": "/chat/completions",
     "/completions": "/completions",
 }
-_DEFAULT_OUTPUT_TOKENS = 1024
 _decoder = msgspec.json.Decoder()
 
 
-def _estimate_tokens(body: dict[str, Any]) -> int:
-    """Prompt tokens (about four characters each) plus the output budget, for TPM pacing."""
+def _estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """Prompt tokens at about four characters each; flow control learns the real ratio."""
     chars = 0
     for message in body.get("messages") or ():
         content = message.get("content") if isinstance(message, dict) else None
@@ -42,8 +41,12 @@ def _estimate_tokens(body: dict[str, Any]) -> int:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         chars += len(prompt)
-    out = body.get("max_completion_tokens") or body.get("max_tokens") or _DEFAULT_OUTPUT_TOKENS
-    return chars // 4 + 1 + (out if isinstance(out, int) else _DEFAULT_OUTPUT_TOKENS)
+    return chars // 4 + 1
+
+
+def _max_output(body: dict[str, Any]) -> int | None:
+    out = body.get("max_completion_tokens") or body.get("max_tokens")
+    return out if isinstance(out, int) and out > 0 else None
 
 
 class Expander:
@@ -106,7 +109,8 @@ class Expander:
             body=body,
             source=source,
             meta=meta,
-            est_tokens=_estimate_tokens(body),
+            est_prompt_tokens=_estimate_prompt_tokens(body),
+            max_output_tokens=_max_output(body),
         )
 
     def _persona_items(self, line: Line, record: dict[str, Any], source: Source) -> list[WorkItem]:
@@ -122,7 +126,7 @@ class Expander:
         body = {"model": self.model, **rendered, **self.overrides}
         persona = record.get(self.persona_field)
         meta = {k: v for k, v in record.items() if k != self.persona_field}
-        est = _estimate_tokens(body)
+        est, max_output = _estimate_prompt_tokens(body), _max_output(body)
         prefix = f"{line.shard}:{line.lineno}:{template.name}:"
         return [
             WorkItem(
@@ -133,7 +137,8 @@ class Expander:
                 template=template.name,
                 persona=persona if isinstance(persona, str) else None,
                 meta=meta,
-                est_tokens=est,
+                est_prompt_tokens=est,
+                max_output_tokens=max_output,
             )
             for sample in range(self.samples)
         ]

@@ -1,57 +1,101 @@
-"""The gate: a concurrency cap plus requests-per-minute and tokens-per-minute pacing.
+"""Rate budgets, sans-IO: a leaky bucket that paces continuously and can be corrected.
 
-The engine waits here *before* it spawns a task, so however large the input, at most
-``concurrency`` requests exist at once. Rate buckets hold about one second of budget, so a
-job neither bursts a minute's worth at start nor idles at minute boundaries.
+A :class:`RateBucket` holds a fraction of a second of budget and drains at the per-minute
+rate, so a job neither bursts a minute's worth at start nor idles at minute boundaries. A
+charge made on an estimate (tokens before the reply is known) is corrected afterwards with
+:meth:`RateBucket.adjust`; a refund never creates budget that time has not already given.
+The rate can change while running, when a server announces its budget.
 """
 
 from __future__ import annotations
 
-import asyncio
+__all__ = ["BURST_SECONDS", "RateBucket", "TokenEstimate"]
 
-from aiolimiter import AsyncLimiter
-
-__all__ = ["Gate"]
-
-
-def _limiter(per_minute: float) -> AsyncLimiter:
-    # One second of budget drained at the configured rate: smooth pacing without a start-up
-    # burst of a whole minute's worth.
-    capacity = max(per_minute / 60.0, 1.0)
-    return AsyncLimiter(capacity, capacity * 60.0 / per_minute)
+BURST_SECONDS = 0.5
+"""Budget a bucket holds. Less than a server's own window, so the jitter between our send and
+its arrival does not push the server over its limit."""
 
 
-class Gate:
-    """Concurrency slots and rate limits."""
+class RateBucket:
+    """``per_minute`` units per minute, paced; all times are the caller's clock in seconds."""
 
-    def __init__(
-        self, concurrency: int, *, rpm: float | None = None, tpm: float | None = None
-    ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        self.concurrency = concurrency
-        self._slots = asyncio.Semaphore(concurrency)
-        self._rpm = _limiter(rpm) if rpm else None
-        self._tpm = _limiter(tpm) if tpm else None
+    __slots__ = ("_level", "_updated", "capacity", "per_minute", "rate")
 
-    async def acquire_slot(self) -> None:
-        await self._slots.acquire()
+    def __init__(self, per_minute: float, *, now: float, burst: float = BURST_SECONDS) -> None:
+        self._level = 0.0
+        self._updated = now
+        self.per_minute = self.rate = self.capacity = 0.0
+        self.set_rate(per_minute, now=now, burst=burst)
 
-    def release_slot(self) -> None:
-        self._slots.release()
+    def set_rate(self, per_minute: float, *, now: float, burst: float = BURST_SECONDS) -> None:
+        if per_minute <= 0:
+            raise ValueError("a rate must be positive")
+        self._drain(now)
+        self.per_minute = per_minute
+        self.rate = per_minute / 60.0
+        self.capacity = max(self.rate * burst, 1.0)
 
-    async def wait_rate(self, tokens: int) -> None:
-        """Wait until one more request of about ``tokens`` tokens fits the RPM/TPM budget."""
-        if self._rpm is not None:
-            await self._rpm.acquire()
-        if self._tpm is not None:
-            # A request may cost more than the bucket holds: charge it in bucket-sized parts,
-            # so the sustained rate never exceeds the limit however large requests are.
-            remaining = float(tokens)
-            while remaining > 0:
-                part = min(remaining, self._tpm.max_rate)
-                await self._tpm.acquire(part)
-                remaining -= part
+    def _drain(self, now: float) -> None:
+        if now > self._updated:
+            self._level = max(0.0, self._level - (now - self._updated) * self.rate)
+            self._updated = now
+
+    def delay(self, units: float, now: float) -> float:
+        """Seconds until ``units`` may be charged (0.0: now).
+
+        A charge larger than the bucket is allowed once the bucket is empty; the debt it leaves
+        holds back what follows, so the sustained rate is kept however large a charge is.
+        """
+        self._drain(now)
+        over = self._level + units - self.capacity
+        # The tolerance absorbs float residue, which would otherwise ask for waits too short
+        # to move the clock.
+        if over <= 1e-6 or self._level <= 1e-6:
+            return 0.0
+        return min(over, self._level) / self.rate
+
+    def charge(self, units: float, now: float) -> None:
+        self._drain(now)
+        self._level += units
+
+    def adjust(self, units: float, now: float) -> None:
+        """Correct an earlier charge by ``units`` (negative: a refund)."""
+        self._drain(now)
+        self._level = max(0.0, self._level + units)
+
+    def level(self, now: float) -> float:
+        self._drain(now)
+        return self._level
 
     def __repr__(self) -> str:
-        return f"<Gate concurrency={self.concurrency} rpm={self._rpm} tpm={self._tpm}>"
+        return f"<RateBucket {self.per_minute:g}/min level={self._level:.1f}/{self.capacity:.1f}>"
+
+
+class TokenEstimate:
+    """What a request will cost in tokens before its reply says: prompt characters scaled by
+    what replies reported, plus expected output (a running mean, at most ``max_tokens``)."""
+
+    __slots__ = ("_output", "_prompt_scale", "samples")
+
+    _ALPHA = 0.05
+
+    def __init__(self, initial_output: float = 256.0) -> None:
+        self._prompt_scale = 1.0
+        self._output = initial_output
+        self.samples = 0
+
+    def reserve(self, prompt_estimate: int, max_output: int | None) -> float:
+        output = self._output if max_output is None else min(self._output, max_output)
+        return prompt_estimate * self._prompt_scale + output
+
+    def observe(self, prompt_estimate: int, prompt_tokens: int, completion_tokens: int) -> None:
+        # The first replies replace the guess outright; later ones move the mean slowly.
+        alpha = 1.0 / (self.samples + 1) if self.samples < 20 else self._ALPHA
+        if prompt_estimate > 0 and prompt_tokens > 0:
+            scale = prompt_tokens / prompt_estimate
+            self._prompt_scale += alpha * (scale - self._prompt_scale)
+        self._output += alpha * (completion_tokens - self._output)
+        self.samples += 1
+
+    def __repr__(self) -> str:
+        return f"<TokenEstimate output={self._output:.0f} prompt_scale={self._prompt_scale:.2f}>"

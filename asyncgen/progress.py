@@ -62,8 +62,9 @@ class ProgressReporter:
         return (
             f"[{format_duration(s.elapsed)}] done {s.succeeded:,} failed {s.failed:,} "
             f"bad {s.bad_lines:,} skipped {s.skipped:,} | in flight {s.in_flight} "
-            f"retrying {s.retrying} | {_si(rate)} req/s {_si(tok_rate)} tok/s | "
-            f"input {100 * s.input_fraction:.1f}% ETA {eta}"
+            f"retrying {s.retrying} 429s {s.throttled:,} | {_si(rate)} req/s "
+            f"{_si(tok_rate)} tok/s | input {100 * s.input_fraction:.1f}% ETA {eta}"
+            f"{endpoint_note(s)}"
         )
 
     def show(self) -> None:
@@ -96,6 +97,17 @@ class ProgressReporter:
             self.show()
 
 
+def endpoint_note(s: Statistics) -> str:
+    """Endpoint health, when there is something to say about it."""
+    up = sum(e.up for e in s.endpoints)
+    if s.waiting_for_endpoint or (s.endpoints and up == 0):
+        return " | WAITING: no endpoint is answering, probing"
+    if up < len(s.endpoints):
+        down = ", ".join(e.url for e in s.endpoints if not e.up)
+        return f" | endpoints {up}/{len(s.endpoints)} up (down: {down})"
+    return ""
+
+
 def summary(s: Statistics, output: str) -> str:
     """The closing report of a run."""
     lines = []
@@ -116,9 +128,16 @@ def summary(s: Statistics, output: str) -> str:
             f"{s.skipped:,} skipped as already done"
         )
         lines.append(
-            f"  {s.requests:,} requests ({s.retries:,} retries), {s.prompt_tokens:,} prompt + "
-            f"{s.completion_tokens:,} completion tokens, {rate:.1f} items/s"
+            f"  {s.requests:,} requests ({s.retries:,} retries, {s.throttled:,} answered 429), "
+            f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion tokens, "
+            f"{rate:.1f} items/s"
         )
+        if len(s.endpoints) > 1:
+            lines.extend(
+                f"  {e.url}: {e.succeeded:,} ok, {e.throttled:,} 429s, {e.failed:,} errors, "
+                f"ejected {e.ejections} times{'' if e.up else ', down at the end'}"
+                for e in s.endpoints
+            )
     lines.append(
         f"  {output}: {s.succeeded_total:,} results, {s.failed_total:,} failures, "
         f"{s.bad_lines_total:,} bad input lines in total"

@@ -53,8 +53,10 @@ class WorkItem(msgspec.Struct):
     persona: str | None = None
     meta: dict[str, Any] = {}
     """Other fields of the input line, carried along into the result."""
-    est_tokens: int = 0
-    """Prompt tokens (estimated) plus the output token budget, for TPM limiting."""
+    est_prompt_tokens: int = 0
+    """Prompt tokens, estimated, for TPM pacing."""
+    max_output_tokens: int | None = None
+    """The request's output token limit, if it sets one."""
 
 
 class Result(msgspec.Struct):
@@ -76,6 +78,8 @@ class Result(msgspec.Struct):
     meta: dict[str, Any] = {}
     reasoning: str | None = None
     tool_calls: list[Any] | None = None
+    ttft_s: float | None = None
+    """Seconds from sending the successful attempt to its first token (streaming only)."""
 
 
 class BadLine(msgspec.Struct):

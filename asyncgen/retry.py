@@ -9,17 +9,14 @@ per-item deadline.
 
 from __future__ import annotations
 
-import email.utils
 import random
-import time
-from collections.abc import Mapping
 from typing import NamedTuple
 
 import msgspec
 
 from .records import Completion, ErrorInfo
 
-__all__ = ["Outcome", "RetryPolicy", "interpret", "parse_retry_after", "retryable_status"]
+__all__ = ["Outcome", "RetryPolicy", "interpret", "retryable_status"]
 
 _completion_decoder = msgspec.json.Decoder(Completion)
 
@@ -84,31 +81,6 @@ def _error_info(status: int, body: bytes) -> ErrorInfo:
     if not code or code.isdigit():
         code = f"http_{status}"
     return ErrorInfo(code, message or f"HTTP {status}", status)
-
-
-def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
-    """Seconds the server asks us to wait, from ``retry-after-ms`` or ``retry-after``."""
-    value = headers.get("retry-after-ms")
-    if value is not None:
-        try:
-            ms = float(value)
-        except ValueError:
-            pass
-        else:
-            if ms >= 0:
-                return ms / 1000.0
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    return max(0.0, seconds)
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):

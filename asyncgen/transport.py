@@ -7,8 +7,10 @@ embedding applications can pass their own.
 
 from __future__ import annotations
 
+import contextlib
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import NamedTuple, Protocol
 
 import aiohttp
@@ -16,7 +18,7 @@ import aiohttp
 from . import __version__
 from .errors import ConfigError, ConnectError
 
-__all__ = ["AiohttpTransport", "HttpResponse", "Transport"]
+__all__ = ["AiohttpTransport", "HttpResponse", "StreamReply", "Transport"]
 
 
 class HttpResponse(NamedTuple):
@@ -25,12 +27,31 @@ class HttpResponse(NamedTuple):
     body: bytes
 
 
+class StreamReply(Protocol):
+    """A response whose body arrives in pieces (server-sent events)."""
+
+    status: int
+    headers: Mapping[str, str]
+
+    async def read(self) -> bytes:
+        """The whole body (for error replies)."""
+        ...
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives."""
+        ...
+
+
 class Transport(Protocol):
     """Send a request to an OpenAI-compatible endpoint."""
 
     base_url: str
 
     async def post(self, path: str, body: bytes) -> HttpResponse: ...
+
+    def stream(self, path: str, body: bytes) -> AbstractAsyncContextManager[StreamReply]:
+        """POST and hand over the response as soon as its headers are in."""
+        ...
 
     async def get(self, path: str) -> HttpResponse: ...
 
@@ -91,16 +112,31 @@ class AiohttpTransport:
 
     async def _request(self, method: str, path: str, body: bytes | None) -> HttpResponse:
         session = self._get_session()
-        url = self.base_url + path  # for messages: never the userinfo
-        try:
+        with self._mapped_errors(path):
             async with session.request(method, self._base + path, data=body) as resp:
                 data = await resp.read()
                 return HttpResponse(resp.status, resp.headers, data)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, path: str, body: bytes) -> AsyncIterator[StreamReply]:
+        session = self._get_session()
+        with self._mapped_errors(path):
+            async with session.post(self._base + path, data=body) as resp:
+                yield _AiohttpStream(resp)
+
+    @contextlib.contextmanager
+    def _mapped_errors(self, path: str) -> Iterator[None]:
+        url = self.base_url + path  # for messages: never the userinfo
+        try:
+            yield
         except aiohttp.InvalidURL:
             raise ConfigError(f"invalid URL {url!r}") from None
         except aiohttp.ClientError as exc:
             detail = str(exc).replace(self._base, self.base_url)
-            raise ConnectError(f"{type(exc).__name__} talking to {url}: {detail}") from None
+            raise ConnectError(
+                f"{type(exc).__name__} talking to {url}: {detail}",
+                sent=not isinstance(exc, aiohttp.ClientConnectorError),
+            ) from None
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -110,3 +146,19 @@ class AiohttpTransport:
     def __repr__(self) -> str:
         auth = "with key" if "Authorization" in self._headers else "no key"
         return f"<AiohttpTransport {self.base_url} {auth}>"
+
+
+class _AiohttpStream:
+    __slots__ = ("_resp", "headers", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers: Mapping[str, str] = resp.headers
+
+    async def read(self) -> bytes:
+        return await self._resp.read()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for data in self._resp.content.iter_any():
+            yield data

@@ -450,7 +450,7 @@ async def test_bad_api_key_fails_fast(tmp_path: Path) -> None:
         assert "sk-wrong-secret" not in str(info.value)
         async with Engine(config, api_key="sk-right-key") as engine:
             stats = await engine.run()
-            assert "sk-right-key" not in repr(engine) + repr(engine._transport)
+            assert "sk-right-key" not in repr(engine) + repr(engine._transports)
     assert stats.succeeded == 3
     for path in (tmp_path / "out").iterdir():
         assert b"sk-right-key" not in path.read_bytes()

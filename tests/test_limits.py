@@ -1,36 +1,73 @@
-"""The gate's rate limits charge what a request costs, however large."""
+"""Rate buckets pace continuously, charge large requests in full and take corrections."""
 
 from __future__ import annotations
 
-import asyncio
+import pytest
 
-from asyncgen.limits import Gate
-
-
-async def test_tpm_charges_requests_larger_than_the_bucket_in_full() -> None:
-    gate = Gate(8, tpm=60_000)  # 1 000 tokens per second, a bucket of one second
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    await gate.wait_rate(1_300)  # a full bucket plus 0.3 s of budget
-    await gate.wait_rate(1)
-    assert loop.time() - start >= 0.25
+from asyncgen.limits import RateBucket, TokenEstimate
 
 
-async def test_rpm_paces_after_one_second_of_budget() -> None:
-    gate = Gate(8, rpm=1_200)  # 20 per second
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    for _ in range(25):
-        await gate.wait_rate(1)
-    assert loop.time() - start >= 0.2  # 20 at once, the other 5 paced at 50 ms
+def admitted_in(bucket: RateBucket, units: float, seconds: float, step: float = 0.001) -> float:
+    """Units admitted when asking as often as possible for ``seconds``."""
+    now, total = 0.0, 0.0
+    while now < seconds:
+        if bucket.delay(units, now) == 0:
+            bucket.charge(units, now)
+            total += units
+        else:
+            now += step
+    return total
 
 
-async def test_concurrency_slots() -> None:
-    gate = Gate(2)
-    await gate.acquire_slot()
-    await gate.acquire_slot()
-    third = asyncio.ensure_future(gate.acquire_slot())
-    await asyncio.sleep(0.01)
-    assert not third.done()
-    gate.release_slot()
-    await asyncio.wait_for(third, 1)
+def test_rpm_is_paced_not_burst() -> None:
+    bucket = RateBucket(1_200, now=0.0)  # 20 per second, half a second of burst
+    assert bucket.capacity == 10
+    total = admitted_in(bucket, 1, 10.0)
+    assert 200 <= total <= 211  # 10 s at 20/s, plus the burst
+
+
+def test_no_burst_at_a_minute_boundary() -> None:
+    bucket = RateBucket(600, now=0.0)
+    admitted_in(bucket, 1, 60.0)
+    # right after "the minute" there is no fresh minute's worth of budget
+    assert bucket.delay(1, 60.0) > 0 or bucket.level(60.0) < bucket.capacity
+
+
+def test_a_charge_larger_than_the_bucket_is_paid_in_full() -> None:
+    bucket = RateBucket(60_000, now=0.0)  # 1 000 tokens/s, bucket 500
+    assert bucket.delay(1_300, 0.0) == 0  # empty bucket: admitted
+    bucket.charge(1_300, 0.0)
+    # the debt must drain to the capacity before 1 more token fits
+    assert bucket.delay(1, 0.0) == pytest.approx(0.801, abs=0.01)
+    total = admitted_in(bucket, 1_300, 13.0)
+    assert total <= 13 * 1_000 + 1_300
+
+
+def test_adjust_corrects_and_refunds_without_creating_budget() -> None:
+    bucket = RateBucket(6_000, now=0.0)  # 100/s, capacity 50
+    bucket.charge(40, 0.0)
+    bucket.adjust(+30, 0.0)  # the reply used more than reserved
+    assert bucket.level(0.0) == 70
+    assert bucket.delay(1, 0.0) == pytest.approx(0.21, abs=0.001)
+    bucket.adjust(-500, 0.1)  # a refund larger than what is left
+    assert bucket.level(0.1) == 0
+
+
+def test_set_rate_keeps_level() -> None:
+    bucket = RateBucket(60, now=0.0)
+    bucket.charge(1, 0.0)
+    bucket.set_rate(6_000, now=0.0)
+    assert bucket.capacity == 50
+    assert bucket.level(0.0) == 1
+    with pytest.raises(ValueError, match="positive"):
+        bucket.set_rate(0, now=1.0)
+
+
+def test_token_estimate_learns_output_and_prompt_scale() -> None:
+    est = TokenEstimate(initial_output=256)
+    assert est.reserve(100, 64) == 100 + 64  # bounded by max_tokens
+    assert est.reserve(100, None) == 356
+    for _ in range(30):
+        est.observe(100, 50, 20)  # prompts are half the estimate, outputs 20 tokens
+    assert est.reserve(100, None) == pytest.approx(70, abs=1)
+    assert est.reserve(100, 10) == pytest.approx(60, abs=1)

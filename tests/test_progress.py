@@ -6,6 +6,7 @@ import io
 from typing import Any
 
 from asyncgen.engine import Statistics
+from asyncgen.flow import EndpointStats
 from asyncgen.progress import ProgressReporter, summary
 
 
@@ -21,6 +22,7 @@ def stats(**kw: Any) -> Statistics:
         bad_lines=1,
         requests=120,
         retries=20,
+        throttled=4,
         prompt_tokens=5000,
         completion_tokens=9000,
         succeeded_total=90,
@@ -77,3 +79,19 @@ def test_summaries() -> None:
     assert "the input holds no records" in empty
     stopped = summary(stats(), "out")
     assert "stopped early" in stopped and "rerun" in stopped
+
+
+def test_endpoint_health_is_shown() -> None:
+    def ep(url: str, up: bool) -> EndpointStats:
+        return EndpointStats(url, up, 8, 0, 0.0, 10, 9, 1, 0, 0 if up else 1, None, None)
+
+    reporter = ProgressReporter(lambda: stats(), io.StringIO(), interval=1)
+    two_up = stats(endpoints=[ep("http://a/v1", True), ep("http://b/v1", True)])
+    assert "endpoints" not in reporter.line(two_up)
+    one_down = stats(endpoints=[ep("http://a/v1", True), ep("http://b/v1", False)])
+    assert "endpoints 1/2 up (down: http://b/v1)" in reporter.line(one_down)
+    none = stats(endpoints=[ep("http://a/v1", False)], waiting_for_endpoint=True)
+    assert "WAITING: no endpoint is answering" in reporter.line(none)
+    assert "429s 4" in reporter.line(two_up)
+    text = summary(stats(finished=True, endpoints=two_up.endpoints), "out")
+    assert "http://b/v1: 9 ok, 1 429s, 0 errors, ejected 0 times" in text

@@ -4,7 +4,8 @@ import random
 import msgspec
 import pytest
 
-from asyncgen.retry import RetryPolicy, interpret, parse_retry_after, retryable_status
+from asyncgen.hints import parse_retry_after
+from asyncgen.retry import RetryPolicy, interpret, retryable_status
 
 OK = msgspec.json.encode(
     {

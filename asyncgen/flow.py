@@ -1,0 +1,345 @@
+"""Flow control, sans-IO: which endpoint gets the next request, and when.
+
+:class:`FlowControl` holds the job's own RPM/TPM budgets and, per endpoint, what that endpoint
+has told us: budgets announced in ``x-ratelimit-*`` headers, pauses asked for by 429/503 and
+``retry-after``, a concurrency window that adapts (additive increase per success,
+multiplicative decrease on 429, 503 and timeouts, at most once per round trip), and a circuit
+breaker (ejected after consecutive failures, re-admitted by a successful probe).
+
+:meth:`FlowControl.try_acquire` answers with a :class:`Lease` (send now, to this endpoint) or
+the seconds to wait before asking again (``math.inf``: until something is released or an
+endpoint comes back). :meth:`FlowControl.release` takes the :class:`Feedback` of the attempt.
+No clock and no I/O here: the caller passes ``now``; :class:`~asyncgen.gate.Gate` is the
+async shell.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import NamedTuple
+
+import msgspec
+
+from .hints import RateLimitHints
+from .limits import RateBucket, TokenEstimate
+
+__all__ = ["EndpointStats", "Feedback", "FlowControl", "Lease", "Signal"]
+
+
+class Signal(enum.Enum):
+    """What an attempt says about the endpoint that served it."""
+
+    OK = "ok"
+    THROTTLED = "throttled"  # 429: over the budget
+    OVERLOADED = "overloaded"  # 503: busy, come back later
+    TIMEOUT = "timeout"
+    UNREACHABLE = "unreachable"  # no connection: the request never reached the server
+    ERROR = "error"  # 5xx, broken reply or connection lost mid-request
+    REJECTED = "rejected"  # a 4xx about the request itself: the endpoint is fine
+    CANCELLED = "cancelled"  # the lease was not used, or the attempt was abandoned
+
+
+class Feedback(NamedTuple):
+    signal: Signal
+    hints: RateLimitHints | None = None
+    retry_after: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class Lease(NamedTuple):
+    """Permission to send one attempt to endpoint ``endpoint``."""
+
+    endpoint: int
+    tokens: float
+    """Tokens reserved against TPM budgets (corrected on release)."""
+    prompt_estimate: int
+    started: float
+
+
+class EndpointStats(msgspec.Struct, frozen=True):
+    url: str
+    up: bool
+    window: int
+    outstanding: int
+    paused_for: float
+    requests: int
+    succeeded: int
+    throttled: int
+    failed: int
+    ejections: int
+    rpm_limit: float | None
+    """The requests-per-minute budget the endpoint announced, if it did."""
+    tpm_limit: float | None
+
+
+class _Endpoint:
+    __slots__ = (
+        "down_since",
+        "ejections",
+        "failed",
+        "failures",
+        "last_decrease",
+        "latency",
+        "next_probe",
+        "outstanding",
+        "paused_until",
+        "probe_delay",
+        "requests",
+        "rpm",
+        "succeeded",
+        "throttle_streak",
+        "throttled",
+        "tokens",
+        "tpm",
+        "up",
+        "url",
+        "window",
+    )
+
+    def __init__(self, url: str, window: float) -> None:
+        self.url = url
+        self.window = window
+        self.up = True
+        self.outstanding = 0
+        self.tokens = 0.0
+        self.paused_until = 0.0
+        self.rpm: RateBucket | None = None
+        self.tpm: RateBucket | None = None
+        self.failures = 0
+        self.throttle_streak = 0
+        self.last_decrease = -math.inf
+        self.latency = 1.0
+        self.next_probe = 0.0
+        self.probe_delay = 0.0
+        self.down_since = 0.0
+        self.requests = self.succeeded = self.throttled = self.failed = self.ejections = 0
+
+
+class FlowControl:
+    """Routing, pacing and adaptation for one job over one or more endpoints."""
+
+    EJECT_AFTER = 5
+    """Consecutive failures (5xx, timeouts, broken replies) that eject an endpoint; a refused
+    connection ejects it at once."""
+    PROBE_MIN = 0.5
+    PROBE_MAX = 10.0
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        concurrency: int,
+        min_concurrency: int = 1,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        now: float = 0.0,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one endpoint is needed")
+        if not 1 <= min_concurrency <= concurrency:
+            raise ValueError("need 1 <= min_concurrency <= concurrency")
+        self.cap = float(concurrency)
+        self.floor = float(min_concurrency)
+        self._endpoints = [_Endpoint(url, self.cap) for url in urls]
+        self._rpm = RateBucket(rpm, now=now) if rpm else None
+        self._tpm = RateBucket(tpm, now=now) if tpm else None
+        self.estimate = TokenEstimate()
+
+    # --- acquiring ----------------------------------------------------------------------------
+
+    def try_acquire(
+        self, now: float, prompt_estimate: int, max_output: int | None
+    ) -> Lease | float:
+        """A lease to send now, or seconds to wait before asking again."""
+        tokens = self.estimate.reserve(prompt_estimate, max_output)
+        wait = self._global_delay(tokens, now)
+        if wait > 0:
+            return wait
+        best: _Endpoint | None = None
+        best_index = -1
+        wait = math.inf
+        for index, ep in enumerate(self._endpoints):
+            if not ep.up or ep.outstanding >= max(1, int(ep.window)):
+                continue
+            delay = max(ep.paused_until - now, self._endpoint_delay(ep, tokens, now))
+            if delay > 0:
+                wait = min(wait, delay)
+            elif best is None or (ep.tokens, ep.outstanding) < (best.tokens, best.outstanding):
+                best, best_index = ep, index
+        if best is None:
+            return wait
+        for bucket, units in ((self._rpm, 1.0), (self._tpm, tokens)):
+            if bucket is not None:
+                bucket.charge(units, now)
+        for bucket, units in ((best.rpm, 1.0), (best.tpm, tokens)):
+            if bucket is not None:
+                bucket.charge(units, now)
+        best.outstanding += 1
+        best.tokens += tokens
+        best.requests += 1
+        return Lease(best_index, tokens, prompt_estimate, now)
+
+    def _global_delay(self, tokens: float, now: float) -> float:
+        delay = 0.0
+        if self._rpm is not None:
+            delay = self._rpm.delay(1.0, now)
+        if self._tpm is not None:
+            delay = max(delay, self._tpm.delay(tokens, now))
+        return delay
+
+    @staticmethod
+    def _endpoint_delay(ep: _Endpoint, tokens: float, now: float) -> float:
+        delay = 0.0
+        if ep.rpm is not None:
+            delay = ep.rpm.delay(1.0, now)
+        if ep.tpm is not None:
+            delay = max(delay, ep.tpm.delay(tokens, now))
+        return delay
+
+    # --- feedback -----------------------------------------------------------------------------
+
+    def release(self, lease: Lease, feedback: Feedback, now: float) -> None:
+        """Account for a finished attempt and adapt to what it says."""
+        ep = self._endpoints[lease.endpoint]
+        ep.outstanding -= 1
+        ep.tokens -= lease.tokens
+        signal = feedback.signal
+        self._correct_tokens(ep, lease, feedback, now)
+        if signal is Signal.CANCELLED:
+            ep.requests -= 1
+            return
+        if feedback.hints is not None:
+            self._apply_hints(ep, feedback.hints, lease.tokens, now)
+        if signal is Signal.OK:
+            ep.succeeded += 1
+            ep.failures = ep.throttle_streak = 0
+            ep.latency += 0.1 * ((now - lease.started) - ep.latency)
+            # Additive increase: about one more slot per window's worth of successes.
+            ep.window = min(self.cap, ep.window + 1.0 / max(ep.window, 1.0))
+        elif signal is Signal.REJECTED:
+            ep.failures = 0
+        elif signal is Signal.THROTTLED:
+            ep.throttled += 1
+            ep.throttle_streak += 1
+            wait = feedback.retry_after
+            if wait is None:
+                wait = min(30.0, 0.5 * 2.0 ** min(ep.throttle_streak - 1, 6))
+            ep.paused_until = max(ep.paused_until, now + wait)
+            self._decrease(ep, now)
+        else:
+            ep.failed += 1
+            if signal is Signal.OVERLOADED or signal is Signal.TIMEOUT:
+                self._decrease(ep, now)
+                if feedback.retry_after is not None:
+                    ep.paused_until = max(ep.paused_until, now + feedback.retry_after)
+            ep.failures += self.EJECT_AFTER if signal is Signal.UNREACHABLE else 1
+            if ep.failures >= self.EJECT_AFTER and ep.up:
+                self._eject(ep, now)
+
+    def _correct_tokens(self, ep: _Endpoint, lease: Lease, feedback: Feedback, now: float) -> None:
+        prompt, completion = feedback.prompt_tokens, feedback.completion_tokens
+        if feedback.signal is Signal.OK and prompt is not None and completion is not None:
+            self.estimate.observe(lease.prompt_estimate, prompt, completion)
+            delta = prompt + completion - lease.tokens
+        elif feedback.signal in (Signal.THROTTLED, Signal.UNREACHABLE, Signal.CANCELLED):
+            delta = -lease.tokens  # refused, never sent or abandoned: count no tokens
+        else:
+            return
+        for bucket in (self._tpm, ep.tpm):
+            if bucket is not None:
+                bucket.adjust(delta, now)
+
+    def _apply_hints(self, ep: _Endpoint, hints: RateLimitHints, tokens: float, now: float) -> None:
+        pause = 0.0
+        if hints.requests is not None:
+            ep.rpm = self._learn(ep.rpm, hints.requests.limit, now)
+            pause = hints.requests.wait_for(1.0)
+        if hints.tokens is not None:
+            ep.tpm = self._learn(ep.tpm, hints.tokens.limit, now)
+            pause = max(pause, hints.tokens.wait_for(tokens))
+        if pause > 0:
+            ep.paused_until = max(ep.paused_until, now + min(pause, 60.0))
+
+    @staticmethod
+    def _learn(bucket: RateBucket | None, per_minute: float, now: float) -> RateBucket:
+        if bucket is None:
+            return RateBucket(per_minute, now=now)
+        if bucket.per_minute != per_minute:
+            bucket.set_rate(per_minute, now=now)
+        return bucket
+
+    def _decrease(self, ep: _Endpoint, now: float) -> None:
+        # One congestion event per round trip: the other replies of the same burst carry no
+        # new news, and halving for each would collapse the window to the floor.
+        if now - ep.last_decrease < max(ep.latency, 0.1):
+            return
+        ep.last_decrease = now
+        ep.window = max(self.floor, min(ep.window, ep.outstanding + 1.0) * 0.5)
+
+    def _eject(self, ep: _Endpoint, now: float) -> None:
+        ep.up = False
+        ep.ejections += 1
+        ep.down_since = now
+        ep.probe_delay = self.PROBE_MIN
+        ep.next_probe = now + self.PROBE_MIN
+
+    # --- health -------------------------------------------------------------------------------
+
+    def probes_due(self, now: float) -> list[int]:
+        """Ejected endpoints whose next health probe is due."""
+        return [i for i, ep in enumerate(self._endpoints) if not ep.up and ep.next_probe <= now]
+
+    def next_probe_in(self, now: float) -> float:
+        waits = [ep.next_probe - now for ep in self._endpoints if not ep.up]
+        return max(0.0, min(waits)) if waits else math.inf
+
+    def probe_result(self, index: int, healthy: bool, now: float) -> None:
+        ep = self._endpoints[index]
+        if ep.up:
+            return
+        if healthy:
+            # Half open: back with a small window that successes grow again.
+            ep.up = True
+            ep.failures = 0
+            ep.window = max(self.floor, min(self.cap, 8.0))
+            ep.paused_until = 0.0
+        else:
+            ep.probe_delay = min(self.PROBE_MAX, ep.probe_delay * 2.0)
+            ep.next_probe = now + ep.probe_delay
+
+    def mark_down(self, index: int, now: float) -> None:
+        """Start with an endpoint ejected (it failed its start-up check)."""
+        ep = self._endpoints[index]
+        if ep.up:
+            self._eject(ep, now)
+
+    # --- observing ----------------------------------------------------------------------------
+
+    @property
+    def any_up(self) -> bool:
+        return any(ep.up for ep in self._endpoints)
+
+    def endpoint_stats(self, now: float) -> list[EndpointStats]:
+        return [
+            EndpointStats(
+                url=ep.url,
+                up=ep.up,
+                window=int(ep.window),
+                outstanding=ep.outstanding,
+                paused_for=round(max(0.0, ep.paused_until - now), 3),
+                requests=ep.requests,
+                succeeded=ep.succeeded,
+                throttled=ep.throttled,
+                failed=ep.failed,
+                ejections=ep.ejections,
+                rpm_limit=None if ep.rpm is None else ep.rpm.per_minute,
+                tpm_limit=None if ep.tpm is None else ep.tpm.per_minute,
+            )
+            for ep in self._endpoints
+        ]
+
+    def __repr__(self) -> str:
+        up = sum(ep.up for ep in self._endpoints)
+        return f"<FlowControl endpoints={up}/{len(self._endpoints)} up {self.estimate!r}>"

@@ -1,0 +1,95 @@
+"""The gate, async shell over :class:`~asyncgen.flow.FlowControl`: wait for a lease, give it
+back with feedback, and probe ejected endpoints until they answer again.
+
+The engine takes a *slot* before it spawns an item's task (so memory is bounded by the
+concurrency cap, however large the input) and a *lease* before each attempt (so every attempt,
+retries included, is paced and routed). Waiters queue on one lock, first come first served:
+only the head of the queue polls the flow control, the rest sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+from .flow import EndpointStats, Feedback, FlowControl, Lease
+
+__all__ = ["Gate"]
+
+Probe = Callable[[int], Awaitable[bool]]
+
+
+class Gate:
+    """Concurrency slots plus leases from a flow control."""
+
+    def __init__(
+        self,
+        flow: FlowControl,
+        *,
+        concurrency: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.flow = flow
+        self.concurrency = concurrency
+        self._clock = clock
+        self._slots = asyncio.Semaphore(concurrency)
+        self._queue = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self.waiting_for_endpoint = False
+        """True while the head of the queue waits because no endpoint is up."""
+
+    async def acquire_slot(self) -> None:
+        await self._slots.acquire()
+
+    def release_slot(self) -> None:
+        self._slots.release()
+
+    async def lease(self, prompt_estimate: int, max_output: int | None) -> Lease:
+        """Wait until an endpoint may take one more attempt of this size; route it there."""
+        async with self._queue:
+            while True:
+                decision = self.flow.try_acquire(self._clock(), prompt_estimate, max_output)
+                if isinstance(decision, Lease):
+                    return decision
+                self._changed.clear()
+                self.waiting_for_endpoint = not self.flow.any_up
+                try:
+                    if math.isinf(decision):
+                        await self._changed.wait()
+                    else:
+                        async with asyncio.timeout(decision):
+                            await self._changed.wait()
+                except TimeoutError:
+                    pass
+                finally:
+                    self.waiting_for_endpoint = False
+
+    def release(self, lease: Lease, feedback: Feedback) -> None:
+        self.flow.release(lease, feedback, self._clock())
+        self._changed.set()
+
+    async def probe_forever(self, probe: Probe, *, idle: float = 0.5) -> None:
+        """Probe ejected endpoints when due and re-admit those that answer. Runs until
+        cancelled; checks at least every ``idle`` seconds for newly ejected endpoints."""
+        while True:
+            now = self._clock()
+            due = self.flow.probes_due(now)
+            if due:
+                results = await asyncio.gather(*(probe(i) for i in due))
+                now = self._clock()
+                for index, healthy in zip(due, results, strict=True):
+                    self.flow.probe_result(index, healthy, now)
+                if any(results):
+                    self._changed.set()
+                continue
+            await asyncio.sleep(min(idle, self.flow.next_probe_in(now)))
+
+    def endpoint_stats(self) -> list[EndpointStats]:
+        return self.flow.endpoint_stats(self._clock())
+
+    def __repr__(self) -> str:
+        return f"<Gate concurrency={self.concurrency} {self.flow!r}>"

@@ -1,0 +1,131 @@
+"""What a server says about its limits, parsed from response headers (sans-IO).
+
+``retry-after-ms`` / ``retry-after`` (seconds or an HTTP date) say how long to wait before
+trying again. OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` describe the
+budget: ``limit`` per minute, ``remaining`` now, ``reset`` the time until the budget is full
+again, written as Go-style durations (``6m0s``, ``1.5s``, ``12ms``).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import re
+import time
+from collections.abc import Mapping
+from typing import NamedTuple
+
+__all__ = ["Budget", "RateLimitHints", "parse_duration", "parse_ratelimit", "parse_retry_after"]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a duration such as ``6m0s``, ``1.5s``, ``12ms`` or a bare number of seconds;
+    None when it is not one."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        return value if math.isfinite(value) and value >= 0 else None
+    pos = total = 0.0
+    end = 0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != end:
+            return None
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        end = match.end()
+        pos += 1
+    if not pos or end != len(text):
+        return None
+    return total
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds the server asks us to wait, from ``retry-after-ms`` or ``retry-after``."""
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            ms = float(value)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(ms) and ms >= 0:
+                return ms / 1000.0
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+class Budget(NamedTuple):
+    """One announced budget: ``limit`` per minute, ``remaining`` now, ``reset`` seconds until
+    it is full again (None when not sent)."""
+
+    limit: float
+    remaining: float | None
+    reset: float | None
+
+    def wait_for(self, needed: float) -> float:
+        """Seconds until ``needed`` units are available, assuming steady replenishment."""
+        if self.remaining is None or self.remaining >= needed or self.limit <= 0:
+            return 0.0
+        wait = (needed - self.remaining) * 60.0 / self.limit
+        return min(wait, self.reset) if self.reset is not None else wait
+
+
+class RateLimitHints(NamedTuple):
+    requests: Budget | None
+    tokens: Budget | None
+
+
+def _number(headers: Mapping[str, str], name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _budget(headers: Mapping[str, str], kind: str) -> Budget | None:
+    limit = _number(headers, f"x-ratelimit-limit-{kind}")
+    if limit is None or limit <= 0:
+        return None
+    reset_text = headers.get(f"x-ratelimit-reset-{kind}")
+    reset = parse_duration(reset_text) if reset_text is not None else None
+    return Budget(limit, _number(headers, f"x-ratelimit-remaining-{kind}"), reset)
+
+
+def parse_ratelimit(headers: Mapping[str, str]) -> RateLimitHints | None:
+    """The ``x-ratelimit-*`` budgets in a response, or None when it announces none."""
+    if "x-ratelimit-limit-requests" not in headers and "x-ratelimit-limit-tokens" not in headers:
+        return None
+    hints = RateLimitHints(_budget(headers, "requests"), _budget(headers, "tokens"))
+    return hints if hints.requests or hints.tokens else None

@@ -1,0 +1,194 @@
+"""Flow control, sans-IO: routing, pauses, adaptive windows, the circuit breaker."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from asyncgen.flow import Feedback, FlowControl, Lease, Signal
+from asyncgen.hints import Budget, RateLimitHints
+
+OK = Feedback(Signal.OK, prompt_tokens=10, completion_tokens=10)
+
+
+def lease(flow: FlowControl, now: float = 0.0, prompt: int = 10) -> Lease:
+    got = flow.try_acquire(now, prompt, 32)
+    assert isinstance(got, Lease), f"expected a lease, got a wait of {got}"
+    return got
+
+
+def test_routes_to_the_endpoint_with_least_in_flight() -> None:
+    flow = FlowControl(["a", "b", "c"], concurrency=8)
+    leases = [lease(flow) for _ in range(6)]
+    assert sorted(x.endpoint for x in leases) == [0, 0, 1, 1, 2, 2]
+    flow.release(leases[0], OK, 0.1)  # one of a's finishes: a is now the least busy
+    assert lease(flow, 0.1).endpoint == leases[0].endpoint
+
+
+def test_a_large_request_counts_more_than_a_small_one() -> None:
+    flow = FlowControl(["a", "b"], concurrency=8)
+    big = lease(flow, prompt=10_000)
+    smalls = [lease(flow, prompt=10) for _ in range(3)]
+    assert {s.endpoint for s in smalls} == {1 - big.endpoint}
+
+
+def test_window_limits_and_wait_is_infinite_until_a_release() -> None:
+    flow = FlowControl(["a"], concurrency=2)
+    first, _ = lease(flow), lease(flow)
+    assert flow.try_acquire(0.0, 10, 32) == math.inf
+    flow.release(first, OK, 0.5)
+    lease(flow, 0.5)
+
+
+def test_429_pauses_only_that_endpoint_for_retry_after() -> None:
+    flow = FlowControl(["a", "b"], concurrency=8)
+    a = lease(flow)
+    flow.release(a, Feedback(Signal.THROTTLED, retry_after=2.0), 1.0)
+    for _ in range(4):
+        assert lease(flow, 1.0).endpoint != a.endpoint
+    stats = flow.endpoint_stats(1.0)
+    assert stats[a.endpoint].paused_for == pytest.approx(2.0)
+    assert stats[a.endpoint].throttled == 1
+
+
+def test_all_paused_means_wait_for_the_earliest() -> None:
+    flow = FlowControl(["a"], concurrency=8)
+    flow.release(lease(flow), Feedback(Signal.THROTTLED, retry_after=1.5), 0.0)
+    assert flow.try_acquire(0.0, 10, 32) == pytest.approx(1.5)
+    assert isinstance(flow.try_acquire(1.5, 10, 32), Lease)
+
+
+def test_429_without_hint_backs_off_exponentially() -> None:
+    flow = FlowControl(["a"], concurrency=8)
+    now, waits = 0.0, []
+    for _ in range(4):
+        flow.release(lease(flow, now), Feedback(Signal.THROTTLED), now)
+        wait = flow.try_acquire(now, 10, 32)
+        assert isinstance(wait, float)
+        waits.append(wait)
+        now += wait
+    assert waits == pytest.approx([0.5, 1.0, 2.0, 4.0])
+
+
+def test_multiplicative_decrease_once_per_round_trip_then_additive_increase() -> None:
+    flow = FlowControl(["a"], concurrency=64, min_concurrency=4)
+    leases = [lease(flow) for _ in range(64)]
+    for x in leases[:10]:  # one burst of 503s: halve once, not ten times
+        flow.release(x, Feedback(Signal.OVERLOADED), 0.2)
+    assert flow.endpoint_stats(0.2)[0].window == 32
+    flow.release(leases[10], Feedback(Signal.TIMEOUT), 5.0)  # a later event: halve again
+    assert flow.endpoint_stats(5.0)[0].window == 16
+    for x in leases[11:]:
+        flow.release(x, OK, 6.0)
+    window = flow.endpoint_stats(6.0)[0].window
+    assert 17 <= window <= 20  # about +1 per window of successes
+
+
+def test_window_never_below_floor() -> None:
+    flow = FlowControl(["a"], concurrency=64, min_concurrency=4)
+    for i in range(20):
+        flow.release(lease(flow, i * 10.0), Feedback(Signal.THROTTLED, retry_after=0), i * 10.0)
+    assert flow.endpoint_stats(1000.0)[0].window == 4
+
+
+def test_circuit_breaker_ejects_probes_and_readmits() -> None:
+    flow = FlowControl(["a", "b"], concurrency=8)
+    flow.release(lease(flow), Feedback(Signal.UNREACHABLE), 0.0)  # a refused connection
+    down = [i for i, e in enumerate(flow.endpoint_stats(0.0)) if not e.up]
+    assert len(down) == 1
+    assert all(lease(flow, 0.0).endpoint != down[0] for _ in range(5))
+    assert flow.probes_due(0.0) == []
+    assert flow.probes_due(0.5) == down
+    flow.probe_result(down[0], False, 0.5)
+    assert flow.probes_due(1.0) == []  # probing backs off
+    assert flow.probes_due(1.5) == down
+    flow.probe_result(down[0], True, 1.5)
+    assert flow.endpoint_stats(1.5)[down[0]].up
+    assert flow.endpoint_stats(1.5)[down[0]].ejections == 1
+
+
+def test_ejected_after_consecutive_errors_only() -> None:
+    flow = FlowControl(["a"], concurrency=8)
+    for _ in range(4):
+        flow.release(lease(flow), Feedback(Signal.ERROR), 0.0)
+    flow.release(lease(flow), OK, 0.0)  # a success resets the count
+    for _ in range(4):
+        flow.release(lease(flow), Feedback(Signal.ERROR), 0.0)
+    assert flow.any_up
+    flow.release(lease(flow), Feedback(Signal.ERROR), 0.0)
+    assert not flow.any_up
+    assert flow.try_acquire(0.0, 10, 32) == math.inf
+
+
+def test_rejected_requests_do_not_hurt_the_endpoint() -> None:
+    flow = FlowControl(["a"], concurrency=8)
+    for _ in range(20):
+        flow.release(lease(flow), Feedback(Signal.REJECTED), 0.0)
+    assert flow.any_up and flow.endpoint_stats(0.0)[0].window == 8
+
+
+def test_global_rpm_paces_all_endpoints_together() -> None:
+    flow = FlowControl(["a", "b"], concurrency=1000, rpm=600)  # 10/s, burst 5
+    now, sent = 0.0, 0
+    while now < 10.0:
+        got = flow.try_acquire(now, 10, 32)
+        if isinstance(got, Lease):
+            sent += 1
+            flow.release(got, OK, now)
+        else:
+            now += got
+    assert 100 <= sent <= 106
+
+
+def test_announced_budget_is_learned_per_endpoint() -> None:
+    flow = FlowControl(["a", "b"], concurrency=1000)
+    hints = RateLimitHints(Budget(120, 100, 1.0), None)  # a: 2 requests per second
+    first = lease(flow)
+    flow.release(first, Feedback(Signal.OK, hints, prompt_tokens=10, completion_tokens=10), 0.0)
+    assert flow.endpoint_stats(0.0)[first.endpoint].rpm_limit == 120
+    counts = [0, 0]
+    now = 0.0
+    while now < 10.0:
+        got = flow.try_acquire(now, 10, 32)
+        if isinstance(got, Lease):
+            counts[got.endpoint] += 1
+            flow.release(got, OK, now)
+        else:
+            now += min(got, 0.01)
+        if counts[1 - first.endpoint] > 10_000:
+            now += 0.01  # b has no budget: keep time moving
+    assert counts[first.endpoint] <= 2 * 10 + 2
+
+
+def test_remaining_zero_pauses_until_replenished() -> None:
+    flow = FlowControl(["a"], concurrency=8)
+    hints = RateLimitHints(Budget(60, 0, 30.0), None)  # one per second, none left
+    flow.release(
+        lease(flow), Feedback(Signal.OK, hints, prompt_tokens=10, completion_tokens=10), 0.0
+    )
+    wait = flow.try_acquire(0.0, 10, 32)
+    assert wait == pytest.approx(1.0)
+
+
+def test_tpm_reservation_is_corrected_to_usage() -> None:
+    flow = FlowControl(["a"], concurrency=1000, tpm=60_000)  # 1000 tokens/s, bucket 500
+    first = lease(flow, prompt=100)  # reserves 100 + min(256, 32) = 132
+    assert first.tokens == 132
+    # The reply used far more than reserved: the difference is charged now.
+    flow.release(first, Feedback(Signal.OK, prompt_tokens=100, completion_tokens=1_400), 0.0)
+    wait = flow.try_acquire(0.0, 100, 32)
+    assert isinstance(wait, float) and wait > 0.9
+    # A 429 refunds its reservation.
+    flow2 = FlowControl(["a"], concurrency=1000, tpm=60_000)
+    x = lease(flow2, prompt=300)
+    flow2.release(x, Feedback(Signal.THROTTLED, retry_after=0.0), 0.0)
+    assert isinstance(flow2.try_acquire(0.0, 1_000, None), Lease)
+
+
+def test_cancelled_lease_is_returned() -> None:
+    flow = FlowControl(["a"], concurrency=1)
+    x = lease(flow)
+    flow.release(x, Feedback(Signal.CANCELLED), 0.0)
+    assert flow.endpoint_stats(0.0)[0].requests == 0
+    lease(flow)
