@@ -11,7 +11,7 @@ import pytest
 from asyncgen.cli import build_parser, main
 from asyncgen.mock import MockConfig, MockServer
 
-from .conftest import clean_env, personas, read_output, write_shard
+from .conftest import assert_exactly_once, clean_env, personas, read_output, write_shard
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -39,6 +39,9 @@ def test_help_explains_commands_and_flags() -> None:
         "--base-url",
         "--api-key-env",
         "--concurrency",
+        "--min-concurrency",
+        "--stream",
+        "--idle-timeout",
         "--rpm",
         "--tpm",
         "--max-attempts",
@@ -223,3 +226,34 @@ def _assert_not_in_files(root: Path, secret: bytes) -> None:
     for path in root.rglob("*"):
         if path.is_file():
             assert secret not in path.read_bytes(), path
+
+
+async def test_several_base_urls_and_streaming(tmp_path: Path) -> None:
+    shard = write_shard(tmp_path / "p.jsonl", personas(60))
+    async with MockServer(MockConfig(seed=1)) as a, MockServer(MockConfig(seed=2)) as b:
+        result = await _cli_async(
+            "run",
+            "--input",
+            str(shard),
+            "--prompt",
+            "math",
+            "--model",
+            "mock-model",
+            "--base-url",
+            a.base_url,
+            "--base-url",
+            b.base_url,
+            "--stream",
+            "--idle-timeout",
+            "5",
+            "--output",
+            str(tmp_path / "o"),
+        )
+        served = (a.stats().requests, b.stats().requests)
+    assert result.returncode == 0, result.stderr
+    assert "60 succeeded" in result.stderr
+    assert sum(served) == 60 and min(served) > 0, served
+    # the summary names each endpoint when there are several
+    assert f"{a.base_url}: " in result.stderr and f"{b.base_url}: " in result.stderr
+    found = assert_exactly_once(tmp_path / "o", {f"p:{i}:math:0" for i in range(1, 61)})
+    assert all(r["ttft_s"] is not None for r in found["results"])

@@ -3,6 +3,7 @@ every item is there exactly once, every file decodes, and a finished rerun sends
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
@@ -20,32 +21,27 @@ from .conftest import assert_exactly_once, clean_env, personas, write_shard
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def server_url() -> Iterator[str]:
+FAULTS = [
+    "--latency",
+    "0.02",
+    "--latency-jitter",
+    "0.02",
+    "--fail-500",
+    "0.02",
+    "--fail-429",
+    "0.02",
+    "--retry-after",
+    "0.05",
+    "--malformed",
+    "0.01",
+]
+
+
+@contextlib.contextmanager
+def mock_process(*args: str) -> Iterator[str]:
     """The mock server in its own process, so it outlives the clients we kill."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "asyncgen",
-            "mock-server",
-            "--port",
-            "0",
-            "--latency",
-            "0.02",
-            "--latency-jitter",
-            "0.02",
-            "--fail-500",
-            "0.02",
-            "--fail-429",
-            "0.02",
-            "--retry-after",
-            "0.05",
-            "--malformed",
-            "0.01",
-            "--seed",
-            "5",
-        ],
+        [sys.executable, "-m", "asyncgen", "mock-server", "--port", "0", *args],
         stdout=subprocess.PIPE,
         text=True,
         env=clean_env(),
@@ -60,6 +56,12 @@ def server_url() -> Iterator[str]:
         proc.wait(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.fixture
+def server_url() -> Iterator[str]:
+    with mock_process(*FAULTS, "--seed", "5") as url:
+        yield url
 
 
 def server_requests(base_url: str) -> int:
@@ -84,7 +86,21 @@ def run_cli(args: list[str], *, kill_after: float | None = None) -> tuple[int, s
     return proc.returncode, err
 
 
-def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str) -> None:
+@pytest.mark.parametrize("mode", ["plain", "stream-two-endpoints"])
+def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str, mode: str) -> None:
+    with contextlib.ExitStack() as stack:
+        urls = [server_url]
+        extra: list[str] = []
+        if mode != "plain":
+            # A second replica that cuts 5 % of streams; the job streams from both.
+            cuts = ["--stream-cut", "0.05", "--stream-comments", "--token-latency", "0.0005"]
+            urls.append(stack.enter_context(mock_process(*FAULTS, *cuts, "--seed", "6")))
+            extra = ["--stream", "--base-url", urls[1]]
+        kill_and_resume(tmp_path, urls, extra)
+
+
+def kill_and_resume(tmp_path: Path, urls: list[str], extra: list[str]) -> None:
+    server_url = urls[0]
     n = 4000
     shards = [
         write_shard(tmp_path / f"personas-{k}.jsonl.zst", personas(n // 2, f"s{k}"))
@@ -107,6 +123,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str) -
         "--max-attempts",
         "20",
         "--quiet",
+        *extra,
     ]
     seed = int(time.time())
     rng = random.Random(seed)
@@ -130,11 +147,11 @@ def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str) -
     found = assert_exactly_once(out, expected)
     assert len(found["results"]) == n
     # A finished job: the rerun sends zero requests and says so.
-    before = server_requests(server_url)
+    before = [server_requests(url) for url in urls]
     code, err = run_cli(args)
     assert code == 0, err
     assert "nothing to do" in err and "0 requests" in err
-    assert server_requests(server_url) == before
+    assert [server_requests(url) for url in urls] == before
 
 
 def test_sigterm_stops_gracefully_and_resumes(tmp_path: Path, server_url: str) -> None:
