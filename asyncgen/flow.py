@@ -2,8 +2,9 @@
 
 :class:`FlowControl` holds the job's own RPM/TPM budgets and, per endpoint, what that endpoint
 has told us: budgets announced in ``x-ratelimit-*`` headers, pauses asked for by 429/503 and
-``retry-after``, a concurrency window that adapts (additive increase per success,
-multiplicative decrease on 429, 503 and timeouts, at most once per round trip), and a circuit
+``retry-after``, a concurrency window that adapts (additive increase per success, slow start
+back to the last good window after a re-admission; multiplicative decrease on 503s, timeouts
+and, when no budget paces the endpoint, 429s, at most once per round trip), and a circuit
 breaker (ejected after consecutive failures, re-admitted by a successful probe).
 
 :meth:`FlowControl.try_acquire` answers with a :class:`Lease` (send now, to this endpoint) or
@@ -88,6 +89,7 @@ class _Endpoint:
         "probe_delay",
         "requests",
         "rpm",
+        "ssthresh",
         "succeeded",
         "throttle_streak",
         "throttled",
@@ -101,6 +103,7 @@ class _Endpoint:
     def __init__(self, url: str, window: float) -> None:
         self.url = url
         self.window = window
+        self.ssthresh = window
         self.up = True
         self.outstanding = 0
         self.tokens = 0.0
@@ -216,8 +219,11 @@ class FlowControl:
             ep.succeeded += 1
             ep.failures = ep.throttle_streak = 0
             ep.latency += 0.1 * ((now - lease.started) - ep.latency)
-            # Additive increase: about one more slot per window's worth of successes.
-            ep.window = min(self.cap, ep.window + 1.0 / max(ep.window, 1.0))
+            # Below the last known good window, grow fast (doubling per round trip, as TCP's
+            # slow start does after a restart); above it, about one slot per window of
+            # successes.
+            step = 1.0 if ep.window < ep.ssthresh else 1.0 / max(ep.window, 1.0)
+            ep.window = min(self.cap, ep.window + step)
         elif signal is Signal.REJECTED:
             ep.failures = 0
         elif signal is Signal.THROTTLED:
@@ -227,7 +233,11 @@ class FlowControl:
             if wait is None:
                 wait = min(30.0, 0.5 * 2.0 ** min(ep.throttle_streak - 1, 6))
             ep.paused_until = max(ep.paused_until, now + wait)
-            self._decrease(ep, now)
+            if not self._paced(ep):
+                # Without a known budget the window is the only lever against a rate limit.
+                # With one, the pause and the pacing handle it, and shrinking the window
+                # would cap throughput at window / latency for a long time.
+                self._decrease(ep, now)
         else:
             ep.failed += 1
             if signal is Signal.OVERLOADED or signal is Signal.TIMEOUT:
@@ -277,6 +287,10 @@ class FlowControl:
             return
         ep.last_decrease = now
         ep.window = max(self.floor, min(ep.window, ep.outstanding + 1.0) * 0.5)
+        ep.ssthresh = ep.window
+
+    def _paced(self, ep: _Endpoint) -> bool:
+        return any(b is not None for b in (self._rpm, self._tpm, ep.rpm, ep.tpm))
 
     def _eject(self, ep: _Endpoint, now: float) -> None:
         ep.up = False
@@ -303,6 +317,7 @@ class FlowControl:
             # Half open: back with a small window that successes grow again.
             ep.up = True
             ep.failures = 0
+            ep.ssthresh = max(ep.window, self.floor)
             ep.window = max(self.floor, min(self.cap, 8.0))
             ep.paused_until = 0.0
         else:

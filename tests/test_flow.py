@@ -192,3 +192,26 @@ def test_cancelled_lease_is_returned() -> None:
     flow.release(x, Feedback(Signal.CANCELLED), 0.0)
     assert flow.endpoint_stats(0.0)[0].requests == 0
     lease(flow)
+
+
+def test_429_on_a_paced_endpoint_pauses_but_keeps_the_window() -> None:
+    flow = FlowControl(["a"], concurrency=64, rpm=60_000)
+    leases = [lease(flow) for _ in range(10)]
+    flow.release(leases[0], Feedback(Signal.THROTTLED, retry_after=0.5), 0.0)
+    stats = flow.endpoint_stats(0.0)[0]
+    assert stats.window == 64 and stats.paused_for == 0.5
+
+
+def test_slow_start_back_to_the_window_before_ejection() -> None:
+    flow = FlowControl(["a"], concurrency=200)
+    for _ in range(5):
+        flow.release(lease(flow), Feedback(Signal.ERROR), 0.0)
+    assert not flow.any_up
+    flow.probe_result(0, True, 1.0)
+    assert flow.endpoint_stats(1.0)[0].window == 8
+    now = 1.0
+    for _ in range(5):  # five round trips of a full window each
+        for x in [lease(flow, now) for _ in range(flow.endpoint_stats(now)[0].window)]:
+            flow.release(x, OK, now + 0.1)
+        now += 0.1
+    assert flow.endpoint_stats(now)[0].window == 200  # 8 → 16 → 32 → 64 → 128 → 200 (cap)
