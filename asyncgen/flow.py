@@ -75,6 +75,12 @@ class EndpointStats(msgspec.Struct, frozen=True):
     tpm_limit: float | None
 
 
+def _delay(rpm: RateBucket | None, tpm: RateBucket | None, tokens: float, now: float) -> float:
+    """Seconds until one request of ``tokens`` fits both budgets (absent ones always fit)."""
+    delay = 0.0 if rpm is None else rpm.delay(1.0, now)
+    return delay if tpm is None else max(delay, tpm.delay(tokens, now))
+
+
 class _Endpoint:
     __slots__ = (
         "down_since",
@@ -157,7 +163,7 @@ class FlowControl:
     ) -> Lease | float:
         """A lease to send now, or seconds to wait before asking again."""
         tokens = self.estimate.reserve(prompt_estimate, max_output)
-        wait = self._global_delay(tokens, now)
+        wait = _delay(self._rpm, self._tpm, tokens, now)
         if wait > 0:
             return wait
         best: _Endpoint | None = None
@@ -166,40 +172,25 @@ class FlowControl:
         for index, ep in enumerate(self._endpoints):
             if not ep.up or ep.outstanding >= max(1, int(ep.window)):
                 continue
-            delay = max(ep.paused_until - now, self._endpoint_delay(ep, tokens, now))
+            delay = max(ep.paused_until - now, _delay(ep.rpm, ep.tpm, tokens, now))
             if delay > 0:
                 wait = min(wait, delay)
             elif best is None or (ep.tokens, ep.outstanding) < (best.tokens, best.outstanding):
                 best, best_index = ep, index
         if best is None:
             return wait
-        for bucket, units in ((self._rpm, 1.0), (self._tpm, tokens)):
-            if bucket is not None:
-                bucket.charge(units, now)
-        for bucket, units in ((best.rpm, 1.0), (best.tpm, tokens)):
+        for bucket, units in (
+            (self._rpm, 1.0),
+            (self._tpm, tokens),
+            (best.rpm, 1.0),
+            (best.tpm, tokens),
+        ):
             if bucket is not None:
                 bucket.charge(units, now)
         best.outstanding += 1
         best.tokens += tokens
         best.requests += 1
         return Lease(best_index, tokens, prompt_estimate, now)
-
-    def _global_delay(self, tokens: float, now: float) -> float:
-        delay = 0.0
-        if self._rpm is not None:
-            delay = self._rpm.delay(1.0, now)
-        if self._tpm is not None:
-            delay = max(delay, self._tpm.delay(tokens, now))
-        return delay
-
-    @staticmethod
-    def _endpoint_delay(ep: _Endpoint, tokens: float, now: float) -> float:
-        delay = 0.0
-        if ep.rpm is not None:
-            delay = ep.rpm.delay(1.0, now)
-        if ep.tpm is not None:
-            delay = max(delay, ep.tpm.delay(tokens, now))
-        return delay
 
     # --- feedback -----------------------------------------------------------------------------
 
