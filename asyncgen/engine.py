@@ -504,6 +504,8 @@ class Engine:
     async def _intake(self, senders: asyncio.TaskGroup) -> None:
         assert self._store is not None
         ledger = self._store.ledger
+        template = self._template.name if self._template is not None else None
+        samples = self.config.samples
         for path in self._paths:
             reader = self._reader = ShardReader(path)
             while not self._stopping:
@@ -526,6 +528,11 @@ class Engine:
                     if self._stopping:
                         return
                     self._lines_read += 1
+                    if template is not None and ledger.persona_line_done(
+                        line.shard, line.lineno, template, samples
+                    ):
+                        self._skipped += samples  # resuming: done lines are not even parsed
+                        continue
                     try:
                         items = self._expander.expand(line)
                     except InputError as exc:

@@ -78,6 +78,12 @@ class _IdSet:
             bitmap[byte] |= bit
             self._count += 1
 
+    def has_persona(self, shard: str, line: int, template: str, sample: int) -> bool:
+        """``f"{shard}:{line}:{template}:{sample}" in self``, without building the string."""
+        bitmap = self._bitmaps.get((shard, template, str(sample)))
+        byte = line >> 3
+        return bitmap is not None and byte < len(bitmap) and bool(bitmap[byte] >> (line & 7) & 1)
+
     def __len__(self) -> int:
         return self._count
 
@@ -116,6 +122,11 @@ class Ledger:
             return Claim.DUPLICATE
         self._pending.add(custom_id)
         return Claim.SEND
+
+    def persona_line_done(self, shard: str, line: int, template: str, samples: int) -> bool:
+        """Did an earlier run commit every sample of this persona line? Then the line need not
+        even be decoded: its ids are known from where it is."""
+        return all(self._recovered.has_persona(shard, line, template, s) for s in range(samples))
 
     def recover(self, ids: Iterable[str]) -> None:
         """Mark ids an earlier run made durable."""

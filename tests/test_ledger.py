@@ -87,3 +87,17 @@ def test_matches_a_plain_set_on_random_ids() -> None:
             ledger.recover([custom_id])
             reference.add(custom_id)
     assert ledger.committed == len(reference)
+
+
+def test_persona_line_done_needs_every_sample_from_an_earlier_run() -> None:
+    ledger = Ledger()
+    ledger.recover(["p:7:math:0", "p:7:math:1", "p:8:math:0", "p:9:npc:0", "p:9:npc:1"])
+    assert ledger.persona_line_done("p", 7, "math", 2)
+    assert not ledger.persona_line_done("p", 8, "math", 2), "sample 1 is missing"
+    assert ledger.persona_line_done("p", 8, "math", 1)
+    assert not ledger.persona_line_done("p", 9, "math", 1), "another template"
+    assert not ledger.persona_line_done("q", 7, "math", 1), "another shard"
+    assert not ledger.persona_line_done("p", 10_000, "math", 1)
+    ledger.claim("p:10:math:0")
+    ledger.commit(["p:10:math:0"])
+    assert not ledger.persona_line_done("p", 10, "math", 1), "this run's ids are not skipped"
