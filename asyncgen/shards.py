@@ -25,7 +25,7 @@ _READ_CHUNK = 1 << 20
 class FrameWriter:
     """Appends compressed frames to one file; each :meth:`append` is durable when it returns."""
 
-    def __init__(self, path: Path, *, level: int = 3) -> None:
+    def __init__(self, path: Path, *, level: int = 1) -> None:
         self.path = path
         self._compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -89,7 +89,6 @@ class Store:
         self._writers: dict[str, FrameWriter] = {}
         self._ledger_writer: FrameWriter | None = None
         self._encoder = msgspec.json.Encoder()
-        self._buf = bytearray()
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -252,24 +251,15 @@ class Store:
             if not records:
                 continue
             writer = self._writer(kind)
-            buf = self._buf
-            buf.clear()
-            for record in records:
-                self._encoder.encode_into(record, buf, len(buf))
-                buf.extend(b"\n")
-            end = writer.append(bytes(buf))
+            end = writer.append(self._encoder.encode_lines(records))
             entries.append(_Entry(writer.path.name, end, [r.custom_id for r in records]))
         ids: list[str] = []
         if entries:
-            buf = self._buf
-            buf.clear()
             for entry in entries:
-                self._encoder.encode_into(entry, buf, len(buf))
-                buf.extend(b"\n")
                 self._count(entry.file, len(entry.ids))
                 ids.extend(_ledger_keys(entry.file, entry.ids))
             assert self._ledger_writer is not None
-            self._ledger_writer.append(bytes(buf))
+            self._ledger_writer.append(self._encoder.encode_lines(entries))
         return ids
 
     def _log(self, file: str, end: int, ids: list[str]) -> None:
