@@ -508,9 +508,12 @@ class Engine:
         samples = self.config.samples
         for path in self._paths:
             reader = self._reader = ShardReader(path)
+            # Resuming: lines whose every item is done are counted by the reader, never decoded.
+            done = ledger.done_lines(reader.shard, template, samples) if template else None
             while not self._stopping:
+                before = reader.skipped
                 try:
-                    batch = await asyncio.to_thread(reader.read_batch, _READ_BATCH)
+                    batch = await asyncio.to_thread(reader.read_batch, _READ_BATCH, done)
                 except InputError as exc:
                     if self.config.strict:
                         raise
@@ -522,17 +525,18 @@ class Engine:
                         b"",
                     )
                     break
+                finally:
+                    passed = reader.skipped - before
+                    self._lines_read += passed
+                    self._skipped += passed * samples
                 if not batch:
+                    if passed:
+                        continue
                     break
                 for line in batch:
                     if self._stopping:
                         return
                     self._lines_read += 1
-                    if template is not None and ledger.persona_line_done(
-                        line.shard, line.lineno, template, samples
-                    ):
-                        self._skipped += samples  # resuming: done lines are not even parsed
-                        continue
                     try:
                         items = self._expander.expand(line)
                     except InputError as exc:

@@ -78,11 +78,43 @@ class _IdSet:
             bitmap[byte] |= bit
             self._count += 1
 
-    def has_persona(self, shard: str, line: int, template: str, sample: int) -> bool:
-        """``f"{shard}:{line}:{template}:{sample}" in self``, without building the string."""
-        bitmap = self._bitmaps.get((shard, template, str(sample)))
-        byte = line >> 3
-        return bitmap is not None and byte < len(bitmap) and bool(bitmap[byte] >> (line & 7) & 1)
+    def lines_with_all(self, shard: str, template: str, samples: int) -> bytes | None:
+        """Bitmap of the lines ``l`` for which ``{shard}:{l}:{template}:{s}`` is in the set
+        for every sample ``s < samples``."""
+        maps = [self._bitmaps.get((shard, template, str(s))) for s in range(samples)]
+        present = [m for m in maps if m is not None]
+        if not present or len(present) < len(maps):
+            return None
+        size = min(len(m) for m in present)
+        both = -1
+        for m in present:
+            both &= int.from_bytes(m[:size], "little")
+        return both.to_bytes(size, "little")
+
+    def update(self, ids: Iterable[str]) -> None:
+        """Add many ids. Fast for runs of persona ids of one (shard, template, sample), as
+        ledger entries hold them: those differ only in the line number between a fixed
+        prefix and suffix, so only that number needs checking."""
+        prefix = suffix = ""
+        bitmap = bytearray()
+        for custom_id in ids:
+            if prefix and custom_id.startswith(prefix) and custom_id.endswith(suffix):
+                digits = custom_id[len(prefix) : len(custom_id) - len(suffix)]
+                if _canonical(digits):
+                    line = int(digits)
+                    byte, bit = line >> 3, 1 << (line & 7)
+                    if byte >= len(bitmap):
+                        bitmap.extend(bytes(max(byte + 1 - len(bitmap), len(bitmap) // 2)))
+                    if not bitmap[byte] & bit:
+                        bitmap[byte] |= bit
+                        self._count += 1
+                    continue
+            self.add(custom_id)
+            split = self._split(custom_id)
+            if split is not None:
+                (shard, template, sample), _ = split
+                prefix, suffix = f"{shard}:", f":{template}:{sample}"
+                bitmap = self._bitmaps[(shard, template, sample)]
 
     def __len__(self) -> int:
         return self._count
@@ -123,15 +155,15 @@ class Ledger:
         self._pending.add(custom_id)
         return Claim.SEND
 
-    def persona_line_done(self, shard: str, line: int, template: str, samples: int) -> bool:
-        """Did an earlier run commit every sample of this persona line? Then the line need not
-        even be decoded: its ids are known from where it is."""
-        return all(self._recovered.has_persona(shard, line, template, s) for s in range(samples))
+    def done_lines(self, shard: str, template: str, samples: int) -> bytes | None:
+        """A bitmap by line number of the persona lines of ``shard`` an earlier run committed
+        every sample of (None: no such line). Those lines need not even be decoded: their
+        ids are known from where they are."""
+        return self._recovered.lines_with_all(shard, template, samples)
 
     def recover(self, ids: Iterable[str]) -> None:
         """Mark ids an earlier run made durable."""
-        for custom_id in ids:
-            self._recovered.add(custom_id)
+        self._recovered.update(ids)
 
     def commit(self, ids: Iterable[str]) -> None:
         """Mark ids this run claimed as durable."""

@@ -100,19 +100,38 @@ class ShardReader:
         self.position = 0
         """Bytes of the (possibly compressed) file consumed so far."""
         self._lineno = 0
+        self.skipped = 0
+        """Lines passed over because ``read_batch`` was told they are done."""
         self._failure: InputError | None = None
         self._lines = self._iter_lines()
 
-    def read_batch(self, n: int) -> list[Line]:
-        """Up to ``n`` lines; an empty list at the end. Raises :class:`InputError`."""
+    def read_batch(self, n: int, done: bytes | None = None) -> list[Line]:
+        """Up to ``n`` lines; an empty list at the end. Raises :class:`InputError`.
+
+        ``done`` is a bitmap by line number of lines not to hand out (a resumed job's finished
+        work): they are only counted, in :attr:`skipped`. A batch may then hold fewer than
+        ``n`` lines; it is returned after ``16 * n`` lines at most, so a caller stays in touch.
+        """
         if self._failure is not None:
             raise self._failure
         batch: list[Line] = []
         path = str(self.path)
+        budget = 16 * n
         try:
             for raw in self._lines:
                 self._lineno += 1
-                batch.append(Line(path, self.shard, self._lineno, raw))
+                lineno = self._lineno
+                if (
+                    done is not None
+                    and lineno >> 3 < len(done)
+                    and done[lineno >> 3] >> (lineno & 7) & 1
+                ):
+                    self.skipped += 1
+                    budget -= 1
+                    if budget <= 0:
+                        break
+                    continue
+                batch.append(Line(path, self.shard, lineno, raw))
                 if len(batch) >= n:
                     break
         except InputError as exc:

@@ -89,15 +89,49 @@ def test_matches_a_plain_set_on_random_ids() -> None:
     assert ledger.committed == len(reference)
 
 
-def test_persona_line_done_needs_every_sample_from_an_earlier_run() -> None:
+def bits(bitmap: bytes | None) -> set[int]:
+    if bitmap is None:
+        return set()
+    return {i for i in range(len(bitmap) * 8) if bitmap[i >> 3] >> (i & 7) & 1}
+
+
+def test_done_lines_need_every_sample_from_an_earlier_run() -> None:
     ledger = Ledger()
     ledger.recover(["p:7:math:0", "p:7:math:1", "p:8:math:0", "p:9:npc:0", "p:9:npc:1"])
-    assert ledger.persona_line_done("p", 7, "math", 2)
-    assert not ledger.persona_line_done("p", 8, "math", 2), "sample 1 is missing"
-    assert ledger.persona_line_done("p", 8, "math", 1)
-    assert not ledger.persona_line_done("p", 9, "math", 1), "another template"
-    assert not ledger.persona_line_done("q", 7, "math", 1), "another shard"
-    assert not ledger.persona_line_done("p", 10_000, "math", 1)
+    ledger.recover(["p:30:math:1", "p:3:math:0"])
+    assert bits(ledger.done_lines("p", "math", 2)) == {7}, "8 and 3 lack sample 1"
+    assert bits(ledger.done_lines("p", "math", 1)) == {3, 7, 8}
+    assert bits(ledger.done_lines("p", "npc", 2)) == {9}
+    assert ledger.done_lines("p", "npc", 3) is None
+    assert ledger.done_lines("q", "math", 1) is None, "another shard"
     ledger.claim("p:10:math:0")
     ledger.commit(["p:10:math:0"])
-    assert not ledger.persona_line_done("p", 10, "math", 1), "this run's ids are not skipped"
+    assert 10 not in bits(ledger.done_lines("p", "math", 1)), "this run's ids are not skipped"
+
+
+def test_bulk_recover_matches_a_plain_set() -> None:
+    import random
+
+    rng = random.Random(11)
+    shards = ["p", "p:q", "a:1", ""]
+    lines = ["0", "1", "01", "17", "9999", "\u0663", "", "x"]
+    tails = ["math:0", "math:1", "m:0", "0:0", "math", ":"]
+
+    def near_id() -> str:
+        return f"{rng.choice(shards)}:{rng.choice(lines)}:{rng.choice(tails)}"
+
+    ledger, reference = Ledger(), set()
+    for _ in range(400):
+        shard, tail = rng.choice(shards), rng.choice(tails)
+        batch = [f"{shard}:{rng.randint(0, 3000)}:{tail}" for _ in range(rng.randint(0, 30))]
+        batch += [near_id() for _ in range(rng.randint(0, 3))]
+        rng.shuffle(batch)
+        ledger.recover(batch)
+        reference.update(batch)
+    probes = list(reference)[:2000] + [near_id() for _ in range(2000)]
+    probes += [
+        f"{rng.choice(shards)}:{rng.randint(0, 3000)}:{rng.choice(tails)}" for _ in range(2000)
+    ]
+    for custom_id in probes:
+        assert ledger.is_committed(custom_id) == (custom_id in reference), custom_id
+    assert ledger.committed == len(reference)

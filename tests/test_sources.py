@@ -107,3 +107,26 @@ def test_long_lines_span_chunks_and_a_limit_applies(
     assert [line.lineno for line in reader.read_batch(10)] == [1]
     with pytest.raises(InputError, match="line 2 is longer than 2 MiB"):
         reader.read_batch(10)
+
+
+def test_read_batch_passes_over_done_lines(tmp_path: Path) -> None:
+    lines = [f'{{"persona": "p{i}"}}'.encode() for i in range(1, 101)]
+    lines[49] = b""  # a blank line keeps its number
+    path = write_shard(tmp_path / "s.jsonl.zst", lines)
+    done = bytearray(13)
+    for n in range(1, 96):  # everything but 96..100 is done
+        done[n >> 3] |= 1 << (n & 7)
+    reader = ShardReader(path)
+    first = reader.read_batch(2, bytes(done))
+    assert [line.lineno for line in first] == []  # 32 lines passed: the batch comes back early
+    assert reader.skipped == 32
+    got = list(first)
+    while True:  # as the engine does: an empty batch that passed lines is not the end
+        before = reader.skipped
+        batch = reader.read_batch(2, bytes(done))
+        if not batch and reader.skipped == before:
+            break
+        got.extend(batch)
+    assert [line.lineno for line in got] == [96, 97, 98, 99, 100]
+    assert reader.skipped == 94  # 95 done numbers, one of them the blank line
+    assert got[0].raw == b'{"persona": "p96"}'
