@@ -10,7 +10,15 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
-__all__ = ["Claim", "Ledger", "bad_line_key"]
+__all__ = ["Claim", "Ledger", "Run", "bad_line_key", "pack_ids"]
+
+Run = tuple[str, str, str, int, bytes]
+"""``(shard, template, sample, base, bitmap)``: persona ids ``{shard}:{base + i}:{template}:
+{sample}`` for each bit ``i`` set in ``bitmap`` (little-endian bit order; ``base`` is a
+multiple of 8). A compact form of many ids, for the ledger file."""
+
+_RUN_GAP = 256  # lines apart that end a run: a bitmap over a long gap would waste bytes
+_RUN_MIN = 8  # fewer ids than this stay strings
 
 
 class Claim(enum.Enum):
@@ -41,7 +49,8 @@ class _IdSet:
         self._count = 0
 
     @staticmethod
-    def _split(custom_id: str) -> tuple[tuple[str, str, str], int] | None:
+    def split(custom_id: str) -> tuple[tuple[str, str, str], int] | None:
+        """``((shard, template, sample), line)`` of a persona id, or None."""
         parts = custom_id.rsplit(":", 3)
         if len(parts) != 4:
             return None
@@ -51,7 +60,7 @@ class _IdSet:
         return (shard, template, sample), int(line)
 
     def __contains__(self, custom_id: str) -> bool:
-        split = self._split(custom_id)
+        split = self.split(custom_id)
         if split is None:
             return custom_id in self._strings
         key, line = split
@@ -60,7 +69,7 @@ class _IdSet:
         return bitmap is not None and byte < len(bitmap) and bool(bitmap[byte] >> (line & 7) & 1)
 
     def add(self, custom_id: str) -> None:
-        split = self._split(custom_id)
+        split = self.split(custom_id)
         if split is None:
             if custom_id not in self._strings:
                 self._strings.add(custom_id)
@@ -91,6 +100,20 @@ class _IdSet:
             both &= int.from_bytes(m[:size], "little")
         return both.to_bytes(size, "little")
 
+    def add_run(self, run: Run) -> None:
+        shard, template, sample, base, bits = run
+        bitmap = self._bitmaps.get((shard, template, sample))
+        if bitmap is None:
+            bitmap = self._bitmaps[(shard, template, sample)] = bytearray()
+        start = base >> 3
+        stop = start + len(bits)
+        if stop > len(bitmap):
+            bitmap.extend(bytes(max(stop - len(bitmap), len(bitmap) // 2)))
+        old = int.from_bytes(bitmap[start:stop], "little")
+        new = old | int.from_bytes(bits, "little")
+        bitmap[start:stop] = new.to_bytes(stop - start, "little")
+        self._count += new.bit_count() - old.bit_count()
+
     def update(self, ids: Iterable[str]) -> None:
         """Add many ids. Fast for runs of persona ids of one (shard, template, sample), as
         ledger entries hold them: those differ only in the line number between a fixed
@@ -110,7 +133,7 @@ class _IdSet:
                         self._count += 1
                     continue
             self.add(custom_id)
-            split = self._split(custom_id)
+            split = self.split(custom_id)
             if split is not None:
                 (shard, template, sample), _ = split
                 prefix, suffix = f"{shard}:", f":{template}:{sample}"
@@ -118,6 +141,40 @@ class _IdSet:
 
     def __len__(self) -> int:
         return self._count
+
+
+def pack_ids(ids: Iterable[str]) -> tuple[list[str], list[Run]]:
+    """Split ids into runs of nearby persona ids (as bitmaps) and the rest (as they are).
+
+    ``recover(rest)`` plus ``recover_runs(runs)`` marks exactly the ids given.
+    """
+    rest: list[str] = []
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for custom_id in ids:
+        split = _IdSet.split(custom_id)
+        if split is None:
+            rest.append(custom_id)
+        else:
+            groups.setdefault(split[0], []).append(split[1])
+    runs: list[Run] = []
+    for (shard, template, sample), lines in groups.items():
+        lines.sort()
+        first = 0
+        for i in range(1, len(lines) + 1):
+            if i < len(lines) and lines[i] - lines[i - 1] <= _RUN_GAP:
+                continue
+            chunk = lines[first:i]
+            first = i
+            if len(chunk) < _RUN_MIN:
+                rest.extend(f"{shard}:{line}:{template}:{sample}" for line in chunk)
+                continue
+            base = chunk[0] & ~7
+            bits = bytearray((chunk[-1] - base) // 8 + 1)
+            for line in chunk:
+                offset = line - base
+                bits[offset >> 3] |= 1 << (offset & 7)
+            runs.append((shard, template, sample, base, bytes(bits)))
+    return rest, runs
 
 
 def _canonical(digits: str) -> bool:
@@ -164,6 +221,11 @@ class Ledger:
     def recover(self, ids: Iterable[str]) -> None:
         """Mark ids an earlier run made durable."""
         self._recovered.update(ids)
+
+    def recover_runs(self, runs: Iterable[Run]) -> None:
+        """Mark the ids of :func:`pack_ids` runs an earlier run made durable."""
+        for run in runs:
+            self._recovered.add_run(run)
 
     def commit(self, ids: Iterable[str]) -> None:
         """Mark ids this run claimed as durable."""

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from .errors import OutputError
-from .ledger import Ledger, bad_line_key
+from .ledger import Ledger, bad_line_key, pack_ids
 from .records import BadLine, Result
 from .shards import ZSTD_MAGIC, FrameWriter, repair_tail, scan_frames
 
@@ -46,9 +46,17 @@ DEFAULT_SHARD_BYTES = 512 << 20
 
 
 class _Entry(msgspec.Struct, array_like=True):
+    """One ledger line: ``file`` holds these ids in its bytes before ``end``. Persona ids
+    are mostly packed into ``runs`` (bitmaps; see :func:`asyncgen.ledger.pack_ids`), so a
+    job with a billion results resumes without parsing a billion strings."""
+
     file: str
     end: int
     ids: list[str]
+    runs: list[tuple[str, str, str, int, bytes]] = []
+
+    def count(self) -> int:
+        return len(self.ids) + sum(int.from_bytes(r[4], "little").bit_count() for r in self.runs)
 
 
 class _IdView(msgspec.Struct):
@@ -180,8 +188,9 @@ class Store:
                 valid_end = end
                 for line in payload.splitlines():
                     entry = _decode_or_refuse(_entry_decoder, line, ledger_path)
-                    self._count(entry.file, len(entry.ids))
+                    self._count(entry.file, entry.count())
                     self.ledger.recover(_ledger_keys(entry.file, entry.ids))
+                    self.ledger.recover_runs(entry.runs)
                     ends[entry.file] = max(ends.get(entry.file, 0), entry.end)
             self.recovered_bytes += repair_tail(ledger_path, valid_end)
         missing = sorted(f for f in ends if not (self.root / f).is_file())
@@ -247,24 +256,23 @@ class Store:
             groups["failures" if r.error is not None else "results"].append(r)
         groups["errors"].extend(bad_lines)
         entries: list[_Entry] = []
+        ids: list[str] = []
         for kind, records in groups.items():
             if not records:
                 continue
             writer = self._writer(kind)
             end = writer.append(self._encoder.encode_lines(records))
-            entries.append(_Entry(writer.path.name, end, [r.custom_id for r in records]))
-        ids: list[str] = []
+            entries.append(_entry(writer.path.name, end, [r.custom_id for r in records]))
+            self._count(writer.path.name, len(records))
+            ids.extend(_ledger_keys(writer.path.name, [r.custom_id for r in records]))
         if entries:
-            for entry in entries:
-                self._count(entry.file, len(entry.ids))
-                ids.extend(_ledger_keys(entry.file, entry.ids))
             assert self._ledger_writer is not None
             self._ledger_writer.append(self._encoder.encode_lines(entries))
         return ids
 
     def _log(self, file: str, end: int, ids: list[str]) -> None:
         assert self._ledger_writer is not None
-        self._ledger_writer.append(self._encoder.encode(_Entry(file, end, ids)) + b"\n")
+        self._ledger_writer.append(self._encoder.encode(_entry(file, end, ids)) + b"\n")
 
     def _writer(self, kind: str) -> FrameWriter:
         writer = self._writers.get(kind)
@@ -295,6 +303,13 @@ class Store:
     def __repr__(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in self.counts.items())
         return f"<Store {self.root} {counts}>"
+
+
+def _entry(file: str, end: int, ids: list[str]) -> _Entry:
+    if file.startswith("errors-"):
+        return _Entry(file, end, ids)  # bad-line ids are not persona ids
+    rest, runs = pack_ids(ids)
+    return _Entry(file, end, rest, runs)
 
 
 def _ledger_keys(file: str, ids: list[str]) -> list[str]:

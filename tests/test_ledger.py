@@ -135,3 +135,26 @@ def test_bulk_recover_matches_a_plain_set() -> None:
     for custom_id in probes:
         assert ledger.is_committed(custom_id) == (custom_id in reference), custom_id
     assert ledger.committed == len(reference)
+
+
+def test_pack_ids_round_trips_exactly() -> None:
+    import random
+
+    from asyncgen.ledger import pack_ids
+
+    rng = random.Random(5)
+    ids = [f"s:{n}:math:0" for n in rng.sample(range(1, 5000), 1500)]  # runs with gaps
+    ids += [f"s:{n}:math:1" for n in (3, 900, 90_000)]  # too few for a run
+    ids += ["s:07:math:0", "batch-42", "a:b", "x:1:y:z", "s:0:math:0"]
+    rest, runs = pack_ids(ids)
+    assert len(rest) < 20 and runs
+    assert all(base % 8 == 0 for *_, base, _ in runs)
+    assert sum(len(bits) for *_, bits in runs) < 1500  # far smaller than the strings
+    ledger = Ledger()
+    ledger.recover(rest)
+    ledger.recover_runs(runs)
+    assert ledger.committed == len(set(ids))
+    for custom_id in ids:
+        assert ledger.is_committed(custom_id), custom_id
+    for near in ("s:5001:math:0", "s:4:math:1", "s:7:math:0", "batch-4"):
+        assert ledger.is_committed(near) == (near in ids), near

@@ -233,3 +233,32 @@ def test_a_tail_torn_inside_the_frame_magic_is_cut(tmp_path: Path) -> None:
     assert store.ledger.committed == 1
     store.close()
     assert shard.stat().st_size == size
+
+
+def test_ledger_packs_persona_ids_and_reads_the_plain_form_too(tmp_path: Path) -> None:
+    import msgspec
+
+    out = tmp_path / "out"
+    store = open_store(out)
+    records = [result(n) for n in range(1, 3001)]
+    records.append(msgspec.structs.replace(result(0), custom_id="custom-7"))
+    store.commit(records)
+    store.close()
+    with open(out / "ledger.zst", "rb") as f:
+        data = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True).read()
+    entry = msgspec.json.decode(data.splitlines()[0])
+    assert entry[2] == ["custom-7"] and len(entry[3]) == 1, "3000 ids in one bitmap run"
+    assert len(data) < 1000
+    # A ledger line in the plain form (ids only) still reads.
+    with open(out / "ledger.zst", "ab") as f:
+        plain = msgspec.json.encode([entry[0], entry[1], ["s:9999:math:0"]]) + b"\n"
+        f.write(zstandard.ZstdCompressor().compress(plain))
+    store = open_store(out)
+    try:
+        for n in [*range(1, 3001), 9999]:
+            assert store.ledger.is_committed(f"s:{n}:math:0"), n
+        assert store.ledger.is_committed("custom-7")
+        assert not store.ledger.is_committed("s:3001:math:0")
+        assert store.counts["results"] == 3002
+    finally:
+        store.close()
