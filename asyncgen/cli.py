@@ -306,6 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     mock_module.add_arguments(mock)
 
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark a serving deployment: latency (TTFT, TPOT, ITL), throughput, goodput",
+        description="Send a workload at a fixed or Poisson rate, or in a closed loop, to an "
+        "OpenAI-compatible endpoint (vllm serve, OpenAI, a gateway) and report throughput, "
+        "goodput and latency percentiles. Latencies count from each request's scheduled "
+        "send time, so waiting in the client is included (no coordinated omission).",
+        epilog="Exit status: 0 finished; 1 no measured request succeeded; 2 usage or "
+        "endpoint error; 130 interrupted (the report covers what finished).",
+    )
+    from . import bench as bench_module
+
+    bench_module.add_arguments(bench)
+
     sub.add_parser("prompts", help="list the shipped prompt templates")
     return parser
 
@@ -423,6 +437,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import mock as mock_module
 
             return mock_module.main_from_args(args)
+        if args.command == "bench":
+            from . import bench as bench_module
+
+            typed = sys.argv[1:] if argv is None else list(argv)
+            return bench_module.main_from_args(args, ["asyncgen", *typed])
         if args.command == "demo":
             from .demo import run_demo
 

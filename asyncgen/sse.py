@@ -274,12 +274,14 @@ class StreamAssembler:
         "_reasoning",
         "_reasoning_content",
         "_text",
+        "_token_chunks",
         "_usage",
     )
 
     def __init__(self) -> None:
         self._done = False
         self._chunks = 0
+        self._token_chunks = 0
         self._choice_seen = False
         self._chat = False
         self._got_token = False
@@ -317,6 +319,13 @@ class StreamAssembler:
         """JSON chunks added so far (``[DONE]`` not counted)."""
         return self._chunks
 
+    @property
+    def token_chunks(self) -> int:
+        """Chunks so far that carried generated output (text, reasoning or a tool call piece)
+        for choice 0. A chunk may hold several tokens; the role, finish and usage chunks
+        hold none. What a benchmark times inter-token gaps by."""
+        return self._token_chunks
+
     def add(self, payload: str) -> None:
         """Take one event payload. Raises StreamServerError for an error chunk and StreamError
         for a payload after ``[DONE]``, invalid JSON or a chunk of the wrong shape."""
@@ -342,6 +351,7 @@ class StreamAssembler:
             if chunk.usage is None:
                 raise StreamError(f"chunk {self._chunks} has neither choices nor usage")
             return
+        carried = False
         for choice in chunk.choices:
             if choice.index:
                 continue
@@ -353,33 +363,34 @@ class StreamAssembler:
                 # do in a non-streamed reply.
                 if (piece := delta.content) is not None:
                     self._content.append(piece)
-                    if piece:
-                        self._got_token = True
+                    carried = carried or bool(piece)
                 if (piece := delta.reasoning_content) is not None:
                     self._reasoning_content.append(piece)
-                    if piece:
-                        self._got_token = True
+                    carried = carried or bool(piece)
                 if (piece := delta.reasoning) is not None:
                     self._reasoning.append(piece)
-                    if piece:
-                        self._got_token = True
-                if delta.tool_calls:
-                    self._add_tool_calls(delta.tool_calls)
+                    carried = carried or bool(piece)
+                if delta.tool_calls and self._add_tool_calls(delta.tool_calls):
+                    carried = True
             if (piece := choice.text) is not None:
                 self._text.append(piece)
-                if piece:
-                    self._got_token = True
+                carried = carried or bool(piece)
             if choice.finish_reason is not None:
                 self._finish_reason = choice.finish_reason
+        if carried:
+            self._got_token = True
+            self._token_chunks += 1
 
-    def _add_tool_calls(self, deltas: list[_ToolCallDelta]) -> None:
+    def _add_tool_calls(self, deltas: list[_ToolCallDelta]) -> bool:
+        """Merge the deltas; True when they carried a piece of a call."""
+        carried = False
         for delta in deltas:
             call = self._calls.get(delta.index)
             if call is None:
                 call = self._calls[delta.index] = _ToolCall()
             if delta.id:
                 call.id = delta.id
-                self._got_token = True
+                carried = True
             if delta.type:
                 call.type = delta.type
             function = delta.function
@@ -387,10 +398,11 @@ class StreamAssembler:
                 # Pieces are appended, names included, as OpenAI's SDK merges them.
                 if function.name:
                     call.name.append(function.name)
-                    self._got_token = True
+                    carried = True
                 if function.arguments:
                     call.arguments.append(function.arguments)
-                    self._got_token = True
+                    carried = True
+        return carried
 
     def completion(self) -> Completion:
         """The assembled completion. Raises StreamIncomplete unless the stream got as far as

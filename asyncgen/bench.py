@@ -1,0 +1,986 @@
+"""``asyncgen bench``: a serving benchmark against an OpenAI-compatible deployment.
+
+The benchmark decides every request's *scheduled* send time before it starts (fixed intervals
+or Poisson arrivals at ``rate``) and measures latencies from that time, not from when the client
+got round to sending: a request that waits for a concurrency slot, or behind a late event loop,
+is charged for the wait (no coordinated omission), and the wait is reported on its own as
+queueing time. Without a rate it is a closed loop: ``concurrency`` requests in flight, each
+scheduled the moment a slot frees.
+
+::
+
+    async with Bench(BenchConfig(base_url=..., model=..., rate=20.0)) as bench:
+        result = await bench.run()
+    print(format_report(result.report))
+
+The statistics are in :mod:`asyncgen.benchstats`; this module builds the workload, keeps the
+schedule and times the requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import math
+import os
+import random
+import re
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import msgspec
+
+from . import __version__
+from .benchstats import SLO_METRICS, Report, RequestRecord, format_report, summarize
+from .errors import AsyncgenError, ConfigError, ConnectError, RequestTimeout, TransportError
+from .items import Expander
+from .prompts import Template, available_templates, load_template
+from .records import Completion
+from .retry import interpret
+from .sources import ShardReader, expand_inputs
+from .sse import SSEParser, StreamAssembler, StreamError, StreamIncomplete, StreamServerError
+from .transport import AiohttpTransport, Transport
+
+__all__ = [
+    "Bench",
+    "BenchConfig",
+    "BenchProgress",
+    "BenchResult",
+    "add_arguments",
+    "arrival_offsets",
+    "config_from_args",
+    "main_from_args",
+    "result_document",
+    "run_cli",
+]
+
+_PATHS = {"chat": "/chat/completions", "completions": "/completions"}
+_RESERVED_BODY = frozenset({"model", "messages", "prompt", "stream", "n"})
+_POOL = 10_000
+"""Distinct prompts rendered from input files; more requests cycle through them."""
+_MAX_REQUESTS = 10_000_000
+_DEFAULT_INPUT_LEN, _DEFAULT_OUTPUT_LEN = 256, 128
+_encode = msgspec.json.encode
+# Short, common words: about one token each (with the leading space) in the usual BPE
+# vocabularies, so N words make a prompt of about N tokens.
+_VOCABULARY = (
+    "the of and to in is was for on are with as at be by this had not but from or have an they"
+    " which one you were her all she there would their we him been has when who will more no if"
+    " out so said what up its about into than them can only other new some could time these two"
+    " may then do first any my now such like our over man me even most made after also did many"
+    " before must through back years where much your way well down should because each just"
+    " those people how too little state good very make world still own see men work long get"
+    " here between both life being under never day same another know while last might us great"
+    " old year off come since against go came right used take three"
+)
+_WORDS = tuple(_VOCABULARY.split())
+
+
+class BenchConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """What to send, how fast, and when to stop. Times are in seconds."""
+
+    base_url: str
+    model: str | None = None
+    """None: the first model the endpoint lists under ``GET /models``."""
+    endpoint: Literal["chat", "completions"] | None = None
+    """None: the template's, or chat for synthetic prompts."""
+    prompt: str | None = None
+    """A template name or path; then ``inputs`` are persona shards rendered through it."""
+    inputs: list[str] = []
+    persona_field: str = "persona"
+    input_len: int | None = None
+    """Synthetic prompts of random words, about this many tokens (default 256)."""
+    output_len: int | None = None
+    """Sets ``max_tokens`` (default 128 for synthetic prompts)."""
+    ignore_eos: bool = False
+    max_tokens: int | None = None
+    extra_body: dict[str, Any] = {}
+    rate: float | None = None
+    """Requests per second; None for a closed loop at ``concurrency``."""
+    poisson: bool = False
+    concurrency: int | None = None
+    """Requests in flight at most; None: unlimited with a rate, else 64."""
+    num_requests: int | None = None
+    """Measured requests (warmup comes on top); with neither this nor ``duration``, 200."""
+    duration: float | None = None
+    """Seconds of measured arrivals; with ``num_requests``, whichever ends first."""
+    warmup: int = 0
+    stream: bool = True
+    timeout: float = 600.0
+    seed: int = 0
+    slo: dict[str, float] = {}
+    check_endpoint: bool = True
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.model is None or bool(self.model), "the model name is empty"),
+            (
+                self.model is not None or self.check_endpoint,
+                "--no-check needs --model (the model is otherwise picked from GET /models)",
+            ),
+            (self.prompt is None or bool(self.inputs), "--prompt needs --input files"),
+            (self.prompt is not None or not self.inputs, "--input needs --prompt"),
+            (
+                self.prompt is None or self.input_len is None,
+                "--input-len is for synthetic "
+                "prompts; with --prompt the prompts come from the inputs",
+            ),
+            (self.input_len is None or self.input_len >= 1, "--input-len must be at least 1"),
+            (self.output_len is None or self.output_len >= 1, "--output-len must be at least 1"),
+            (self.max_tokens is None or self.max_tokens >= 1, "--max-tokens must be at least 1"),
+            (
+                self.output_len is None or self.max_tokens is None,
+                "--output-len sets max_tokens; give --output-len or --max-tokens, not both",
+            ),
+            (self.rate is None or 0 < self.rate < math.inf, "--rate must be a positive number"),
+            (not self.poisson or self.rate is not None, "--poisson needs --rate"),
+            (self.concurrency is None or self.concurrency >= 1, "--concurrency must be >= 1"),
+            (self.num_requests is None or self.num_requests >= 1, "--num-requests must be >= 1"),
+            (self.duration is None or 0 < self.duration < math.inf, "--duration must be > 0"),
+            (self.warmup >= 0, "--warmup must not be negative"),
+            (0 < self.timeout < math.inf, "--timeout must be positive"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        reserved = sorted(_RESERVED_BODY & self.extra_body.keys())
+        if reserved:
+            raise ConfigError(
+                f"--extra-body may not set {', '.join(reserved)} (use --model, --no-stream)"
+            )
+        for metric, bound in self.slo.items():
+            if metric not in SLO_METRICS:
+                raise ConfigError(
+                    f"--slo {metric}: unknown metric; known: {', '.join(SLO_METRICS)}"
+                )
+            if not 0 < bound < math.inf:
+                raise ConfigError(f"--slo {metric}: the bound must be a positive number of seconds")
+            if metric != "e2e" and not self.stream:
+                raise ConfigError(f"--slo {metric} needs streaming (drop --no-stream)")
+
+    @property
+    def total(self) -> int | None:
+        """Requests to send, warmup included; None when only the duration bounds them."""
+        if self.num_requests is None and self.duration is not None:
+            return None
+        return self.warmup + (self.num_requests or 200)
+
+    @property
+    def max_tokens_sent(self) -> int | None:
+        """``max_tokens`` in each request, unless a template sets its own."""
+        sent = self.max_tokens or self.output_len
+        return sent or (_DEFAULT_OUTPUT_LEN if self.prompt is None else None)
+
+    @property
+    def max_in_flight(self) -> int | None:
+        if self.concurrency is not None:
+            return self.concurrency
+        return None if self.rate is not None else 64
+
+
+def arrival_offsets(
+    rate: float,
+    *,
+    poisson: bool,
+    total: int | None,
+    warmup: int = 0,
+    duration: float | None = None,
+    rng: random.Random | None = None,
+) -> list[float]:
+    """Scheduled send times, in seconds from the start: every ``1/rate``, or with exponential
+    gaps of mean ``1/rate``. Stops after ``total`` or once ``duration`` seconds have passed
+    since the first request after the ``warmup`` ones, whichever comes first."""
+    if total is None and duration is None:
+        raise ValueError("give total or duration")
+    rng = rng or random.Random(0)
+    offsets: list[float] = []
+    t = 0.0
+    for i in itertools.count():
+        if total is not None and i >= total:
+            break
+        if duration is not None and i > warmup and t - offsets[warmup] >= duration:
+            break
+        if i >= _MAX_REQUESTS:
+            raise ConfigError(f"more than {_MAX_REQUESTS} requests scheduled; lower the rate")
+        offsets.append(t)
+        t = t + rng.expovariate(rate) if poisson else (i + 1) / rate
+    return offsets
+
+
+# --- workload -------------------------------------------------------------------------------
+
+
+class _Workload:
+    """The request bodies, encoded ahead of their send time."""
+
+    def __init__(self, config: BenchConfig, model: str, count: int | None) -> None:
+        self._seed = config.seed
+        self._bodies: list[bytes] = []
+        self.skipped = 0
+        self.first_error: str | None = None
+        overrides: dict[str, Any] = {}
+        max_tokens = config.max_tokens_sent
+        if max_tokens is not None:
+            overrides["max_tokens"] = max_tokens
+        if config.ignore_eos:
+            overrides["ignore_eos"] = True
+        overrides.update(config.extra_body)
+        if config.stream:
+            overrides["stream"] = True
+            options = overrides.get("stream_options")
+            overrides["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+        self._overrides = overrides
+        self._model = model
+        self.input_len = config.input_len or _DEFAULT_INPUT_LEN
+        self.endpoint: str = config.endpoint or "chat"
+        if config.prompt is None:
+            return
+        template = load_template(config.prompt)
+        if config.endpoint is not None and config.endpoint != template.endpoint:
+            raise ConfigError(
+                f"template {template.name!r} is for the {template.endpoint} endpoint, "
+                f"not {config.endpoint}"
+            )
+        self.endpoint = template.endpoint
+        self._load(config, template, min(count or _POOL, _POOL))
+
+    def _load(self, config: BenchConfig, template: Template, wanted: int) -> None:
+        expander = Expander(
+            template,
+            model=self._model,
+            persona_field=config.persona_field,
+            overrides=self._overrides,
+        )
+        for path in expand_inputs(config.inputs):
+            reader = ShardReader(path)
+            while len(self._bodies) < wanted and (batch := reader.read_batch(256)):
+                for line in batch:
+                    try:
+                        (item,) = expander.expand(line)
+                    except AsyncgenError as exc:
+                        self.skipped += 1
+                        self.first_error = self.first_error or str(exc)
+                        continue
+                    self._bodies.append(_encode(item.body))
+                    if len(self._bodies) >= wanted:
+                        break
+            if len(self._bodies) >= wanted:
+                break
+        if not self._bodies:
+            raise ConfigError(
+                "no usable input line in "
+                + ", ".join(config.inputs)
+                + (f" (first problem: {self.first_error})" if self.first_error else "")
+            )
+
+    @property
+    def path(self) -> str:
+        return _PATHS[self.endpoint]
+
+    def body(self, index: int) -> bytes:
+        """The encoded body of request ``index``: rendered inputs in turn, or random words
+        that are the same for the same seed and index."""
+        if self._bodies:
+            return self._bodies[index % len(self._bodies)]
+        rng = random.Random(f"{self._seed}:{index}")
+        text = " ".join(rng.choices(_WORDS, k=self.input_len))
+        body: dict[str, Any] = {"model": self._model}
+        if self.endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": text}]
+        else:
+            body["prompt"] = text
+        body.update(self._overrides)
+        return _encode(body)
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+class BenchProgress(NamedTuple):
+    elapsed: float
+    done: int
+    failed: int
+    in_flight: int
+
+
+class BenchResult(NamedTuple):
+    model: str
+    endpoint: str
+    report: Report
+    records: list[RequestRecord]
+    """Every finished request, warmup included, by index."""
+    interrupted: bool
+    skipped_inputs: int
+
+
+class _ModelId(msgspec.Struct):
+    id: str
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_ModelId]
+
+
+class _Failure(Exception):
+    """A request that ended without a completion; kept as a record, never raised further."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Bench:
+    """One benchmark run. An async context manager that owns its transport unless given one."""
+
+    def __init__(
+        self,
+        config: BenchConfig,
+        *,
+        api_key: str | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.config = config
+        self._own_transport = transport is None
+        self._transport: Transport = transport or AiohttpTransport(
+            config.base_url, api_key=api_key, limit=config.max_in_flight or 0
+        )
+        self._records: list[RequestRecord] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._t0: float | None = None
+        self._in_flight = self._failed = self._next = 0
+        self._measure_start: float | None = None
+        self._stopping = self._started = False
+
+    def __repr__(self) -> str:
+        p = self.progress()
+        return (
+            f"<Bench {self._transport.base_url} done={p.done} failed={p.failed} "
+            f"in_flight={p.in_flight} stopping={self._stopping}>"
+        )
+
+    async def __aenter__(self) -> Bench:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._own_transport:
+            await self._transport.aclose()
+
+    def progress(self) -> BenchProgress:
+        elapsed = 0.0 if self._t0 is None else self._now()
+        return BenchProgress(elapsed, len(self._records), self._failed, self._in_flight)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def stop(self) -> None:
+        """Send nothing more and abandon the requests in flight; ``run`` reports the rest."""
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def run(self) -> BenchResult:
+        if self._started:
+            raise RuntimeError("a Bench runs once")
+        self._started = True
+        config = self.config
+        served = await self.check_endpoint() if config.check_endpoint else None
+        model = config.model
+        if model is None:
+            if not served:
+                raise ConfigError("no --model given and the endpoint lists no model to pick")
+            model = served[0]
+        workload = await asyncio.to_thread(_Workload, config, model, config.total)
+        offsets = None
+        if config.rate is not None:
+            rng = random.Random(f"{config.seed}:arrivals")
+            offsets = arrival_offsets(
+                config.rate,
+                poisson=config.poisson,
+                total=config.total,
+                warmup=config.warmup,
+                duration=config.duration,
+                rng=rng,
+            )
+        self._t0 = time.perf_counter()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if offsets is not None:
+                    self._spawn(tg, self._open_loop(tg, workload, offsets))
+                else:
+                    for _ in range(config.max_in_flight or 1):
+                        self._spawn(tg, self._closed_loop(workload))
+        except BaseExceptionGroup as group:
+            # A refused key or an unknown model stops the run: one error, not a group.
+            errors = [e for e in group.exceptions if isinstance(e, AsyncgenError)]
+            if errors and len(errors) == len(group.exceptions):
+                raise errors[0] from None
+            raise
+        records = sorted(self._records, key=lambda r: r.index)
+        return BenchResult(
+            model,
+            workload.endpoint,
+            summarize(records, slo=config.slo),
+            records,
+            self._stopping,
+            workload.skipped,
+        )
+
+    async def check_endpoint(self) -> list[str] | None:
+        """``GET /models``: fail fast on an unreachable endpoint, a refused key or a model
+        the endpoint does not serve. Returns the served models when it lists them."""
+        url = self._transport.base_url
+        try:
+            async with asyncio.timeout(min(30.0, self.config.timeout)):
+                resp = await self._transport.get("/models")
+        except TimeoutError as exc:
+            raise RequestTimeout(f"endpoint {url} did not answer GET /models in time") from exc
+        except TransportError as exc:
+            raise ConnectError(f"cannot reach endpoint {url}: {exc}") from exc
+        if resp.status in (401, 403):
+            raise ConfigError(
+                f"endpoint {url} refused the API key (HTTP {resp.status}); "
+                "check the variable named by --api-key-env"
+            )
+        if resp.status == 404:
+            raise ConfigError(
+                f"endpoint {url} has no /models (HTTP 404): is the base URL right? "
+                "OpenAI-compatible servers answer under /v1, as in http://HOST:8000/v1 "
+                "(--no-check skips this check)"
+            )
+        try:
+            served = [m.id for m in msgspec.json.decode(resp.body, type=_ModelList).data]
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return None
+        model = self.config.model
+        if resp.status == 200 and model is not None and model not in served:
+            listed = ", ".join(served[:10]) + (", ..." if len(served) > 10 else "")
+            raise ConfigError(
+                f"model {model!r} is not served by {url}; it serves: {listed or 'nothing'} "
+                "(--no-check skips this check)"
+            )
+        return served
+
+    def _spawn(self, tg: asyncio.TaskGroup, coro: Any) -> None:
+        task = tg.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _now(self) -> float:
+        """Seconds since the start, to the microsecond. The clock is perf_counter, not the
+        loop's: uvloop's ticks in milliseconds, too coarse for inter-token gaps."""
+        assert self._t0 is not None
+        return round(time.perf_counter() - self._t0, 6)
+
+    async def _open_loop(
+        self, tg: asyncio.TaskGroup, workload: _Workload, offsets: list[float]
+    ) -> None:
+        limit = self.config.max_in_flight
+        slots = asyncio.Semaphore(limit) if limit is not None else None
+        for index, offset in enumerate(offsets):
+            if self._stopping:
+                return
+            body = workload.body(index)  # before the due time, so it costs nothing measured
+            delay = offset - self._now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if slots is not None:
+                # Gate before spawning: later arrivals wait here, in order, and their
+                # latency clock (the scheduled time) is already running.
+                await slots.acquire()
+            self._spawn(tg, self._request(index, offset, body, workload.path, slots))
+
+    async def _closed_loop(self, workload: _Workload) -> None:
+        config = self.config
+        total = config.total
+        while not self._stopping:
+            index = self._next
+            if total is not None and index >= total:
+                return
+            start, limit = self._measure_start, config.duration
+            if start is not None and limit is not None and self._now() - start >= limit:
+                return
+            self._next += 1
+            body = workload.body(index)
+            scheduled = self._now()
+            if index == config.warmup:
+                self._measure_start = scheduled
+            await self._request(index, scheduled, body, workload.path, None)
+
+    async def _request(
+        self,
+        index: int,
+        scheduled: float,
+        body: bytes,
+        path: str,
+        slots: asyncio.Semaphore | None,
+    ) -> None:
+        self._in_flight += 1
+        try:
+            record = await self._timed(index, scheduled, body, path)
+        finally:
+            self._in_flight -= 1
+            if slots is not None:
+                slots.release()
+        self._records.append(record)
+        if record.error is not None:
+            self._failed += 1
+            status = record.status
+            if status in (401, 403, 404):
+                what = "refused the API key" if status != 404 else "does not know the model or URL"
+                raise ConfigError(
+                    f"endpoint {self._transport.base_url} {what}: HTTP {status} to POST {path}: "
+                    f"{record.message}; stopping, since every request would get the same answer"
+                )
+
+    async def _timed(self, index: int, scheduled: float, body: bytes, path: str) -> RequestRecord:
+        config = self.config
+        record = RequestRecord(
+            index=index, warmup=index < config.warmup, scheduled=scheduled, sent=self._now(), end=0
+        )
+        try:
+            async with asyncio.timeout(config.timeout):
+                if config.stream:
+                    completion = await self._streamed(path, body, record)
+                else:
+                    completion = await self._plain(path, body, record)
+        except _Failure as exc:
+            record.error, record.message = exc.kind, str(exc)[:500]
+        except TimeoutError:
+            record.error, record.message = "timeout", f"not complete after {config.timeout:g}s"
+        except TransportError as exc:
+            record.error, record.message = "connection_error", str(exc)[:500]
+        record.end = self._now()
+        if record.error is None:
+            usage = completion.usage
+            record.prompt_tokens = usage.prompt_tokens if usage else None
+            record.output_tokens = usage.completion_tokens if usage else None
+            if not record.output_tokens:  # no usage: count chunks, or estimate from the text
+                record.output_tokens = len(record.token_times) or _estimate_tokens(completion)
+        return record
+
+    async def _plain(self, path: str, body: bytes, record: RequestRecord) -> Completion:
+        resp = await self._transport.post(path, body)
+        record.status = resp.status
+        outcome = interpret(resp.status, resp.body)
+        if outcome.completion is None:
+            assert outcome.error is not None
+            kind = f"http_{resp.status}" if resp.status != 200 else outcome.error.code
+            raise _Failure(kind, outcome.error.message)
+        return outcome.completion
+
+    async def _streamed(self, path: str, body: bytes, record: RequestRecord) -> Completion:
+        """The completion; the arrival of each chunk carrying output goes to
+        ``record.token_times`` (chunks read from the network together share a time, as the
+        client saw them)."""
+        parser, assembler = SSEParser(), StreamAssembler()
+        token_times = record.token_times = []
+        try:
+            async with self._transport.stream(path, body) as reply:
+                record.status = status = reply.status
+                if status != 200:
+                    outcome = interpret(status, await reply.read())
+                    raise _Failure(f"http_{status}", outcome.error.message if outcome.error else "")
+                async for data in reply.chunks():
+                    now = self._now()
+                    for payload in parser.feed(data):
+                        before = assembler.token_chunks
+                        assembler.add(payload)
+                        if assembler.token_chunks != before:
+                            token_times.append(now)
+            parser.close()
+            return assembler.completion()
+        except StreamServerError as exc:
+            raise _Failure(exc.error.code, exc.error.message) from None
+        except StreamIncomplete as exc:
+            if not assembler.chunks:  # not cut: it never was an event stream
+                raise _Failure("malformed_response", f"200 without events: {exc}") from None
+            raise _Failure("stream_cut", f"the stream ended early: {exc}") from None
+        except StreamError as exc:
+            raise _Failure("malformed_response", f"bad event stream: {exc}") from None
+        except ConnectError as exc:
+            if record.status == 200:  # the reply had begun: the stream was cut
+                raise _Failure("stream_cut", str(exc)) from None
+            raise
+
+
+def _estimate_tokens(completion: Completion) -> int:
+    """Output tokens at about four characters each, for replies without ``usage``."""
+    choice = completion.choices[0]
+    text = (choice.message.content if choice.message else None) or choice.text or ""
+    return max(1, len(text) // 4) if text else 0
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _slo(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    name = name.strip().lower()
+    name = "e2e" if name == "e2el" else name
+    if not sep or name not in SLO_METRICS:
+        raise argparse.ArgumentTypeError(
+            f"expected METRIC=SECONDS with METRIC one of {', '.join(SLO_METRICS)}, got {text!r}"
+        )
+    return name, _positive_float(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``asyncgen bench`` flags."""
+    g = parser.add_argument_group("endpoint")
+    g.add_argument(
+        "--base-url",
+        metavar="URL",
+        help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 "
+        "(default: $OPENAI_BASE_URL)",
+    )
+    g.add_argument("--model", "-m", help="model name (default: the first one GET /models lists)")
+    g.add_argument(
+        "--endpoint",
+        choices=("chat", "completions"),
+        help="/v1/chat/completions or /v1/completions (default: the template's, else chat)",
+    )
+    g.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="VAR",
+        help="environment variable holding the API key (default: %(default)s); "
+        "the key is never printed or stored",
+    )
+    g.add_argument("--no-check", action="store_true", help="skip the start-up GET /models check")
+    g.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="a request not complete after this long counts as failed: timeout "
+        "(default: %(default)s)",
+    )
+    g = parser.add_argument_group("workload")
+    g.add_argument(
+        "--prompt",
+        "-p",
+        metavar="NAME|PATH",
+        help="render prompts from this template ("
+        + ", ".join(available_templates())
+        + ", or a .toml path) and the --input persona shards",
+    )
+    g.add_argument(
+        "--input",
+        "-i",
+        nargs="+",
+        action="extend",
+        metavar="FILE",
+        help="persona shards for --prompt (.jsonl, .jsonl.zst or globs); cycled when "
+        "there are fewer lines than requests",
+    )
+    g.add_argument(
+        "--persona-field",
+        default="persona",
+        metavar="FIELD",
+        help="input field holding the persona (default: %(default)s)",
+    )
+    g.add_argument(
+        "--input-len",
+        type=_positive_int,
+        metavar="N",
+        help="without --prompt: synthetic prompts of random words, about N tokens (default: 256)",
+    )
+    g.add_argument(
+        "--output-len",
+        type=_positive_int,
+        metavar="N",
+        help="max_tokens of each request (default for synthetic prompts: 128); with "
+        "--ignore-eos every reply has exactly N tokens",
+    )
+    g.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help='send vLLM\'s "ignore_eos": true, so generation runs to max_tokens',
+    )
+    g.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        metavar="N",
+        help="max_tokens of each request (overrides the template's)",
+    )
+    g.add_argument(
+        "--extra-body",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help='extra request fields, e.g. \'{"temperature": 0, "top_k": 20}\'',
+    )
+    g.add_argument(
+        "--no-stream",
+        dest="stream",
+        action="store_false",
+        help="plain requests instead of server-sent events (no TTFT, TPOT or ITL then)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed for prompts and arrivals (default: 0)")
+    g = parser.add_argument_group("load and length")
+    g.add_argument(
+        "--rate",
+        type=_positive_float,
+        metavar="R",
+        help="R requests per second, at fixed intervals (default: no rate, a closed loop "
+        "keeping --concurrency requests in flight)",
+    )
+    g.add_argument(
+        "--poisson",
+        action="store_true",
+        help="with --rate: exponential inter-arrival times of mean 1/R (a Poisson process)",
+    )
+    g.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        metavar="N",
+        help="requests in flight at most (default: unlimited with --rate, else 64); "
+        "arrivals beyond it wait, and the wait counts in their latency",
+    )
+    g.add_argument(
+        "--num-requests",
+        "-n",
+        type=_positive_int,
+        metavar="N",
+        help="measured requests to send (default: 200 unless --duration is given)",
+    )
+    g.add_argument(
+        "--duration",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="send measured requests for this long (with --num-requests, whichever "
+        "ends first), then wait for those in flight",
+    )
+    g.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="send N requests first, under the same load, and leave them out of the "
+        "statistics (default: 0)",
+    )
+    g = parser.add_argument_group("report")
+    g.add_argument(
+        "--slo",
+        type=_slo,
+        action="append",
+        default=[],
+        metavar="METRIC=SECONDS",
+        help="a service-level objective for goodput, repeatable: ttft=0.5, tpot=0.05, "
+        "e2e=10; goodput counts completed requests within all of them per second",
+    )
+    g.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write every figure, the configuration and the command line as JSON",
+    )
+    g.add_argument(
+        "--save-requests",
+        metavar="PATH",
+        help="write one JSON line per request (timings in seconds from the start)",
+    )
+    g.add_argument(
+        "--progress-interval",
+        type=_positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds between progress lines on stderr (default: %(default)s)",
+    )
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL")
+    if not base_url:
+        raise ConfigError("give the endpoint with --base-url (or set OPENAI_BASE_URL)")
+    return BenchConfig(
+        base_url=base_url,
+        model=args.model,
+        endpoint=args.endpoint,
+        prompt=args.prompt,
+        inputs=list(args.input or []),
+        persona_field=args.persona_field,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        ignore_eos=args.ignore_eos,
+        max_tokens=args.max_tokens,
+        extra_body=args.extra_body,
+        rate=args.rate,
+        poisson=args.poisson,
+        concurrency=args.concurrency,
+        num_requests=args.num_requests,
+        duration=args.duration,
+        warmup=args.warmup,
+        stream=args.stream,
+        timeout=args.timeout,
+        seed=args.seed,
+        slo=dict(args.slo),
+        check_endpoint=not args.no_check,
+    )
+
+
+_USERINFO = re.compile(r"(?i)\b(https?://)[^/@\s]*@")
+
+
+def _redact(text: str) -> str:
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def _writable(path: str | None, flag: str) -> None:
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise ConfigError(f"{flag} {path}: the directory does not exist")
+
+
+def result_document(result: BenchResult, config: BenchConfig, argv: Sequence[str]) -> Any:
+    """What ``--json`` writes: the figures, the configuration, version and command line."""
+    settings = msgspec.to_builtins(config)
+    # The values in effect, defaults resolved, so runs compare without knowing the defaults.
+    settings.update(
+        base_url=_redact(config.base_url),
+        model=result.model,
+        endpoint=result.endpoint,
+        concurrency=config.max_in_flight,
+        num_requests=None if config.total is None else config.total - config.warmup,
+        max_tokens=config.max_tokens_sent,
+    )
+    if config.prompt is None:
+        settings["input_len"] = config.input_len or _DEFAULT_INPUT_LEN
+    command = [_redact(arg) for arg in argv]
+    return {
+        "asyncgen_version": __version__,
+        "command": command,
+        "command_line": shlex.join(command),
+        "created": time.time(),
+        "interrupted": result.interrupted,
+        "config": settings,
+        "results": msgspec.to_builtins(result.report),
+    }
+
+
+async def run_cli(
+    config: BenchConfig,
+    *,
+    api_key: str | None,
+    progress_interval: float = 5.0,
+    quiet: bool = False,
+) -> BenchResult:
+    """Run the benchmark with progress lines on stderr; Ctrl-C or SIGTERM ends it early with
+    what has finished (a second one at once)."""
+    err = sys.stderr
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    async with Bench(config, api_key=api_key) as bench:
+
+        def on_signal() -> None:
+            if bench.stopping:
+                main_task.cancel()
+                return
+            err.write("asyncgen bench: interrupted; reporting what has finished\n")
+            bench.stop()
+
+        async def report_progress() -> None:
+            while True:
+                await asyncio.sleep(progress_interval)
+                p = bench.progress()
+                rate = p.done / p.elapsed if p.elapsed else 0.0
+                err.write(
+                    f"asyncgen bench: {p.elapsed:.1f}s  {p.done} done ({p.failed} failed)  "
+                    f"{p.in_flight} in flight  {rate:.1f} req/s\n"
+                )
+                err.flush()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal)
+        progress = None if quiet else asyncio.create_task(report_progress())
+        try:
+            return await bench.run()
+        finally:
+            if progress is not None:
+                progress.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await progress
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+
+def main_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``asyncgen bench``: the report on stdout; ``argv`` is the command line as typed, kept
+    in the JSON. Exit status 0, or 1 when no measured request succeeded, or 130 when
+    interrupted (the report covers what finished)."""
+    config = config_from_args(args)
+    _writable(args.json, "--json")
+    _writable(args.save_requests, "--save-requests")
+    coro = run_cli(
+        config,
+        api_key=os.environ.get(args.api_key_env) or None,
+        progress_interval=args.progress_interval,
+        quiet=args.quiet,
+    )
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        result = asyncio.run(coro)
+    else:
+        result = uvloop.run(coro)
+    if result.skipped_inputs:
+        print(f"asyncgen bench: skipped {result.skipped_inputs} bad input lines", file=sys.stderr)
+    title = f"asyncgen bench: {result.model} at {_redact(config.base_url)}"
+    print(format_report(result.report, title=title), flush=True)
+    if args.json is not None:
+        document = result_document(result, config, argv)
+        Path(args.json).write_bytes(msgspec.json.format(_encode(document)) + b"\n")
+    if args.save_requests is not None:
+        with open(args.save_requests, "wb") as f:
+            for record in result.records:
+                f.write(_encode(record) + b"\n")
+    if result.interrupted:
+        return 130
+    return 0 if result.report.completed or not result.report.requests else 1
