@@ -8,10 +8,10 @@ and, when no budget paces the endpoint, 429s, at most once per round trip), and 
 breaker (ejected after consecutive failures, re-admitted by a successful probe).
 
 :meth:`FlowControl.try_acquire` answers with a :class:`Lease` (send now, to this endpoint) or
-the seconds to wait before asking again (``math.inf``: until something is released or an
-endpoint comes back). :meth:`FlowControl.release` takes the :class:`Feedback` of the attempt.
-No clock and no I/O here: the caller passes ``now``; :class:`~asyncgen.gate.Gate` is the
-async shell.
+a :class:`Wait`: the seconds until a budget or a pause allows one, and whether a release (or
+a re-admitted endpoint) could allow one sooner. :meth:`FlowControl.release` takes the
+:class:`Feedback` of the attempt. No clock and no I/O here: the caller passes ``now``;
+:class:`~asyncgen.gate.Gate` is the async shell.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import msgspec
 from .hints import RateLimitHints
 from .limits import RateBucket, TokenEstimate
 
-__all__ = ["EndpointStats", "Feedback", "FlowControl", "Lease", "Signal"]
+__all__ = ["EndpointStats", "Feedback", "FlowControl", "Lease", "Signal", "Wait"]
 
 
 class Signal(enum.Enum):
@@ -47,6 +47,14 @@ class Feedback(NamedTuple):
     retry_after: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+
+
+class Wait(NamedTuple):
+    """No lease now: ask again after ``seconds`` (``math.inf``: not before a change), or as
+    soon as an attempt is released or an endpoint re-admitted, if ``on_release``."""
+
+    seconds: float
+    on_release: bool
 
 
 class Lease(NamedTuple):
@@ -132,8 +140,10 @@ class FlowControl:
     EJECT_AFTER = 5
     """Consecutive failures (5xx, timeouts, broken replies) that eject an endpoint; a refused
     connection ejects it at once."""
-    PROBE_MIN = 0.5
-    PROBE_MAX = 10.0
+    PROBE_MIN = 0.25
+    PROBE_MAX = 2.0
+    """Probe intervals double from the first to the second; a probe is one small GET, and a
+    replica that comes back should not sit idle for long."""
 
     def __init__(
         self,
@@ -158,19 +168,19 @@ class FlowControl:
 
     # --- acquiring ----------------------------------------------------------------------------
 
-    def try_acquire(
-        self, now: float, prompt_estimate: int, max_output: int | None
-    ) -> Lease | float:
-        """A lease to send now, or seconds to wait before asking again."""
+    def try_acquire(self, now: float, prompt_estimate: int, max_output: int | None) -> Lease | Wait:
+        """A lease to send now, or how long to wait before asking again."""
         tokens = self.estimate.reserve(prompt_estimate, max_output)
         wait = _delay(self._rpm, self._tpm, tokens, now)
         if wait > 0:
-            return wait
+            return Wait(wait, False)
         best: _Endpoint | None = None
         best_index = -1
         wait = math.inf
+        busy = False
         for index, ep in enumerate(self._endpoints):
             if not ep.up or ep.outstanding >= max(1, int(ep.window)):
+                busy = True
                 continue
             delay = max(ep.paused_until - now, _delay(ep.rpm, ep.tpm, tokens, now))
             if delay > 0:
@@ -178,7 +188,7 @@ class FlowControl:
             elif best is None or (ep.tokens, ep.outstanding) < (best.tokens, best.outstanding):
                 best, best_index = ep, index
         if best is None:
-            return wait
+            return Wait(wait, busy)
         for bucket, units in (
             (self._rpm, 1.0),
             (self._tpm, tokens),

@@ -55,13 +55,18 @@ class Gate:
                 decision = self.flow.try_acquire(self._clock(), prompt_estimate, max_output)
                 if isinstance(decision, Lease):
                     return decision
+                if not decision.on_release:
+                    # Only time helps (a budget or a pause): sleep through releases instead of
+                    # waking up to recompute on each of them.
+                    await asyncio.sleep(decision.seconds)
+                    continue
                 self._changed.clear()
                 self.waiting_for_endpoint = not self.flow.any_up
                 try:
-                    if math.isinf(decision):
+                    if math.isinf(decision.seconds):
                         await self._changed.wait()
                     else:
-                        async with asyncio.timeout(decision):
+                        async with asyncio.timeout(decision.seconds):
                             await self._changed.wait()
                 except TimeoutError:
                     pass

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from asyncgen.flow import Feedback, FlowControl, Lease, Signal
+from asyncgen.flow import Feedback, FlowControl, Lease, Signal, Wait
 from asyncgen.hints import Budget, RateLimitHints
 
 OK = Feedback(Signal.OK, prompt_tokens=10, completion_tokens=10)
@@ -36,7 +36,7 @@ def test_a_large_request_counts_more_than_a_small_one() -> None:
 def test_window_limits_and_wait_is_infinite_until_a_release() -> None:
     flow = FlowControl(["a"], concurrency=2)
     first, _ = lease(flow), lease(flow)
-    assert flow.try_acquire(0.0, 10, 32) == math.inf
+    assert flow.try_acquire(0.0, 10, 32) == Wait(math.inf, True)
     flow.release(first, OK, 0.5)
     lease(flow, 0.5)
 
@@ -55,7 +55,9 @@ def test_429_pauses_only_that_endpoint_for_retry_after() -> None:
 def test_all_paused_means_wait_for_the_earliest() -> None:
     flow = FlowControl(["a"], concurrency=8)
     flow.release(lease(flow), Feedback(Signal.THROTTLED, retry_after=1.5), 0.0)
-    assert flow.try_acquire(0.0, 10, 32) == pytest.approx(1.5)
+    wait = flow.try_acquire(0.0, 10, 32)
+    assert isinstance(wait, Wait) and not wait.on_release, "only time helps"
+    assert wait.seconds == pytest.approx(1.5)
     assert isinstance(flow.try_acquire(1.5, 10, 32), Lease)
 
 
@@ -65,9 +67,9 @@ def test_429_without_hint_backs_off_exponentially() -> None:
     for _ in range(4):
         flow.release(lease(flow, now), Feedback(Signal.THROTTLED), now)
         wait = flow.try_acquire(now, 10, 32)
-        assert isinstance(wait, float)
-        waits.append(wait)
-        now += wait
+        assert isinstance(wait, Wait)
+        waits.append(wait.seconds)
+        now += wait.seconds
     assert waits == pytest.approx([0.5, 1.0, 2.0, 4.0])
 
 
@@ -99,10 +101,15 @@ def test_circuit_breaker_ejects_probes_and_readmits() -> None:
     assert len(down) == 1
     assert all(lease(flow, 0.0).endpoint != down[0] for _ in range(5))
     assert flow.probes_due(0.0) == []
-    assert flow.probes_due(0.5) == down
-    flow.probe_result(down[0], False, 0.5)
-    assert flow.probes_due(1.0) == []  # probing backs off
-    assert flow.probes_due(1.5) == down
+    assert flow.probes_due(0.25) == down
+    flow.probe_result(down[0], False, 0.25)
+    assert flow.probes_due(0.5) == []  # probing backs off: 0.5 s now
+    assert flow.probes_due(0.75) == down
+    now = 0.75
+    for _ in range(10):
+        flow.probe_result(down[0], False, now)
+        now += 2.0  # but never to more than two seconds
+        assert flow.probes_due(now) == down
     flow.probe_result(down[0], True, 1.5)
     assert flow.endpoint_stats(1.5)[down[0]].up
     assert flow.endpoint_stats(1.5)[down[0]].ejections == 1
@@ -118,7 +125,7 @@ def test_ejected_after_consecutive_errors_only() -> None:
     assert flow.any_up
     flow.release(lease(flow), Feedback(Signal.ERROR), 0.0)
     assert not flow.any_up
-    assert flow.try_acquire(0.0, 10, 32) == math.inf
+    assert flow.try_acquire(0.0, 10, 32) == Wait(math.inf, True), "a probe may re-admit"
 
 
 def test_rejected_requests_do_not_hurt_the_endpoint() -> None:
@@ -137,7 +144,7 @@ def test_global_rpm_paces_all_endpoints_together() -> None:
             sent += 1
             flow.release(got, OK, now)
         else:
-            now += got
+            now += got.seconds
     assert 100 <= sent <= 106
 
 
@@ -155,7 +162,7 @@ def test_announced_budget_is_learned_per_endpoint() -> None:
             counts[got.endpoint] += 1
             flow.release(got, OK, now)
         else:
-            now += min(got, 0.01)
+            now += min(got.seconds, 0.01)
         if counts[1 - first.endpoint] > 10_000:
             now += 0.01  # b has no budget: keep time moving
     assert counts[first.endpoint] <= 2 * 10 + 2
@@ -168,7 +175,7 @@ def test_remaining_zero_pauses_until_replenished() -> None:
         lease(flow), Feedback(Signal.OK, hints, prompt_tokens=10, completion_tokens=10), 0.0
     )
     wait = flow.try_acquire(0.0, 10, 32)
-    assert wait == pytest.approx(1.0)
+    assert isinstance(wait, Wait) and wait.seconds == pytest.approx(1.0)
 
 
 def test_tpm_reservation_is_corrected_to_usage() -> None:
@@ -178,7 +185,7 @@ def test_tpm_reservation_is_corrected_to_usage() -> None:
     # The reply used far more than reserved: the difference is charged now.
     flow.release(first, Feedback(Signal.OK, prompt_tokens=100, completion_tokens=1_400), 0.0)
     wait = flow.try_acquire(0.0, 100, 32)
-    assert isinstance(wait, float) and wait > 0.9
+    assert isinstance(wait, Wait) and wait.seconds > 0.9 and not wait.on_release
     # A 429 refunds its reservation.
     flow2 = FlowControl(["a"], concurrency=1000, tpm=60_000)
     x = lease(flow2, prompt=300)
