@@ -84,6 +84,7 @@ def _leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException
 _UNUSED = Feedback(Signal.CANCELLED)
 _TIMEOUT = Feedback(Signal.TIMEOUT)
 _ERROR = Feedback(Signal.ERROR)
+_DROPPED = Feedback(Signal.DROPPED)
 _UNREACHABLE = Feedback(Signal.UNREACHABLE)
 
 
@@ -618,7 +619,7 @@ class Engine:
         gate = self._gate
         body = self._encoder.encode(self._request_body(item))
         first = self._clock()
-        attempt = throttled = 0
+        attempt = excused = 0
         lease: Lease | None = first_lease
         while True:
             if lease is None:
@@ -631,7 +632,9 @@ class Engine:
                 outcome, feedback, ttft = await self._attempt(item, body, lease)
             finally:
                 self._in_flight -= 1
-                gate.release(lease, feedback)
+                # The endpoint's failures (429s, outages) do not use up the item's attempts;
+                # the retry deadline bounds them.
+                excused += gate.release(lease, feedback)
                 lease = None
             elapsed = self._clock() - first
             if outcome.completion is not None:
@@ -639,12 +642,9 @@ class Engine:
             assert outcome.error is not None
             if feedback.signal is Signal.THROTTLED:
                 self._throttled += 1
-                throttled += 1
-            elif feedback.signal is Signal.UNREACHABLE:
-                throttled += 1  # never reached a server: not the item's fault either
             delay = (
                 self._policy.next_delay(
-                    attempt, elapsed, feedback.retry_after, self._rng, counted=attempt - throttled
+                    attempt, elapsed, feedback.retry_after, self._rng, counted=attempt - excused
                 )
                 if outcome.retryable
                 else None
@@ -694,7 +694,7 @@ class Engine:
             return Outcome(None, ErrorInfo("timeout", message), True), _TIMEOUT, None
         except ConnectError as exc:
             outcome = Outcome(None, ErrorInfo("connection_error", str(exc)), True)
-            return outcome, _ERROR if exc.sent else _UNREACHABLE, None
+            return outcome, _DROPPED if exc.sent else _UNREACHABLE, None
         except TransportError as exc:
             return Outcome(None, ErrorInfo("connection_error", str(exc)), True), _ERROR, None
         hints = parse_ratelimit(headers) if headers else None

@@ -36,7 +36,8 @@ class Signal(enum.Enum):
     OVERLOADED = "overloaded"  # 503: busy, come back later
     TIMEOUT = "timeout"
     UNREACHABLE = "unreachable"  # no connection: the request never reached the server
-    ERROR = "error"  # 5xx, broken reply or connection lost mid-request
+    DROPPED = "dropped"  # the connection was lost before a complete reply
+    ERROR = "error"  # 5xx or a broken reply
     REJECTED = "rejected"  # a 4xx about the request itself: the endpoint is fine
     CANCELLED = "cancelled"  # the lease was not used, or the attempt was abandoned
 
@@ -204,8 +205,15 @@ class FlowControl:
 
     # --- feedback -----------------------------------------------------------------------------
 
-    def release(self, lease: Lease, feedback: Feedback, now: float) -> None:
-        """Account for a finished attempt and adapt to what it says."""
+    def release(self, lease: Lease, feedback: Feedback, now: float) -> bool:
+        """Account for a finished attempt and adapt to what it says.
+
+        Returns True when the failure is the endpoint's, not the item's, so it should not
+        count against the item's attempts: a rate-limit rejection, no connection at all, or a
+        dropped connection while other requests to the endpoint are failing too (a server
+        going away cuts everything in flight; one request that kills its connection alone
+        still counts, so a request that crashes the server cannot be retried forever).
+        """
         ep = self._endpoints[lease.endpoint]
         ep.outstanding -= 1
         ep.tokens -= lease.tokens
@@ -213,7 +221,7 @@ class FlowControl:
         self._correct_tokens(ep, lease, feedback, now)
         if signal is Signal.CANCELLED:
             ep.requests -= 1
-            return
+            return False
         if feedback.hints is not None:
             self._apply_hints(ep, feedback.hints, lease.tokens, now)
         if signal is Signal.OK:
@@ -239,15 +247,22 @@ class FlowControl:
                 # With one, the pause and the pacing handle it, and shrinking the window
                 # would cap throughput at window / latency for a long time.
                 self._decrease(ep, now)
+            return True
         else:
             ep.failed += 1
             if signal is Signal.OVERLOADED or signal is Signal.TIMEOUT:
                 self._decrease(ep, now)
                 if feedback.retry_after is not None:
                     ep.paused_until = max(ep.paused_until, now + feedback.retry_after)
+            was_up = ep.up
             ep.failures += self.EJECT_AFTER if signal is Signal.UNREACHABLE else 1
             if ep.failures >= self.EJECT_AFTER and ep.up:
                 self._eject(ep, now)
+            if signal is Signal.UNREACHABLE:
+                return True
+            if signal is Signal.DROPPED:
+                return ep.failures >= 2 or not was_up
+        return False
 
     def _correct_tokens(self, ep: _Endpoint, lease: Lease, feedback: Feedback, now: float) -> None:
         prompt, completion = feedback.prompt_tokens, feedback.completion_tokens

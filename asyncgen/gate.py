@@ -73,9 +73,11 @@ class Gate:
                 finally:
                     self.waiting_for_endpoint = False
 
-    def release(self, lease: Lease, feedback: Feedback) -> None:
-        self.flow.release(lease, feedback, self._clock())
+    def release(self, lease: Lease, feedback: Feedback) -> bool:
+        """Return the lease; True if the failure was the endpoint's (see FlowControl.release)."""
+        excused = self.flow.release(lease, feedback, self._clock())
         self._changed.set()
+        return excused
 
     async def probe_forever(self, probe: Probe, *, idle: float = 0.5) -> None:
         """Probe ejected endpoints when due and re-admit those that answer. Runs until

@@ -123,7 +123,9 @@ async def test_unreachable_endpoint_at_start_joins_later(tmp_path: Path) -> None
     port = late.port
     await late.aclose()  # a port nobody listens on, for now
     late = MockServer(MockConfig(latency=0.01), port=port)
-    async with MockServer(MockConfig(latency=0.05)) as up:
+    # 400 items at 32 x 0.2 s take ~2.5 s on the one live endpoint: time for probes to find
+    # the late one (0.25 s, then 0.5 s, 1 s ... apart).
+    async with MockServer(MockConfig(latency=0.2)) as up:
         config = job(tmp_path, [up.base_url, f"http://127.0.0.1:{port}/v1"], [shard])
         async with Engine(config) as engine:
             run = asyncio.create_task(engine.run())

@@ -128,6 +128,29 @@ def test_ejected_after_consecutive_errors_only() -> None:
     assert flow.try_acquire(0.0, 10, 32) == Wait(math.inf, True), "a probe may re-admit"
 
 
+def test_which_failures_count_against_the_item() -> None:
+    flow = FlowControl(["a"], concurrency=16)
+    dropped = Feedback(Signal.DROPPED)
+    assert not flow.release(lease(flow), Feedback(Signal.ERROR), 0.0), "a 500 counts"
+    flow.release(lease(flow), OK, 0.0)
+    # One dropped connection among successes: maybe this request's fault, it counts.
+    assert not flow.release(lease(flow), dropped, 0.0)
+    flow.release(lease(flow), OK, 0.0)
+    assert not flow.release(lease(flow), dropped, 0.0)
+    flow.release(lease(flow), OK, 0.0)
+    # A server going away drops everything in flight: from the second on, the endpoint's fault.
+    storm = [lease(flow) for _ in range(8)]
+    assert [flow.release(x, dropped, 0.0) for x in storm] == [False] + [True] * 7
+    assert not flow.any_up
+    # Rate limits and unreachable endpoints never count.
+    flow.probe_result(0, True, 1.0)
+    assert flow.release(lease(flow, 1.0), Feedback(Signal.THROTTLED, retry_after=0.1), 1.0)
+    assert flow.release(lease(flow, 2.0), Feedback(Signal.UNREACHABLE), 2.0)
+    assert not flow.any_up
+    other = FlowControl(["b"], concurrency=4)
+    assert not other.release(lease(other), Feedback(Signal.TIMEOUT), 0.0), "a timeout counts"
+
+
 def test_rejected_requests_do_not_hurt_the_endpoint() -> None:
     flow = FlowControl(["a"], concurrency=8)
     for _ in range(20):
