@@ -320,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_module.add_arguments(bench)
 
+    personas = sub.add_parser(
+        "personas",
+        help="create, expand, select and deduplicate persona shards",
+        description="Persona shards are JSON lines with a 'persona' field (plain or .zst). "
+        "These commands make them from text (from-text), grow them through relationships "
+        "(expand), pick some (sample, filter), describe them (stats) and remove copies "
+        "(dedup).",
+    )
+    persona_commands = personas.add_subparsers(dest="persona_command", required=True)
+    from . import personatools, pipeline
+
+    pipeline.add_commands(persona_commands)
+    personatools.add_commands(persona_commands)
+
     sub.add_parser("prompts", help="list the shipped prompt templates")
     return parser
 
@@ -429,6 +443,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        handler = getattr(args, "handler", None)
+        if handler is not None:
+            # Subcommands registered by their own modules: handler(args) -> exit status.
+            return int(handler(args))
         if args.command == "prompts":
             for name in available_templates():
                 print(f"{name:18} {load_template(name).description}")
