@@ -7,6 +7,7 @@ times. Persona ids are ``{shard}:{line}:{template}:{sample}``, deterministic fro
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import msgspec
@@ -125,6 +126,12 @@ class Expander:
             raise self._error(line, exc.reason) from exc
         body = {"model": self.model, **rendered, **self.overrides}
         persona = record.get(self.persona_field)
+        persona = persona if isinstance(persona, str) else None
+        digest = (
+            hashlib.sha256(persona.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            if persona is not None
+            else None
+        )
         meta = {k: v for k, v in record.items() if k != self.persona_field}
         est, max_output = _estimate_prompt_tokens(body), _max_output(body)
         prefix = f"{line.shard}:{line.lineno}:{template.name}:"
@@ -135,7 +142,8 @@ class Expander:
                 body=body,
                 source=source,
                 template=template.name,
-                persona=persona if isinstance(persona, str) else None,
+                persona=persona,
+                persona_sha256=digest,
                 meta=meta,
                 est_prompt_tokens=est,
                 max_output_tokens=max_output,

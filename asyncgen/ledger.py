@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
-__all__ = ["Claim", "Ledger", "Run", "bad_line_key", "pack_ids"]
+__all__ = ["Claim", "Ledger", "Redo", "Run", "bad_line_key", "pack_ids"]
 
 Run = tuple[str, str, str, int, bytes]
 """``(shard, template, sample, base, bitmap)``: persona ids ``{shard}:{base + i}:{template}:
@@ -197,15 +197,21 @@ class Ledger:
     :class:`_IdSet`), so a job over a billion personas resumes without a billion strings.
     """
 
-    __slots__ = ("_committed", "_pending", "_recovered")
+    __slots__ = ("_committed", "_pending", "_recovered", "_reopened")
 
     def __init__(self) -> None:
         self._recovered = _IdSet()
         self._committed = _IdSet()
         self._pending: set[str] = set()
+        self._reopened: frozenset[str] = frozenset()
+
+    def reopen(self, ids: Iterable[str]) -> None:
+        """Let a retry run send these recovered ids once more (their records so far are
+        failures, which the new records supersede)."""
+        self._reopened = frozenset(ids)
 
     def claim(self, custom_id: str) -> Claim:
-        if custom_id in self._recovered:
+        if custom_id in self._recovered and custom_id not in self._reopened:
             return Claim.DONE
         if custom_id in self._pending or custom_id in self._committed:
             return Claim.DUPLICATE
@@ -231,7 +237,7 @@ class Ledger:
         """Mark ids this run claimed as durable."""
         for custom_id in ids:
             self._pending.discard(custom_id)
-            if custom_id not in self._recovered:
+            if custom_id not in self._recovered or custom_id in self._reopened:
                 self._committed.add(custom_id)
 
     def release(self, custom_id: str) -> None:
@@ -251,3 +257,34 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"<Ledger committed={self.committed} pending={self.pending}>"
+
+
+class Redo:
+    """The items a retry run sends again (recorded failures), by id and by input line, so
+    the run decodes only the input lines that hold one."""
+
+    __slots__ = ("_lines", "ids")
+
+    def __init__(self, failures: Iterable[tuple[str, str, int]]) -> None:
+        """``failures``: (custom_id, source shard, source line) of each item to retry."""
+        self.ids: set[str] = set()
+        self._lines: dict[str, set[int]] = {}
+        for custom_id, shard, line in failures:
+            self.ids.add(custom_id)
+            self._lines.setdefault(shard, set()).add(line)
+
+    def last_line(self, shard: str) -> int:
+        """The last line of ``shard`` holding an item to retry (0: none)."""
+        lines = self._lines.get(shard)
+        return max(lines) if lines else 0
+
+    def skip_bitmap(self, shard: str) -> bytes:
+        """A bitmap by line number, up to :meth:`last_line`, of the lines *not* to decode."""
+        lines = self._lines.get(shard, set())
+        bits = bytearray(b"\xff" * ((max(lines, default=0) >> 3) + 1))
+        for line in lines:
+            bits[line >> 3] &= ~(1 << (line & 7)) & 0xFF
+        return bytes(bits)
+
+    def __len__(self) -> int:
+        return len(self.ids)

@@ -57,6 +57,7 @@ class WorkItem(msgspec.Struct):
     """Prompt tokens, estimated, for TPM pacing."""
     max_output_tokens: int | None = None
     """The request's output token limit, if it sets one."""
+    persona_sha256: str | None = None
 
 
 class Result(msgspec.Struct):
@@ -80,6 +81,21 @@ class Result(msgspec.Struct):
     tool_calls: list[Any] | None = None
     ttft_s: float | None = None
     """Seconds from sending the successful attempt to its first token (streaming only)."""
+    # provenance
+    started: float | None = None
+    """Unix time of the first attempt (``created``: when the outcome was known)."""
+    endpoint: str | None = None
+    """Base URL of the endpoint that answered last (never credentials or query)."""
+    persona_sha256: str | None = None
+    """First 16 hex digits of the SHA-256 of the persona text (UTF-8)."""
+    template_sha256: str | None = None
+    """First 16 hex digits of the template's content hash (``Template.digest``)."""
+    sampling: dict[str, Any] = {}
+    """The request's parameters other than model, messages and prompt (temperature, ...)."""
+    replaces_failure: bool = False
+    """Set by ``asyncgen retry-failed``: this record supersedes the item's earlier failure."""
+    parsed: Any = None
+    """The decoded reply of a template whose ``[output]`` asks for JSON."""
 
 
 class BadLine(msgspec.Struct):

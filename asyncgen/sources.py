@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -145,7 +145,11 @@ class ShardReader:
         """Number of the last line read (blank lines included)."""
         return self._lineno
 
-    def _iter_lines(self) -> Iterator[bytes]:
+    def close(self) -> None:
+        """Close the file before the end (reading to the end closes it too)."""
+        self._lines.close()
+
+    def _iter_lines(self) -> Generator[bytes, None, None]:
         chunks = self._iter_zstd() if self._is_zstd() else self._iter_plain()
         pending = b""
         partial: list[bytes] = []  # pieces of a line longer than a chunk: joined once, at its end

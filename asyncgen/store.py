@@ -45,7 +45,7 @@ _FORMAT = 1
 DEFAULT_SHARD_BYTES = 512 << 20
 
 
-class _Entry(msgspec.Struct, array_like=True):
+class _Entry(msgspec.Struct, array_like=True, omit_defaults=True):
     """One ledger line: ``file`` holds these ids in its bytes before ``end``. Persona ids
     are mostly packed into ``runs`` (bitmaps; see :func:`asyncgen.ledger.pack_ids`), so a
     job with a billion results resumes without parsing a billion strings."""
@@ -54,6 +54,8 @@ class _Entry(msgspec.Struct, array_like=True):
     end: int
     ids: list[str]
     runs: list[tuple[str, str, str, int, bytes]] = []
+    replaced: int = 0
+    """How many of these records supersede an earlier failure (``asyncgen retry-failed``)."""
 
     def count(self) -> int:
         return len(self.ids) + sum(int.from_bytes(r[4], "little").bit_count() for r in self.runs)
@@ -61,6 +63,7 @@ class _Entry(msgspec.Struct, array_like=True):
 
 class _IdView(msgspec.Struct):
     custom_id: str
+    replaces_failure: bool = False
 
 
 _T = TypeVar("_T")
@@ -88,6 +91,10 @@ class Store:
         self.root = root
         self.ledger = Ledger()
         self.counts = dict.fromkeys(KINDS, 0)
+        """Records per kind in the shards."""
+        self.replaced = 0
+        """Records that supersede an earlier failure: ``counts["failures"] - replaced``
+        failures are still standing."""
         """Records committed per kind, across all runs into this directory."""
         self.recovered_bytes = 0
         """Bytes of torn frames cut off while opening."""
@@ -189,6 +196,7 @@ class Store:
                 for line in payload.splitlines():
                     entry = _decode_or_refuse(_entry_decoder, line, ledger_path)
                     self._count(entry.file, entry.count())
+                    self.replaced += entry.replaced
                     self.ledger.recover(_ledger_keys(entry.file, entry.ids))
                     self.ledger.recover_runs(entry.runs)
                     ends[entry.file] = max(ends.get(entry.file, 0), entry.end)
@@ -226,11 +234,13 @@ class Store:
                 )
             end = known
             for end, payload in scan_frames(path, known):
-                ids = [
-                    _decode_or_refuse(_id_decoder, line, path).custom_id
-                    for line in payload.splitlines()
+                views = [
+                    _decode_or_refuse(_id_decoder, line, path) for line in payload.splitlines()
                 ]
-                self._log(path.name, end, ids)
+                ids = [v.custom_id for v in views]
+                replaced = sum(v.replaces_failure for v in views)
+                self.replaced += replaced
+                self._log(path.name, end, ids, replaced)
                 self._count(path.name, len(ids))
                 self.ledger.recover(_ledger_keys(path.name, ids))
             self.recovered_bytes += repair_tail(path, end)
@@ -262,17 +272,20 @@ class Store:
                 continue
             writer = self._writer(kind)
             end = writer.append(self._encoder.encode_lines(records))
-            entries.append(_entry(writer.path.name, end, [r.custom_id for r in records]))
+            replaced = sum(isinstance(r, Result) and r.replaces_failure for r in records)
+            entries.append(_entry(writer.path.name, end, [r.custom_id for r in records], replaced))
             self._count(writer.path.name, len(records))
+            self.replaced += replaced
             ids.extend(_ledger_keys(writer.path.name, [r.custom_id for r in records]))
         if entries:
             assert self._ledger_writer is not None
             self._ledger_writer.append(self._encoder.encode_lines(entries))
         return ids
 
-    def _log(self, file: str, end: int, ids: list[str]) -> None:
+    def _log(self, file: str, end: int, ids: list[str], replaced: int) -> None:
         assert self._ledger_writer is not None
-        self._ledger_writer.append(self._encoder.encode(_entry(file, end, ids)) + b"\n")
+        entry = _entry(file, end, ids, replaced)
+        self._ledger_writer.append(self._encoder.encode(entry) + b"\n")
 
     def _writer(self, kind: str) -> FrameWriter:
         writer = self._writers.get(kind)
@@ -305,11 +318,11 @@ class Store:
         return f"<Store {self.root} {counts}>"
 
 
-def _entry(file: str, end: int, ids: list[str]) -> _Entry:
+def _entry(file: str, end: int, ids: list[str], replaced: int = 0) -> _Entry:
     if file.startswith("errors-"):
         return _Entry(file, end, ids)  # bad-line ids are not persona ids
     rest, runs = pack_ids(ids)
-    return _Entry(file, end, rest, runs)
+    return _Entry(file, end, rest, runs, replaced)
 
 
 def _ledger_keys(file: str, ids: list[str]) -> list[str]:
