@@ -149,6 +149,15 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
         help="attempts per item before it is recorded as failed (default: %(default)s)",
     )
     g.add_argument(
+        "--max-invalid",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="replies failing the template's [output] checks (JSON schema, prefix, regex) per "
+        "item before it is recorded as failed; counted apart from --max-attempts "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
         "--timeout",
         type=_positive_float,
         default=600.0,
@@ -362,6 +371,7 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
         rpm=args.rpm,
         tpm=args.tpm,
         max_attempts=args.max_attempts,
+        max_invalid=args.max_invalid,
         timeout=args.timeout,
         deadline=args.deadline,
         strict=args.strict,

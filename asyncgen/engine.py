@@ -45,6 +45,7 @@ from .sources import ShardReader, expand_inputs
 from .sse import SSEParser, StreamAssembler, StreamError, StreamIncomplete, StreamServerError
 from .store import Store
 from .transport import AiohttpTransport, Transport
+from .validate import Checked
 
 __all__ = ["DEFAULT_BASE_URL", "Engine", "JobConfig", "Statistics"]
 
@@ -130,6 +131,9 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
     idle_timeout: float = 60.0
     """Streaming: seconds without a byte from the server after which an attempt is retried."""
     max_attempts: int = 6
+    max_invalid: int = 3
+    """Replies failing the template's ``[output]`` checks an item may get before it fails
+    (counted apart from ``max_attempts``)."""
     timeout: float = 600.0
     """Seconds for one attempt (a streamed one included)."""
     deadline: float = 3600.0
@@ -163,6 +167,7 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
                 "the same base URL is given twice",
             ),
             (self.max_attempts >= 1, "max attempts must be at least 1"),
+            (self.max_invalid >= 1, "max invalid must be at least 1"),
             (self.timeout > 0, "timeout must be positive"),
             (self.deadline > 0, "deadline must be positive"),
             (self.rpm is None or self.rpm > 0, "rpm must be positive"),
@@ -619,7 +624,7 @@ class Engine:
         gate = self._gate
         body = self._encoder.encode(self._request_body(item))
         first = self._clock()
-        attempt = excused = 0
+        attempt = excused = invalid = 0
         lease: Lease | None = first_lease
         while True:
             if lease is None:
@@ -638,13 +643,27 @@ class Engine:
                 lease = None
             elapsed = self._clock() - first
             if outcome.completion is not None:
-                return self._success(item, outcome.completion, attempt, elapsed, ttft)
+                checked = self._check_output(item, outcome.completion)
+                if checked.reason is None:
+                    result = self._success(item, outcome.completion, attempt, elapsed, ttft)
+                    result.parsed = checked.parsed
+                    return result
+                # The server answered (flow control saw an OK); the reply is what failed.
+                invalid += 1
+                exhausted = invalid >= self.config.max_invalid
+                reason = f"{invalid} invalid replies, the last: {checked.reason}"
+                error = ErrorInfo("invalid_output", reason if exhausted else checked.reason, 200)
+                outcome = Outcome(None, error, not exhausted)
             assert outcome.error is not None
             if feedback.signal is Signal.THROTTLED:
                 self._throttled += 1
             delay = (
                 self._policy.next_delay(
-                    attempt, elapsed, feedback.retry_after, self._rng, counted=attempt - excused
+                    attempt,
+                    elapsed,
+                    feedback.retry_after,
+                    self._rng,
+                    counted=attempt - excused - invalid,
                 )
                 if outcome.retryable
                 else None
@@ -664,6 +683,20 @@ class Engine:
                 await self._sleep(delay)
             finally:
                 self._retrying -= 1
+
+    def _check_output(self, item: WorkItem, c: Completion) -> Checked:
+        """The template's ``[output]`` checks on a reply (batch lines have none). A reply that
+        fails them still cost tokens, so they are counted here."""
+        spec = self._template.output if self._template is not None else None
+        if spec is None or item.template is None:
+            return Checked(None)
+        choice = c.choices[0]
+        text = choice.message.content if choice.message is not None else choice.text
+        checked = spec.check(text, choice.finish_reason)
+        if checked.reason is not None and c.usage is not None:
+            self._prompt_tokens += c.usage.prompt_tokens or 0
+            self._completion_tokens += c.usage.completion_tokens or 0
+        return checked
 
     def _request_body(self, item: WorkItem) -> dict[str, Any]:
         if not self.config.stream:

@@ -8,7 +8,9 @@ Replies are deterministic: the text is derived from a hash of the model, the pro
 seed, ``usage`` counts whitespace-separated words, and a reply is cut at ``max_tokens`` with
 ``finish_reason="length"``. ``stream: true`` answers with server-sent events like OpenAI and
 vLLM: a role chunk (chat), one chunk per word, a ``finish_reason`` chunk, a usage chunk when
-``stream_options.include_usage`` is set, then ``data: [DONE]``.
+``stream_options.include_usage`` is set, then ``data: [DONE]``. A request with a
+``response_format`` of type ``json_schema`` or ``json_object`` gets JSON that fits it (see
+``asyncgen.mockjson``); ``invalid_json`` makes a share of those replies invalid.
 
 A generation request goes through, in order:
 
@@ -47,6 +49,7 @@ import msgspec
 from aiohttp import web
 
 from .mockbudget import RateBudgets, RunningSlots
+from .mockjson import break_json, requested_schema, sample_json
 
 __all__ = ["MockConfig", "MockServer", "MockStats", "add_arguments", "main_from_args"]
 
@@ -59,6 +62,7 @@ _PROBABILITIES = (
     "malformed",
     "stream_cut",
     "stream_stall",
+    "invalid_json",
 )
 _NON_NEGATIVE = (
     "latency",
@@ -116,6 +120,9 @@ class MockConfig(msgspec.Struct, kw_only=True):
     """Close a stream abruptly after some content (no finish chunk, no ``[DONE]``)."""
     stream_stall: float = 0.0
     """Pause a stream for ``hang_seconds`` after some content, then finish it."""
+    invalid_json: float = 0.0
+    """Share of structured replies (``response_format`` JSON) that are invalid: cut short
+    (``finish_reason`` "length") or missing a field."""
 
     def __post_init__(self) -> None:
         for name in _PROBABILITIES:
@@ -154,6 +161,8 @@ class MockStats(msgspec.Struct, frozen=True):
     completion_tokens: int = 0
     rate_limited: int = 0
     max_running_seen: int = 0
+    invalid_json: int = 0
+    """Complete structured replies that were made invalid on purpose."""
 
 
 _VOCABULARY = (
@@ -222,7 +231,9 @@ class _Reply(NamedTuple):
     finish: str
     prompt_tokens: int
     steps: int
-    """Tokens (words) per choice; the choices are generated side by side."""
+    """Tokens (words) per choice, at most; the choices are generated side by side."""
+    invalid: bool = False
+    """A structured reply made invalid on purpose."""
 
     @property
     def completion_tokens(self) -> int:
@@ -335,6 +346,9 @@ class MockServer:
         self._requested_port = port
         self.port = 0
         self._rng = random.Random(cfg.seed)
+        # Its own stream of draws, so asking for JSON does not shift the other faults.
+        self._invalid_rng = random.Random(f"{cfg.seed}/invalid_json")
+        self._invalid_json = 0
         self._requests = 0
         self._outcomes: Counter[str] = Counter()
         self._routes: Counter[str] = Counter()
@@ -363,6 +377,7 @@ class MockServer:
             completion_tokens=self._completion_tokens,
             rate_limited=self._rate_limited,
             max_running_seen=self._slots.peak,
+            invalid_json=self._invalid_json,
         )
 
     def reset_stats(self) -> None:
@@ -371,6 +386,7 @@ class MockServer:
         self._outcomes.clear()
         self._routes.clear()
         self._prompt_tokens = self._completion_tokens = self._rate_limited = 0
+        self._invalid_json = 0
         self._slots.reset_peak()
         if self._budgets is not None:
             self._budgets.clear()
@@ -521,7 +537,11 @@ class MockServer:
             return "400", _error(
                 400, "n must be an integer between 1 and 128.", "invalid_request_error", None
             )
-        reply = self._reply(model, prompt, chat, limit, n)
+        try:
+            schema = requested_schema(body.get("response_format"))
+        except ValueError as exc:
+            return "400", _error(400, str(exc), "invalid_request_error", None)
+        reply = self._reply(model, prompt, chat, limit, n, schema)
 
         headers: dict[str, str] = {}
         if self._budgets is not None:
@@ -592,11 +612,24 @@ class MockServer:
         self._count(reply)
         return "ok", self._json(reply, headers)
 
-    def _reply(self, model: str, prompt: str, chat: bool, limit: int | None, n: int) -> _Reply:
+    def _reply(
+        self,
+        model: str,
+        prompt: str,
+        chat: bool,
+        limit: int | None,
+        n: int,
+        schema: dict[str, Any] | None = None,
+    ) -> _Reply:
         cfg = self.config
-        words = cfg.output_tokens if limit is None else min(cfg.output_tokens, limit)
-        finish = "length" if limit is not None and limit < cfg.output_tokens else "stop"
-        texts = [_generate(model, prompt, cfg.seed, index, words) for index in range(n)]
+        invalid = False
+        if schema is None:
+            words = cfg.output_tokens if limit is None else min(cfg.output_tokens, limit)
+            finish = "length" if limit is not None and limit < cfg.output_tokens else "stop"
+            texts = [_generate(model, prompt, cfg.seed, index, words) for index in range(n)]
+        else:
+            texts, finish, invalid = self._structured(model, prompt, limit, n, schema)
+            words = max(len(text.split(" ")) for text in texts)
         self._ids += 1
         return _Reply(
             id=f"{'chatcmpl' if chat else 'cmpl'}-mock{self._ids:012d}",
@@ -606,7 +639,30 @@ class MockServer:
             finish=finish,
             prompt_tokens=max(1, len(prompt.split())),
             steps=words,
+            invalid=invalid,
         )
+
+    def _structured(
+        self, model: str, prompt: str, limit: int | None, n: int, schema: dict[str, Any]
+    ) -> tuple[list[str], str, bool]:
+        """JSON texts fitting ``schema`` (a token is a space-separated piece), the finish
+        reason, and whether one was made invalid."""
+        cfg = self.config
+        texts: list[str] = []
+        finish, invalid = "stop", False
+        for index in range(n):
+            rng = random.Random(f"{cfg.seed}\0{model}\0{index}\0{prompt}")
+            value = sample_json(schema, rng, _WORDS)
+            text = _encode(value).decode()
+            if cfg.invalid_json and self._invalid_rng.random() < cfg.invalid_json:
+                text, cut = break_json(value, rng)
+                invalid = True
+                finish = "length" if cut else finish
+            pieces = text.split(" ")
+            if limit is not None and limit < len(pieces):
+                text, finish = " ".join(pieces[:limit]), "length"
+            texts.append(text)
+        return texts, finish, invalid
 
     def _json(self, reply: _Reply, headers: dict[str, str]) -> web.Response:
         return web.Response(body=reply.body(), content_type="application/json", headers=headers)
@@ -614,6 +670,7 @@ class MockServer:
     def _count(self, reply: _Reply) -> None:
         self._prompt_tokens += reply.prompt_tokens
         self._completion_tokens += reply.completion_tokens
+        self._invalid_json += reply.invalid
 
     async def _sleep_latency(self) -> None:
         cfg = self.config
@@ -669,6 +726,8 @@ class MockServer:
                 if step and cfg.token_latency:
                     await asyncio.sleep(self._token_time())
                 for index, choice_words in enumerate(words):
+                    if step >= len(choice_words):  # a shorter structured reply is done
+                        continue
                     piece = choice_words[step] if step == 0 else " " + choice_words[step]
                     choice = reply.choice(index, piece)
                     await writer.send(reply.event(created, [choice], include_usage))
@@ -827,6 +886,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="probability of a stream pausing for --hang-seconds part-way",
     )
+    add(
+        "--invalid-json",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="share of structured replies (response_format json_schema / json_object) that "
+        "are invalid: cut short or missing a field (default: 0)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> MockConfig:
@@ -860,6 +927,7 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
         stream_comments=args.stream_comments,
         stream_cut=args.stream_cut,
         stream_stall=args.stream_stall,
+        invalid_json=args.invalid_json,
     )
 
 

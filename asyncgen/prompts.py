@@ -12,6 +12,10 @@ A template file looks like this::
     temperature = 0.8
     max_tokens = 1024
 
+    [output]                         # optional: what a reply must look like
+    format = "json"                  # sends response_format; see asyncgen.validate
+    schema = { problem = "str", answer = "str" }
+
 Placeholders are ``{identifier}``: ``{persona}`` plus the names listed in ``fields``. Any other
 ``{identifier}`` is an error when the template is loaded, not when the millionth record meets it.
 ``{{`` and ``}}`` write literal braces; braces around anything that is not an identifier (JSON
@@ -29,12 +33,13 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError, InputError
+from .validate import OutputSpec, parse_output
 
 __all__ = ["Template", "available_templates", "load_template", "parse_template", "template_dir"]
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ENDPOINTS = {"chat": "/chat/completions", "completions": "/completions"}
-_KEYS = {"description", "endpoint", "fields", "system", "user", "sampling"}
+_KEYS = {"description", "endpoint", "fields", "system", "user", "sampling", "output"}
 # Set by the engine (model), by the template itself (messages, prompt), or unsupported (stream).
 _RESERVED_SAMPLING = {"model", "messages", "prompt", "stream", "n"}
 
@@ -62,7 +67,9 @@ class Template:
         "endpoint",
         "fields",
         "name",
+        "output",
         "path",
+        "response_format",
         "sampling",
         "system",
         "user",
@@ -75,6 +82,10 @@ class Template:
     user: str
     fields: tuple[str, ...]
     sampling: Mapping[str, Any]
+    output: OutputSpec | None
+    """The checks a reply must pass (the ``[output]`` table), if any."""
+    response_format: dict[str, Any] | None
+    """What rendering adds as ``response_format``; shared by every rendered body, so read only."""
     path: str | None
     digest: str
 
@@ -88,6 +99,7 @@ class Template:
         system: str | None = None,
         fields: tuple[str, ...] = (),
         sampling: Mapping[str, Any] | None = None,
+        output: OutputSpec | None = None,
         path: str | None = None,
         digest: str | None = None,
     ) -> None:
@@ -116,6 +128,9 @@ class Template:
         reserved = sorted(_RESERVED_SAMPLING & sampling.keys())
         if reserved:
             raise ConfigError(f"{where}: [sampling] may not set {', '.join(reserved)}")
+        response_format = output.response_format(name) if output is not None else None
+        if response_format is not None and "response_format" in sampling:
+            raise ConfigError(f"{where}: [sampling] response_format and [output] both set it")
         set_ = object.__setattr__
         set_(self, "name", name)
         set_(self, "description", description)
@@ -124,10 +139,19 @@ class Template:
         set_(self, "user", user)
         set_(self, "fields", tuple(fields))
         set_(self, "sampling", MappingProxyType(sampling))
+        set_(self, "output", output)
+        set_(self, "response_format", response_format)
         set_(self, "path", path)
         if digest is None:
             canonical = repr(
-                (endpoint, system or None, user, tuple(fields), sorted(sampling.items()))
+                (
+                    endpoint,
+                    system or None,
+                    user,
+                    tuple(fields),
+                    sorted(sampling.items()),
+                    output.canonical() if output is not None else None,
+                )
             )
             digest = hashlib.sha256(canonical.encode()).hexdigest()
         set_(self, "digest", digest)
@@ -176,6 +200,8 @@ class Template:
                 messages.insert(0, {"role": "system", "content": _substitute(self.system, values)})
             body = {"messages": messages}
         body.update(self.sampling)
+        if self.response_format is not None:
+            body["response_format"] = self.response_format
         return body
 
 
@@ -203,6 +229,12 @@ def parse_template(text: str, *, name: str, path: str | None = None) -> Template
     for key in ("description", "endpoint", "system"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"template {where}: {key!r} must be a string")
+    output = None
+    if "output" in data:
+        try:
+            output = parse_output(data["output"])
+        except ValueError as exc:
+            raise ConfigError(f"template {where}: {exc}") from None
     return Template(
         name=name,
         user=user,
@@ -211,6 +243,7 @@ def parse_template(text: str, *, name: str, path: str | None = None) -> Template
         system=data.get("system"),
         fields=tuple(fields),
         sampling=sampling,
+        output=output,
         path=path,
         digest=hashlib.sha256(text.encode()).hexdigest(),
     )

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import random
+import re
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
 from asyncgen.errors import ConfigError, InputError
+from asyncgen.mockjson import sample_json
 from asyncgen.prompts import Template, available_templates, load_template, parse_template
 
 REQUIRED = {"math", "reasoning", "instruction", "knowledge", "npc", "tool"}
@@ -37,6 +42,53 @@ def test_every_shipped_template_renders(name: str) -> None:
     assert used in text
     assert "{" + "persona}" not in text and "{" + "text}" not in text
     assert isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 0
+    if template.output is not None:
+        check_output_spec(template.name, body)
+    else:
+        assert "response_format" not in body
+
+
+def check_output_spec(name: str, body: dict[str, Any]) -> None:
+    """A structured template asks for what it checks: a strict JSON Schema a conforming reply
+    passes, and a broken one does not."""
+    template = load_template(name)
+    spec = template.output
+    assert spec is not None
+    response_format = body["response_format"]
+    if spec.format == "json_object":
+        assert response_format == {"type": "json_object"}
+        assert spec.check('{"a": 1}').parsed == {"a": 1}
+        assert spec.check("[1]").reason is not None
+        return
+    assert response_format["type"] == "json_schema"
+    named = response_format["json_schema"]
+    assert named["strict"] is True and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", named["name"])
+    schema = named["schema"]
+    assert_strict_schema(schema)
+    good = sample_json(schema, random.Random(1), ["some", "words"])
+    text = msgspec.json.encode(good).decode()
+    assert spec.check(text).reason is None and spec.check(text).parsed == good
+    assert spec.check(f"```json\n{text}\n```").parsed == good
+    first = next(iter(good))
+    missing = {k: v for k, v in good.items() if k != first}
+    reason = spec.check(msgspec.json.encode(missing).decode()).reason
+    assert reason is not None and first in reason
+    assert spec.check(text[: len(text) // 2]).reason is not None
+    reason = spec.check(text[: len(text) // 2], "length").reason
+    assert reason is not None and "truncated" in reason
+
+
+def assert_strict_schema(schema: dict[str, Any]) -> None:
+    """What OpenAI's strict mode demands: no references, objects closed and fully required."""
+    assert "$ref" not in schema and "$defs" not in schema
+    if schema.get("type") == "object":
+        assert schema["additionalProperties"] is False
+        assert schema["required"] == list(schema["properties"])
+    for value in schema.values():
+        children = value if isinstance(value, list) else [value]
+        for child in children:
+            if isinstance(child, dict):
+                assert_strict_schema(child)
 
 
 def test_render_chat_with_system_and_sampling_copy() -> None:
@@ -112,6 +164,16 @@ def test_bad_records_raise_input_error(record: dict[str, object], message: str) 
         ('user = "{persona}"\n[sampling]\nstream = true', r"may not set stream"),
         ('user = "{persona}"\nfields = "topic"', "'fields' must be a list"),
         ('user = "{persona}"\ntemprature = 1', "unknown keys"),
+        ('user = "{persona}"\n[output]\nformat = "yaml"', "format must be one of"),
+        ('user = "{persona}"\n[output]\nformat = "json"', "needs a schema"),
+        ('user = "{persona}"\n[output]\nschema = {a = "str"}', "needs format"),
+        ('user = "{persona}"\n[output]\nregex = "(unclosed"', "does not compile"),
+        ('user = "{persona}"\n[output]\nformat = "json"\nschema = {a = "string"}', r"a: unknown"),
+        (
+            'user = "{persona}"\n[output]\nformat = "json_object"\n'
+            '[sampling]\nresponse_format = {type = "text"}',
+            "both set it",
+        ),
     ],
 )
 def test_invalid_templates(text: str, message: str) -> None:
