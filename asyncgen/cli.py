@@ -28,6 +28,7 @@ from typing import Any
 from . import __version__
 from .engine import Engine, JobConfig, Statistics
 from .errors import AsyncgenError
+from .ledger import Redo
 from .progress import ProgressReporter, summary
 from .prompts import available_templates, load_template
 
@@ -343,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_commands(persona_commands)
     personatools.add_commands(persona_commands)
 
+    from . import jobtools
+
+    jobtools.add_commands(sub)
+
     sub.add_parser("prompts", help="list the shipped prompt templates")
     return parser
 
@@ -392,10 +397,12 @@ async def run_job(
     api_key: str | None,
     progress_interval: float | None = None,
     quiet: bool = False,
+    redo: Redo | None = None,
 ) -> int:
-    """Run one job with progress on stderr and graceful Ctrl-C/SIGTERM handling."""
+    """Run one job with progress on stderr and graceful Ctrl-C/SIGTERM handling
+    (``redo``: a retry run of recorded failures)."""
     err = sys.stderr
-    async with Engine(config, api_key=api_key) as engine:
+    async with Engine(config, api_key=api_key, redo=redo) as engine:
         reporter = ProgressReporter(engine.statistics, err, interval=progress_interval)
         main_task = asyncio.current_task()
         assert main_task is not None
@@ -438,6 +445,9 @@ async def run_job(
             reporter.finish()
     with contextlib.suppress(OSError):  # a closed stderr does not change the outcome
         err.write(summary(stats, config.output) + "\n")
+    if redo is not None and stats.finished:
+        # A retry run answers for the items it retried, not for failures it left alone.
+        return EXIT_FAILURES if stats.failed or stats.bad_lines else EXIT_OK
     return exit_status(stats)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -37,14 +38,14 @@ from .flow import EndpointStats, Feedback, FlowControl, Lease, Signal
 from .gate import Gate
 from .hints import parse_ratelimit, parse_retry_after
 from .items import Expander
-from .ledger import Claim, bad_line_key
+from .ledger import Claim, Redo, bad_line_key
 from .prompts import Template, load_template
 from .records import BadLine, Completion, ErrorInfo, Result, Source, WorkItem
 from .retry import Outcome, RetryPolicy, interpret
 from .sources import ShardReader, expand_inputs
 from .sse import SSEParser, StreamAssembler, StreamError, StreamIncomplete, StreamServerError
 from .store import Store
-from .transport import AiohttpTransport, Transport
+from .transport import AiohttpTransport, Transport, redact_url
 from .validate import Checked
 
 __all__ = ["DEFAULT_BASE_URL", "Engine", "JobConfig", "Statistics"]
@@ -103,6 +104,8 @@ def _signal(status: int) -> Signal:
 
 
 _RESERVED_BODY = frozenset({"model", "messages", "prompt", "stream", "n"})
+# Request fields that are content, not parameters, in a result's provenance.
+_NOT_SAMPLING = frozenset({"model", "messages", "prompt"})
 
 
 class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -238,6 +241,7 @@ class Engine:
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        redo: Redo | None = None,
     ) -> None:
         config.validate()
         self.config = config
@@ -259,6 +263,9 @@ class Engine:
             deadline=config.deadline,
         )
         self._template: Template | None = None
+        self._endpoint_names: list[str] = []
+        self._redo = redo
+        """A retry run: send only these recorded failures again (``asyncgen retry-failed``)."""
         self._expander = Expander(None, model=config.model)
         self._paths: list[Path] = []
         self._store: Store | None = None
@@ -312,8 +319,14 @@ class Engine:
         self._paths = expand_inputs(cfg.inputs)
         self._input_total = sum(p.stat().st_size for p in self._paths)
         self._store = await asyncio.to_thread(
-            Store.open, Path(cfg.output), self.job_spec(), version=__version__
+            Store.open,
+            Path(cfg.output),
+            self.job_spec(),
+            version=__version__,
+            job=self._job_record(),
         )
+        if self._redo is not None:
+            self._store.ledger.reopen(self._redo.ids)
         if self._owns_transport:
             try:
                 self._transports = [
@@ -323,8 +336,10 @@ class Engine:
             except BaseException:
                 await asyncio.to_thread(self._store.close)
                 raise
+        # Transports keep credentials out of base_url: it is what results record.
+        self._endpoint_names = [t.base_url for t in self._transports]
         flow = FlowControl(
-            [t.base_url for t in self._transports],
+            self._endpoint_names,
             concurrency=cfg.concurrency,
             min_concurrency=cfg.min_concurrency,
             rpm=cfg.rpm,
@@ -367,6 +382,19 @@ class Engine:
             "persona_field": cfg.persona_field,
             "extra_body": cfg.extra_body,
         }
+
+    def _job_record(self) -> dict[str, Any]:
+        """This run's settings as the manifest records them: enough to run the job again
+        from anywhere (absolute input paths), never a secret (no key, no URL credentials)."""
+        cfg = self.config
+        record: dict[str, Any] = msgspec.to_builtins(cfg)
+        record["inputs"] = [str(p.resolve()) for p in self._paths]
+        record["output"] = str(Path(cfg.output).resolve())
+        record["base_url"] = [redact_url(u) for u in cfg.base_urls]
+        if cfg.prompt is not None and os.path.isfile(cfg.prompt):
+            record["prompt"] = str(Path(cfg.prompt).resolve())
+        record["template_endpoint"] = self._template.endpoint if self._template else None
+        return record
 
     def stop(self) -> None:
         """Stop reading input; in-flight requests get ``drain_timeout`` seconds to finish."""
@@ -512,11 +540,18 @@ class Engine:
         ledger = self._store.ledger
         template = self._template.name if self._template is not None else None
         samples = self.config.samples
+        redo = self._redo
         for path in self._paths:
             reader = self._reader = ShardReader(path)
-            # Resuming: lines whose every item is done are counted by the reader, never decoded.
-            done = ledger.done_lines(reader.shard, template, samples) if template else None
-            while not self._stopping:
+            last = 0
+            if redo is not None:
+                # Retrying failures: only the lines that hold one are decoded.
+                last = redo.last_line(reader.shard)
+                done: bytes | None = redo.skip_bitmap(reader.shard) if last else None
+            else:
+                # Resuming: lines whose every item is done are counted, never decoded.
+                done = ledger.done_lines(reader.shard, template, samples) if template else None
+            while not self._stopping and (redo is None or reader.lineno < last):
                 before = reader.skipped
                 try:
                     batch = await asyncio.to_thread(reader.read_batch, _READ_BATCH, done)
@@ -557,6 +592,9 @@ class Engine:
                         )
                         continue
                     for item in items:
+                        if redo is not None and item.custom_id not in redo.ids:
+                            self._skipped += 1
+                            continue
                         claim = ledger.claim(item.custom_id)
                         if claim is Claim.DONE:
                             self._skipped += 1
@@ -579,6 +617,7 @@ class Engine:
                             )
                         elif not await self._spawn(senders, item):
                             return
+            reader.close()
             self._input_done += reader.size
             self._reader = None
 
@@ -624,11 +663,13 @@ class Engine:
         gate = self._gate
         body = self._encoder.encode(self._request_body(item))
         first = self._clock()
+        started = time.time()
         attempt = excused = invalid = 0
         lease: Lease | None = first_lease
         while True:
             if lease is None:
                 lease = await gate.lease(item.est_prompt_tokens, item.max_output_tokens)
+            endpoint = lease.endpoint
             attempt += 1
             self._requests += 1
             self._in_flight += 1
@@ -645,7 +686,9 @@ class Engine:
             if outcome.completion is not None:
                 checked = self._check_output(item, outcome.completion)
                 if checked.reason is None:
-                    result = self._success(item, outcome.completion, attempt, elapsed, ttft)
+                    result = self._success(
+                        item, outcome.completion, attempt, elapsed, ttft, started, endpoint
+                    )
                     result.parsed = checked.parsed
                     return result
                 # The server answered (flow control saw an OK); the reply is what failed.
@@ -676,7 +719,7 @@ class Engine:
                         f"gave up after {attempt} attempts in {elapsed:.1f}s: {error.message}",
                         error.status,
                     )
-                return self._failure(item, error, attempt, elapsed)
+                return self._failure(item, error, attempt, elapsed, started, endpoint)
             self._retries += 1
             self._retrying += 1
             try:
@@ -803,39 +846,50 @@ class Engine:
             )
 
     def _success(
-        self, item: WorkItem, c: Completion, attempts: int, latency: float, ttft: float | None
+        self,
+        item: WorkItem,
+        c: Completion,
+        attempts: int,
+        latency: float,
+        ttft: float | None,
+        started: float,
+        endpoint: int,
     ) -> Result:
         choice = c.choices[0]
         message = choice.message
         if c.usage is not None:
             self._prompt_tokens += c.usage.prompt_tokens or 0
             self._completion_tokens += c.usage.completion_tokens or 0
-        return Result(
-            custom_id=item.custom_id,
-            error=None,
-            output=message.content if message is not None else choice.text,
-            finish_reason=choice.finish_reason,
-            model=c.model or item.body.get("model"),
-            template=item.template,
-            persona=item.persona,
-            source=item.source,
-            attempts=attempts,
-            latency_s=round(latency, 4),
-            created=time.time(),
-            usage=c.usage,
-            meta=item.meta,
-            reasoning=(message.reasoning_content or message.reasoning) if message else None,
-            tool_calls=message.tool_calls if message else None,
-            ttft_s=None if ttft is None else round(ttft, 4),
-        )
+        result = self._failure(item, None, attempts, latency, started, endpoint)
+        result.output = message.content if message is not None else choice.text
+        result.finish_reason = choice.finish_reason
+        result.model = c.model or result.model
+        result.usage = c.usage
+        if message is not None:
+            result.reasoning = message.reasoning_content or message.reasoning
+            result.tool_calls = message.tool_calls
+        result.ttft_s = None if ttft is None else round(ttft, 4)
+        return result
 
-    def _failure(self, item: WorkItem, error: ErrorInfo, attempts: int, latency: float) -> Result:
+    def _failure(
+        self,
+        item: WorkItem,
+        error: ErrorInfo | None,
+        attempts: int,
+        latency: float,
+        started: float,
+        endpoint: int,
+    ) -> Result:
+        """The record of an item's outcome, with its provenance; a failure unless completed
+        by :meth:`_success`."""
+        body = item.body
+        template = self._template
         return Result(
             custom_id=item.custom_id,
             error=error,
             output=None,
             finish_reason=None,
-            model=item.body.get("model"),
+            model=body.get("model"),
             template=item.template,
             persona=item.persona,
             source=item.source,
@@ -843,6 +897,12 @@ class Engine:
             latency_s=round(latency, 4),
             created=time.time(),
             meta=item.meta,
+            started=started,
+            endpoint=self._endpoint_names[endpoint],
+            persona_sha256=item.persona_sha256,
+            template_sha256=template.digest[:16] if template and item.template else None,
+            sampling={k: v for k, v in body.items() if k not in _NOT_SAMPLING},
+            replaces_failure=self._redo is not None,
         )
 
     # --- committing ---------------------------------------------------------------------------
@@ -925,7 +985,8 @@ class Engine:
             prompt_tokens=self._prompt_tokens,
             completion_tokens=self._completion_tokens,
             succeeded_total=counts.get("results", 0),
-            failed_total=counts.get("failures", 0),
+            # A failure that a retry run's record supersedes is no longer a failure.
+            failed_total=counts.get("failures", 0) - (store.replaced if store else 0),
             bad_lines_total=counts.get("errors", 0),
             input_fraction=min(1.0, fraction),
             finished=self._finished,

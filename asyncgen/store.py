@@ -114,9 +114,13 @@ class Store:
         spec: Mapping[str, Any],
         *,
         version: str,
+        job: Mapping[str, Any] | None = None,
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     ) -> Store:
-        """Open (or create) ``root`` for the job ``spec``, recovering from any earlier crash."""
+        """Open (or create) ``root`` for the job ``spec``, recovering from any earlier crash.
+
+        ``job`` (the settings of this run, without secrets) is recorded in the manifest next
+        to the spec, so that tools (``asyncgen retry-failed``) can run the job again."""
         try:
             root.mkdir(parents=True, exist_ok=True)
             lock_fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -131,7 +135,7 @@ class Store:
             ) from exc
         store = cls(root, lock_fd, max_shard_bytes)
         try:
-            store._check_manifest(spec, version)
+            store._check_manifest(spec, version, job)
             store._recover()
         except BaseException:
             store.close()
@@ -144,7 +148,9 @@ class Store:
             for p in self.root.iterdir()
         )
 
-    def _check_manifest(self, spec: Mapping[str, Any], version: str) -> None:
+    def _check_manifest(
+        self, spec: Mapping[str, Any], version: str, job: Mapping[str, Any] | None
+    ) -> None:
         path = self.root / _MANIFEST
         digest = fingerprint(spec)
         if path.exists():
@@ -165,7 +171,7 @@ class Store:
                     f"(changed: {', '.join(changed) or 'spec'}); "
                     "use a new --output directory, or rerun with the original settings"
                 )
-            if old_digest == digest:
+            if old_digest == digest and old.get("job") == job and old.get("asyncgen") == version:
                 return
             # A job that stopped before committing anything (a typo in the model, say) leaves
             # a manifest but no records: the directory is free for the corrected job.
@@ -173,7 +179,13 @@ class Store:
             raise OutputError(
                 f"{self.root} holds result shards but no {_MANIFEST}; refusing to mix"
             )
-        manifest = {"format": _FORMAT, "asyncgen": version, "fingerprint": digest, "spec": spec}
+        manifest = {
+            "format": _FORMAT,
+            "asyncgen": version,
+            "fingerprint": digest,
+            "spec": spec,
+            "job": job,
+        }
         tmp = path.with_suffix(".tmp")
         try:
             with open(tmp, "w", encoding="utf-8") as f:

@@ -18,7 +18,7 @@ import aiohttp
 from . import __version__
 from .errors import ConfigError, ConnectError
 
-__all__ = ["AiohttpTransport", "HttpResponse", "StreamReply", "Transport"]
+__all__ = ["AiohttpTransport", "HttpResponse", "StreamReply", "Transport", "redact_url"]
 
 
 class HttpResponse(NamedTuple):
@@ -58,6 +58,16 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
+def redact_url(url: str) -> str:
+    """``url`` without the credentials of its userinfo, if any (a key there must not reach
+    logs, records, manifests or error messages)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
 class AiohttpTransport:
     """One pooled aiohttp session for one base URL (``.../v1``).
 
@@ -69,18 +79,12 @@ class AiohttpTransport:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base URL must start with http:// or https://, got {base_url!r}")
         self._base = base_url.rstrip("/")
-        parts = urllib.parse.urlsplit(self._base)
-        if parts.username is not None or parts.password is not None:
-            # A key in the URL's userinfo must not reach logs, records or error messages.
-            host = parts.netloc.rpartition("@")[2]
-            self.base_url = urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
-            if api_key:
-                raise ConfigError(
-                    f"the base URL {self.base_url} carries credentials and an API key is set "
-                    "too; HTTP allows one Authorization, so give only one of them"
-                )
-        else:
-            self.base_url = self._base
+        self.base_url = redact_url(self._base)
+        if self.base_url != self._base and api_key:
+            raise ConfigError(
+                f"the base URL {self.base_url} carries credentials and an API key is set "
+                "too; HTTP allows one Authorization, so give only one of them"
+            )
         self._headers = {
             "Content-Type": "application/json",
             "User-Agent": f"asyncgen/{__version__}",

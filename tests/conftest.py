@@ -66,6 +66,27 @@ def assert_exactly_once(out: Path, expected: set[str]) -> dict[str, list[dict[st
     return found
 
 
+def assert_logically_once(out: Path, expected: set[str]) -> dict[str, dict[str, Any]]:
+    """Like :func:`assert_exactly_once`, for a directory ``asyncgen retry-failed`` has worked
+    on: an id may have several records, but every one after the first replaces a failure,
+    and at most one is a success. Returns each id's current record."""
+    found = read_output(out)
+    current: dict[str, dict[str, Any]] = {}
+    firsts: Counter[str] = Counter()
+    for kind in ("failures", "results"):  # shards hold commit order; a success is final
+        for r in found[kind]:
+            cid = r["custom_id"]
+            firsts[cid] += not r.get("replaces_failure", False)
+            if kind == "results":
+                assert current.get(cid, {}).get("error", True) is not None, f"{cid} succeeded twice"
+            current[cid] = r
+    twice = [i for i, n in firsts.items() if n != 1]
+    assert not twice, f"ids recorded more than once without replacing a failure: {twice[:5]}"
+    missing, extra = sorted(expected - set(current)), sorted(set(current) - expected)
+    assert not missing and not extra, f"missing {missing[:5]}, extra {extra[:5]}"
+    return current
+
+
 @pytest.fixture
 async def mock_server() -> AsyncIterator[MockServer]:
     async with MockServer(MockConfig(seed=3)) as server:

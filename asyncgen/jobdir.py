@@ -1,0 +1,398 @@
+"""Reading a job's output directory: its manifest, its records as one logical view, a status
+summary and exports. Everything here only reads (exports write elsewhere), so it is safe to
+use on a directory a job is writing to; a record that is still being written is not seen.
+
+The logical view: each ``custom_id`` has one current record. A success is final. A failure
+stands until a later record of the same id (written by ``asyncgen retry-failed``, marked
+``replaces_failure``) supersedes it; of several failures of one id, the last one stands.
+Shards are numbered in the order they were written and records within a shard are in commit
+order, so "later" is "further along in (shard number, position)".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zstandard
+
+from .errors import ConfigError, OutputError
+from .records import ErrorInfo, Result, Usage
+from .shards import iter_lines
+
+__all__ = [
+    "JobStatus",
+    "export",
+    "iter_results",
+    "iter_standing_failures",
+    "read_manifest",
+    "shards",
+    "standing_failures",
+    "status",
+]
+
+_SHARD_RE = re.compile(r"^(results|failures|errors)-(\d{6})\.jsonl\.zst$")
+
+
+def shards(root: Path, kind: str) -> list[Path]:
+    """The ``kind`` shards (results, failures or errors) of ``root``, in writing order."""
+    found = []
+    for path in root.iterdir():
+        match = _SHARD_RE.match(path.name)
+        if match and match.group(1) == kind:
+            found.append((int(match.group(2)), path))
+    return [p for _, p in sorted(found)]
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of an output directory; :class:`OutputError` if it is not one."""
+    path = root / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OutputError(
+            f"{root} is not an asyncgen output directory (no manifest.json)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(manifest, dict) or "spec" not in manifest:
+        raise OutputError(f"{path} is not an asyncgen manifest")
+    return manifest
+
+
+class _FailureView(msgspec.Struct):
+    custom_id: str
+    error: ErrorInfo | None
+
+
+class _RetryView(msgspec.Struct):
+    custom_id: str
+    replaces_failure: bool = False
+
+
+_failure_decoder = msgspec.json.Decoder(_FailureView)
+_retry_decoder = msgspec.json.Decoder(_RetryView)
+_result_decoder = msgspec.json.Decoder(Result)
+
+
+def _superseding_successes(root: Path, candidates: set[str]) -> set[str]:
+    """Ids among ``candidates`` that a success of a retry run settled."""
+    settled = set()
+    for path in shards(root, "results"):
+        for line in iter_lines(path):
+            if b'"replaces_failure":true' not in line:
+                continue  # only a retry run's records can settle a failure
+            view = _retry_decoder.decode(line)
+            if view.replaces_failure and view.custom_id in candidates:
+                settled.add(view.custom_id)
+    return settled
+
+
+def standing_failures(root: Path) -> dict[str, tuple[int, int, str]]:
+    """The failures no later record supersedes: id -> (shard index, line index, error code)
+    of its last failure. Memory grows with the number of failed items, not of all items."""
+    latest: dict[str, tuple[int, int, str]] = {}
+    for n, path in enumerate(shards(root, "failures")):
+        for i, line in enumerate(iter_lines(path)):
+            view = _failure_decoder.decode(line)
+            latest[view.custom_id] = (n, i, view.error.code if view.error else "unknown")
+    for custom_id in _superseding_successes(root, set(latest)):
+        del latest[custom_id]
+    return latest
+
+
+def iter_standing_failures(root: Path) -> Iterator[tuple[bytes, Result]]:
+    """Every standing failure, as (line as stored, decoded record), in writing order."""
+    standing = {(n, i) for n, i, _ in standing_failures(root).values()}
+    if not standing:
+        return
+    for n, path in enumerate(shards(root, "failures")):
+        for i, line in enumerate(iter_lines(path)):
+            if (n, i) in standing:
+                yield line, _result_decoder.decode(line)
+
+
+def iter_results(root: Path) -> Iterator[tuple[bytes, Result]]:
+    """Every success, as (line as stored, decoded record)."""
+    for path in shards(root, "results"):
+        for line in iter_lines(path):
+            yield line, _result_decoder.decode(line)
+
+
+class JobStatus(msgspec.Struct, kw_only=True):
+    """What ``asyncgen status`` reports."""
+
+    output: str
+    running: bool
+    asyncgen: str | None
+    model: str | None
+    template: str | None
+    succeeded: int
+    failed: int
+    """Standing failures (retried ones that succeeded are not counted)."""
+    failed_by_reason: dict[str, int]
+    bad_lines: int
+    bad_lines_by_reason: dict[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+    attempts: int
+    first_started: float | None
+    last_finished: float | None
+    items_per_second: float | None
+    """Successes over the span from the first attempt to the last outcome."""
+    cost: float | None = None
+    """Estimated from the token counts and the prices given, if any."""
+
+
+def _locked(root: Path) -> bool:
+    import fcntl
+    import os
+
+    try:
+        fd = os.open(root / ".lock", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock we may have taken
+    return False
+
+
+def status(
+    root: Path, *, price_input: float | None = None, price_output: float | None = None
+) -> JobStatus:
+    """Summarise ``root`` by reading every record (seconds per million records).
+
+    Prices are per million tokens; with either given, ``cost`` is estimated from the usage
+    the server reported.
+    """
+    manifest = read_manifest(root)
+    spec = manifest.get("spec", {})
+    template = spec.get("template")
+    prompt_tokens = completion_tokens = attempts = succeeded = 0
+    first: float | None = None
+    last: float | None = None
+    for _, r in iter_results(root):
+        succeeded += 1
+        attempts += r.attempts
+        usage = r.usage or Usage()
+        prompt_tokens += usage.prompt_tokens or 0
+        completion_tokens += usage.completion_tokens or 0
+        start = r.started if r.started is not None else r.created - r.latency_s
+        first = start if first is None else min(first, start)
+        last = r.created if last is None else max(last, r.created)
+    failures = standing_failures(root)
+    by_reason = Counter(code for _, _, code in failures.values())
+    bad: Counter[str] = Counter()
+    for path in shards(root, "errors"):
+        for line in iter_lines(path):
+            bad[_failure_code(line)] += 1
+    cost = None
+    if price_input is not None or price_output is not None:
+        cost = (
+            prompt_tokens * (price_input or 0.0) + completion_tokens * (price_output or 0.0)
+        ) / 1e6
+    span = (last - first) if first is not None and last is not None else None
+    return JobStatus(
+        output=str(root),
+        running=_locked(root),
+        asyncgen=manifest.get("asyncgen"),
+        model=spec.get("model"),
+        template=template.get("name") if isinstance(template, dict) else None,
+        succeeded=succeeded,
+        failed=len(failures),
+        failed_by_reason=dict(by_reason.most_common()),
+        bad_lines=sum(bad.values()),
+        bad_lines_by_reason=dict(bad.most_common()),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        attempts=attempts,
+        first_started=first,
+        last_finished=last,
+        items_per_second=succeeded / span if span else None,
+        cost=cost,
+    )
+
+
+class _ErrorCode(msgspec.Struct):
+    error: ErrorInfo
+
+
+def _failure_code(line: bytes) -> str:
+    try:
+        return msgspec.json.decode(line, type=_ErrorCode).error.code
+    except msgspec.DecodeError:
+        return "unknown"
+
+
+# --- export ----------------------------------------------------------------------------------
+
+EXPORT_FORMATS = ("jsonl", "batch", "parquet")
+
+
+def _logical(root: Path, failures: bool) -> Iterator[tuple[bytes, Result]]:
+    yield from iter_results(root)
+    if failures:
+        yield from iter_standing_failures(root)
+
+
+def _batch_line(r: Result, endpoint: str) -> dict[str, Any]:
+    """A record in the OpenAI Batch output format (one line of a batch's output file)."""
+    request_id = f"asyncgen-{hashlib.sha256(r.custom_id.encode()).hexdigest()[:24]}"
+    if r.error is not None:
+        return {
+            "id": request_id,
+            "custom_id": r.custom_id,
+            "response": None,
+            "error": {"code": r.error.code, "message": r.error.message},
+        }
+    if endpoint == "completions":
+        obj = "text_completion"
+        choice: dict[str, Any] = {"index": 0, "text": r.output, "finish_reason": r.finish_reason}
+    else:
+        obj = "chat.completion"
+        message: dict[str, Any] = {"role": "assistant", "content": r.output}
+        if r.tool_calls:
+            message["tool_calls"] = r.tool_calls
+        if r.reasoning is not None:
+            message["reasoning_content"] = r.reasoning
+        choice = {"index": 0, "message": message, "finish_reason": r.finish_reason}
+    body = {
+        "id": request_id,
+        "object": obj,
+        "created": int(r.created),
+        "model": r.model,
+        "choices": [choice],
+    }
+    if r.usage is not None:
+        body["usage"] = msgspec.to_builtins(r.usage)
+    return {
+        "id": request_id,
+        "custom_id": r.custom_id,
+        "response": {"status_code": 200, "request_id": request_id, "body": body},
+        "error": None,
+    }
+
+
+_PARQUET_BATCH = 50_000
+
+
+def _parquet_row(r: Result) -> dict[str, Any]:
+    usage = r.usage or Usage(None, None, None)
+    dump = msgspec.json.encode
+    return {
+        "custom_id": r.custom_id,
+        "output": r.output,
+        "error_code": r.error.code if r.error else None,
+        "error_message": r.error.message if r.error else None,
+        "finish_reason": r.finish_reason,
+        "model": r.model,
+        "template": r.template,
+        "persona": r.persona,
+        "source_shard": r.source.shard,
+        "source_line": r.source.line,
+        "attempts": r.attempts,
+        "latency_s": r.latency_s,
+        "ttft_s": r.ttft_s,
+        "started": r.started,
+        "created": r.created,
+        "endpoint": r.endpoint,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "persona_sha256": r.persona_sha256,
+        "template_sha256": r.template_sha256,
+        "reasoning": r.reasoning,
+        "sampling": dump(r.sampling).decode(),
+        "meta": dump(r.meta).decode(),
+        "parsed": None if r.parsed is None else dump(r.parsed).decode(),
+        "tool_calls": None if r.tool_calls is None else dump(r.tool_calls).decode(),
+    }
+
+
+def export(root: Path, destination: Path, fmt: str = "jsonl", *, failures: bool = False) -> int:
+    """Write the logical view of ``root`` to ``destination`` (plain, or zstd if its name ends
+    in ``.zst``; ``parquet`` needs pyarrow); return the number of records written.
+
+    ``jsonl`` keeps each record's line as stored; ``batch`` is the OpenAI Batch output format;
+    ``parquet`` has one column per field (nested ones as JSON text). Written to a temporary
+    file and renamed, so ``destination`` is either the old file or the complete new one.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r} (one of {', '.join(EXPORT_FORMATS)})")
+    manifest = read_manifest(root)
+    tmp = destination.with_name(destination.name + ".tmp")
+    try:
+        if fmt == "parquet":
+            n = _export_parquet(_logical(root, failures), tmp)
+        else:
+            n = _export_lines(_logical(root, failures), tmp, fmt, _endpoint(manifest), destination)
+        os.replace(tmp, destination)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n
+
+
+def _endpoint(manifest: dict[str, Any]) -> str:
+    job = manifest.get("job") or {}
+    return "completions" if job.get("template_endpoint") == "completions" else "chat"
+
+
+def _export_lines(
+    records: Iterator[tuple[bytes, Result]], tmp: Path, fmt: str, endpoint: str, dest: Path
+) -> int:
+    n = 0
+    encoder = msgspec.json.Encoder()
+    with open(tmp, "wb") as raw:
+        sink: Any = raw
+        if dest.name.endswith(".zst"):
+            sink = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
+        for line, record in records:
+            sink.write(encoder.encode(_batch_line(record, endpoint)) if fmt == "batch" else line)
+            sink.write(b"\n")
+            n += 1
+        if sink is not raw:
+            sink.close()
+        raw.flush()
+        os.fsync(raw.fileno())
+    return n
+
+
+def _export_parquet(records: Iterator[tuple[bytes, Result]], tmp: Path) -> int:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(
+            "Parquet export needs pyarrow: pip install 'asyncgen[parquet]' (or pyarrow)"
+        ) from None
+    n = 0
+    writer = None
+    rows: list[dict[str, Any]] = []
+    try:
+        for _, record in records:
+            rows.append(_parquet_row(record))
+            if len(rows) >= _PARQUET_BATCH:
+                table = pa.Table.from_pylist(rows, schema=writer.schema if writer else None)
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                n, rows = n + len(rows), []
+        if rows or writer is None:
+            table = pa.Table.from_pylist(rows or [], schema=writer.schema if writer else None)
+            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            n += len(rows)
+    finally:
+        if writer is not None:
+            writer.close()
+    return n

@@ -1,0 +1,215 @@
+"""Commands on a job's output directory: ``status``, ``export`` and ``retry-failed``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from . import jobdir
+from .engine import JobConfig
+from .errors import ConfigError, OutputError
+from .ledger import Redo
+
+__all__ = ["add_commands"]
+
+
+def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
+    """Register ``status``, ``export`` and ``retry-failed``."""
+    from .cli import _positive_float, _positive_int
+
+    status = sub.add_parser(
+        "status",
+        help="summarise a job's output directory",
+        description="Read a job's output directory and summarise it: successes, standing "
+        "failures by reason, bad input lines, tokens, throughput and (with prices) cost. "
+        "Safe while the job runs.",
+    )
+    status.add_argument("output", metavar="DIR", help="the job's output directory")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.add_argument(
+        "--price-input",
+        type=float,
+        metavar="USD",
+        help="price per million prompt tokens, for a cost estimate",
+    )
+    status.add_argument(
+        "--price-output",
+        type=float,
+        metavar="USD",
+        help="price per million completion tokens, for a cost estimate",
+    )
+    status.set_defaults(handler=_status)
+
+    export = sub.add_parser(
+        "export",
+        help="write a job's results as one plain JSONL, Parquet or OpenAI Batch output file",
+        description="Write the logical view of a job (every success; with --failures also "
+        "every standing failure; a failure that retry-failed fixed appears only as its "
+        "success) to one file.",
+    )
+    export.add_argument("output", metavar="DIR", help="the job's output directory")
+    export.add_argument(
+        "--to", required=True, metavar="FILE", help="destination (.zst suffix: compressed)"
+    )
+    export.add_argument(
+        "--format",
+        choices=jobdir.EXPORT_FORMATS,
+        default="jsonl",
+        help="jsonl: records as stored; batch: OpenAI Batch output lines; parquet: one "
+        "column per field (needs pyarrow) (default: %(default)s)",
+    )
+    export.add_argument("--failures", action="store_true", help="include the standing failures")
+    export.set_defaults(handler=_export)
+
+    retry = sub.add_parser(
+        "retry-failed",
+        help="send a job's recorded failures again",
+        description="Send the items whose latest record is a failure again, with the "
+        "job's own settings (from its manifest) unless overridden below. A retried item "
+        "that succeeds replaces its failure; one that fails again keeps a single, newer "
+        "failure. Interrupted, it can be rerun: it retries what is still failed.",
+        epilog="Exit status: 0 every retried item succeeded; 1 some failed again; 2 usage "
+        "error; 130 interrupted.",
+    )
+    retry.add_argument("output", metavar="DIR", help="the job's output directory")
+    retry.add_argument(
+        "--reason",
+        action="append",
+        metavar="CODE",
+        help="retry only failures with this error code (repeatable; see 'asyncgen status')",
+    )
+    retry.add_argument(
+        "--base-url", action="append", metavar="URL", help="endpoint(s) to use instead"
+    )
+    retry.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="NAME",
+        help="environment variable holding the API key (default: %(default)s)",
+    )
+    retry.add_argument("--concurrency", type=_positive_int, metavar="N")
+    retry.add_argument("--rpm", type=_positive_float, metavar="N")
+    retry.add_argument("--tpm", type=_positive_float, metavar="N")
+    retry.add_argument("--max-attempts", type=_positive_int, metavar="N")
+    retry.add_argument("--timeout", type=_positive_float, metavar="SECONDS")
+    retry.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    retry.add_argument("--progress-interval", type=_positive_float, metavar="SECONDS")
+    retry.set_defaults(handler=_retry_failed)
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _status(args: argparse.Namespace) -> int:
+    root = Path(args.output)
+    s = jobdir.status(root, price_input=args.price_input, price_output=args.price_output)
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(s).decode() + "\n")
+        return 0
+    lines = [
+        f"{s.output}: {'RUNNING' if s.running else 'not running'}; model {s.model or '-'}, "
+        f"template {s.template or '(batch lines)'}, asyncgen {s.asyncgen or '?'}",
+        f"  succeeded      {s.succeeded:,} ({s.attempts:,} attempts)",
+        f"  failed         {s.failed:,}"
+        + "".join(f"\n    {code:20} {n:,}" for code, n in s.failed_by_reason.items()),
+        f"  bad input      {s.bad_lines:,}"
+        + "".join(f"\n    {code:20} {n:,}" for code, n in s.bad_lines_by_reason.items()),
+        f"  tokens         {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion",
+        f"  first attempt  {_when(s.first_started)}",
+        f"  last outcome   {_when(s.last_finished)}",
+    ]
+    if s.items_per_second is not None:
+        lines.append(f"  throughput     {s.items_per_second:,.1f} successes/s over that span")
+    if s.cost is not None:
+        lines.append(f"  cost estimate  ${s.cost:,.2f}")
+    if s.failed:
+        lines.append(f"  retry them with: asyncgen retry-failed {s.output}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    n = jobdir.export(Path(args.output), Path(args.to), args.format, failures=args.failures)
+    print(f"asyncgen: wrote {n:,} records to {args.to}", file=sys.stderr)
+    return 0
+
+
+def retry_config(root: Path, **overrides: Any) -> JobConfig:
+    """The job of ``root`` as its manifest records it, with ``overrides`` (None: keep)."""
+    manifest = jobdir.read_manifest(root)
+    job = manifest.get("job")
+    if not isinstance(job, dict):
+        raise OutputError(
+            f"{root / 'manifest.json'} does not record the job's settings (written by an "
+            "older asyncgen); rerun the original 'asyncgen run' command once to record them"
+        )
+    settings = {k: v for k, v in job.items() if k in JobConfig.__struct_fields__}
+    settings["output"] = str(root)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    urls = settings.get("base_url")
+    if isinstance(urls, list) and any("***@" in u for u in urls) and "base_url" not in overrides:
+        raise ConfigError(
+            "the job's base URL carried credentials, which the manifest does not keep; "
+            "give --base-url again"
+        )
+    if isinstance(urls, list) and len(urls) == 1:
+        settings["base_url"] = urls[0]
+    try:
+        return msgspec.convert(settings, JobConfig)
+    except msgspec.ValidationError as exc:
+        raise OutputError(f"the manifest of {root} records unusable settings: {exc}") from exc
+
+
+def _retry_failed(args: argparse.Namespace) -> int:
+    from .cli import _run_async, run_job
+
+    root = Path(args.output)
+    failures = jobdir.standing_failures(root)
+    wanted = set(args.reason or ())
+    chosen = {i: v for i, v in failures.items() if not wanted or v[2] in wanted}
+    if not chosen:
+        which = f" with reason {', '.join(sorted(wanted))}" if wanted else ""
+        print(
+            f"asyncgen: {root} has no standing failures{which}; nothing to retry", file=sys.stderr
+        )
+        return 0
+    base_url = args.base_url
+    config = retry_config(
+        root,
+        base_url=(base_url[0] if len(base_url) == 1 else base_url) if base_url else None,
+        concurrency=args.concurrency,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        max_attempts=args.max_attempts,
+        timeout=args.timeout,
+    )
+    redo = Redo(_sources(root, set(chosen)))
+    print(f"asyncgen: retrying {len(redo):,} failed items of {root}", file=sys.stderr)
+    api_key = os.environ.get(args.api_key_env) or None
+    return _run_async(
+        run_job(
+            config,
+            api_key=api_key,
+            progress_interval=args.progress_interval,
+            quiet=args.quiet,
+            redo=redo,
+        )
+    )
+
+
+def _sources(root: Path, ids: set[str]) -> list[tuple[str, str, int]]:
+    """(custom_id, shard, line) of the failures to retry, from their records."""
+    return [
+        (r.custom_id, r.source.shard, r.source.line)
+        for _, r in jobdir.iter_standing_failures(root)
+        if r.custom_id in ids
+    ]
