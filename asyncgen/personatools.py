@@ -135,7 +135,7 @@ class PersonaReader:
         try:
             text = self._decoder.decode(line.raw).text
         except UnicodeDecodeError as exc:
-            reason = f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            reason = f"not valid UTF-8 ({exc.reason})"
         except msgspec.ValidationError:
             reason = "not a JSON object"
         except msgspec.DecodeError as exc:
@@ -148,7 +148,7 @@ class PersonaReader:
             elif isinstance(text, str):
                 reason = f"{self.field!r} is empty"
             else:
-                reason = f"{self.field!r} is a {type(text).__name__}, not a string"
+                reason = f"{self.field!r} must be a string, not {type(text).__name__}"
         self._bad(BadLine(line.path, line.shard, line.lineno, reason))
         return None
 
