@@ -18,7 +18,7 @@ import pytest
 import zstandard
 
 from asyncgen.cli import main
-from asyncgen.pipeline import clean_persona
+from asyncgen.pipeline import StageReport, clean_persona, convert
 
 from .conftest import assert_exactly_once, clean_env, read_output, write_shard
 from .test_crash_resume import mock_process, server_requests
@@ -87,6 +87,75 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 )
 def test_clean_persona(raw: str | None, clean: str) -> None:
     assert clean_persona(raw) == clean
+
+
+def test_convert_skips_empty_answers_and_counts_standing_failures(tmp_path: Path) -> None:
+    def result(line: int, output: str | None, **meta: Any) -> dict[str, Any]:
+        return {
+            "custom_id": f"p:{line}:persona:0",
+            "error": None,
+            "output": output,
+            "model": "m",
+            "template": "persona",
+            "persona": f"parent {line}",
+            "source": {"shard": "p", "line": line},
+            "meta": meta,
+        }
+
+    job = tmp_path / "job"
+    write_shard(
+        job / "results-000001.jsonl.zst",
+        [
+            result(1, ' "A beekeeper." ', id="x:1", origin={"shard": "t", "line": 9}),
+            result(2, "  "),
+            result(3, '""', id="x:3"),
+            result(4, None),
+            result(5, "A glazier.", id="x:5", source={"shard": "t", "line": 5}),
+        ],
+    )
+    failure = {**result(6, None), "error": {"code": "server_error", "message": "500"}}
+    write_shard(
+        job / "failures-000002.jsonl.zst", [failure, {**failure, "custom_id": "p:7:persona:0"}]
+    )
+    write_shard(job / "results-000003.jsonl.zst", [result(7, "A tiler.")])  # retry-failed
+    shard = tmp_path / "round-1.jsonl.zst"
+    report = convert(job, shard, round_=1)
+    assert report == StageReport(personas=3, failed=1, bad_lines=0, inputs=7, empty=3)
+    assert read_shard(shard) == [
+        {
+            "persona": "A beekeeper.",
+            "id": "p:1:persona:0",
+            "round": 1,
+            "template": "persona",
+            "model": "m",
+            "parent": "x:1",
+            "parent_persona": "parent 1",
+            "origin": {"shard": "t", "line": 9},
+        },
+        {
+            "persona": "A glazier.",
+            "id": "p:5:persona:0",
+            "round": 1,
+            "template": "persona",
+            "model": "m",
+            "parent": "x:5",
+            "parent_persona": "parent 5",
+            "origin": {"shard": "t", "line": 5},
+        },
+        {
+            "persona": "A tiler.",
+            "id": "p:7:persona:0",
+            "round": 1,
+            "template": "persona",
+            "model": "m",
+            "parent": "p:7",  # an input without an id is named by shard and line
+            "parent_persona": "parent 7",
+        },
+    ]
+    # nothing usable at all: still a valid (empty) zstd shard
+    empty = tmp_path / "empty.jsonl.zst"
+    assert convert(tmp_path / "nothing", empty, round_=0).personas == 0
+    assert read_shard(empty) == []
 
 
 def test_from_text_then_expand_keeps_provenance(
@@ -164,6 +233,22 @@ def test_from_text_then_expand_keeps_provenance(
     assert code == 0, err
     out = assert_exactly_once(math, {f"round-2:{i}:math:0" for i in range(1, len(prev) + 1)})
     assert all(r["meta"]["origin"]["shard"] == "texts" for r in out["results"])
+
+    # Failures retried with retry-failed; the rounds' shards rebuilt: old lines keep their
+    # places, the retried successes come after them, later rounds send only the new ones.
+    one, two = (e / f"round-{r}" / f"round-{r}.jsonl.zst" for r in (1, 2))
+    old = read_shard(one), read_shard(two)
+    code, err = run(capsys, "retry-failed", str(e / "round-1" / "job"), "--base-url", slow_url)
+    assert code == 0, err
+    one.unlink()
+    two.unlink()
+    before = server_requests(faulty_url)
+    code, err = run(capsys, *expand, "--rounds", "2", *job)
+    new = read_shard(one)
+    assert new[: len(old[0])] == old[0] and len(new) == len(made)
+    assert read_shard(two)[: len(old[1])] == old[1]
+    assert server_requests(faulty_url) == before + len(new) - len(old[0])
+    assert reports(err)["round 2/2"][0] == len(read_shard(two)) >= len(old[1])
 
 
 def test_expand_refuses_an_input_named_like_a_round(
