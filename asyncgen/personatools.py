@@ -15,6 +15,7 @@ counted, and left out; ``--strict`` stops at the first one instead. Exit status:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import os
 import random
@@ -31,7 +32,7 @@ from typing import IO, Any, NamedTuple, TypeVar
 import msgspec
 import zstandard
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, OutputError
 from .sources import Line, ShardReader, expand_inputs, shard_name
 
 __all__ = [
@@ -165,14 +166,18 @@ class LinesWriter:
 
     zstd-compressed (one frame, with checksum) when the name ends in ``.zst`` or ``.zstd``.
     Used as a context manager it commits on success and removes the temporary file on error.
+    Failures to write raise :class:`OutputError`.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(
+                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+            )
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
         os.fchmod(fd, 0o644)
         self._tmp = Path(tmp)
         self._file = os.fdopen(fd, "wb")
@@ -194,27 +199,35 @@ class LinesWriter:
 
     def commit(self) -> None:
         """Finish the file, make it durable and move it over ``path`` in one step."""
-        self._flush()
-        if self._out is not self._file:
-            self._out.close()  # ends the zstd frame; the file stays open
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            self._flush()
+            if self._out is not self._file:
+                self._out.close()  # ends the zstd frame; the file stays open
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self.path)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
 
     def discard(self) -> None:
-        self._file.close()
+        """Remove the temporary file; ``path`` is left as it was."""
+        with contextlib.suppress(OSError):
+            self._file.close()
         self._tmp.unlink(missing_ok=True)
 
     def _flush(self) -> None:
         if self._buffer:
             self._buffer.append(b"")
-            self._out.write(b"\n".join(self._buffer))
+            try:
+                self._out.write(b"\n".join(self._buffer))
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
             self._buffer, self._buffered = [], 0
 
     def __enter__(self) -> LinesWriter:
@@ -226,10 +239,14 @@ class LinesWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
+        if exc_type is not None:
             self.discard()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.discard()
+            raise
 
 
 def reservoir_sample(items: Iterable[T], n: int, *, seed: int) -> list[T]:

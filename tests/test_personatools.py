@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 from asyncgen.cli import main
-from asyncgen.errors import InputError
+from asyncgen.errors import InputError, OutputError
 from asyncgen.personatools import (
     BadLine,
     LinesWriter,
@@ -162,6 +162,8 @@ def test_writer_is_atomic(tmp_path: Path) -> None:
         raise RuntimeError("boom")
     assert read(out) == [b'{"a": 1}', b'{"b": 2}']  # the old file is untouched
     assert sorted(p.name for p in out.parent.iterdir()) == ["o.jsonl.zst"]  # no temp left
+    with pytest.raises(OutputError, match="cannot write"):
+        LinesWriter(out / "under-a-file.jsonl")
 
 
 # --- filter -----------------------------------------------------------------------------------
@@ -347,6 +349,8 @@ def test_dedup_strict_and_refusals(tmp_path: Path, capsys: pytest.CaptureFixture
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]  # nothing written
     assert main(["personas", "dedup", "-i", str(src), "-o", str(src)]) == 2
     assert "is one of the inputs" in capsys.readouterr().err
+    assert main(["personas", "sample", "-i", str(src), "-o", f"{src}/x.jsonl", "-n", "1"]) == 2
+    assert "asyncgen: error: cannot write" in capsys.readouterr().err
     assert main(["personas", "dedup", "-i", str(tmp_path / "nope.jsonl"), "-o", str(out)]) == 2
     assert "input file not found" in capsys.readouterr().err
     clean = write(tmp_path / "c.jsonl", [persona_line("one"), persona_line("ONE")])
