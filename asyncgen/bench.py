@@ -31,13 +31,14 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import msgspec
 
 from . import __version__
+from .argtypes import json_object, non_negative_int, positive_float, positive_int, run_async
 from .benchstats import SLO_METRICS, Report, RequestRecord, format_report, summarize
 from .errors import AsyncgenError, ConfigError, ConnectError, RequestTimeout, TransportError
 from .items import Expander
@@ -624,42 +625,6 @@ def _estimate_tokens(completion: Completion) -> int:
 # --- command line ---------------------------------------------------------------------------
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = msgspec.json.decode(text)
-    except msgspec.DecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
 def _slo(text: str) -> tuple[str, float]:
     name, sep, value = text.partition("=")
     name = name.strip().lower()
@@ -668,7 +633,7 @@ def _slo(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(
             f"expected METRIC=SECONDS with METRIC one of {', '.join(SLO_METRICS)}, got {text!r}"
         )
-    return name, _positive_float(value)
+    return name, positive_float(value)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -696,7 +661,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-check", action="store_true", help="skip the start-up GET /models check")
     g.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=600.0,
         metavar="SECONDS",
         help="a request not complete after this long counts as failed: timeout "
@@ -728,13 +693,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--input-len",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="without --prompt: synthetic prompts of random words, about N tokens (default: 256)",
     )
     g.add_argument(
         "--output-len",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="max_tokens of each request (default for synthetic prompts: 128); with "
         "--ignore-eos every reply has exactly N tokens",
@@ -746,13 +711,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--max-tokens",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="max_tokens of each request (overrides the template's)",
     )
     g.add_argument(
         "--extra-body",
-        type=_json_object,
+        type=json_object,
         default={},
         metavar="JSON",
         help='extra request fields, e.g. \'{"temperature": 0, "top_k": 20}\'',
@@ -767,7 +732,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("load and length")
     g.add_argument(
         "--rate",
-        type=_positive_float,
+        type=positive_float,
         metavar="R",
         help="R requests per second, at fixed intervals (default: no rate, a closed loop "
         "keeping --concurrency requests in flight)",
@@ -779,7 +744,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="requests in flight at most (default: unlimited with --rate, else 64); "
         "arrivals beyond it wait, and the wait counts in their latency",
@@ -787,20 +752,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--num-requests",
         "-n",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="measured requests to send (default: 200 unless --duration is given)",
     )
     g.add_argument(
         "--duration",
-        type=_positive_float,
+        type=positive_float,
         metavar="SECONDS",
         help="send measured requests for this long (with --num-requests, whichever "
         "ends first), then wait for those in flight",
     )
     g.add_argument(
         "--warmup",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="send N requests first, under the same load, and leave them out of the "
@@ -828,7 +793,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--progress-interval",
-        type=_positive_float,
+        type=positive_float,
         default=5.0,
         metavar="SECONDS",
         help="seconds between progress lines on stderr (default: %(default)s)",
@@ -964,12 +929,7 @@ def main_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
         progress_interval=args.progress_interval,
         quiet=args.quiet,
     )
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        result = asyncio.run(coro)
-    else:
-        result = uvloop.run(coro)
+    result = run_async(coro)
     if result.skipped_inputs:
         print(f"asyncgen bench: skipped {result.skipped_inputs} bad input lines", file=sys.stderr)
     title = f"asyncgen bench: {result.model} at {_redact(config.base_url)}"

@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import math
 import os
 import signal
 import sys
 import traceback
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from . import __version__
+from .argtypes import json_object, number, positive_float, positive_int, run_async
 from .engine import Engine, JobConfig, Statistics
 from .errors import AsyncgenError
 from .ledger import Redo
@@ -36,47 +34,6 @@ __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 OPENAI_BASE_URL = "https://api.openai.com/v1"
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
 
 
 def _add_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,7 +56,7 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--idle-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=60.0,
         metavar="SECONDS",
         help="with --stream, retry an attempt after this long without a byte "
@@ -115,7 +72,7 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("limits and retries")
     g.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         metavar="N",
         help="requests in flight at most, over all endpoints (default: %(default)s); each "
@@ -123,35 +80,35 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--min-concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="an endpoint's adaptive share never drops below this (default: %(default)s)",
     )
     g.add_argument(
         "--rpm",
-        type=_positive_float,
+        type=positive_float,
         metavar="N",
         help="requests per minute, paced evenly (default: none, but budgets a server "
         "announces in x-ratelimit-* headers are always followed)",
     )
     g.add_argument(
         "--tpm",
-        type=_positive_float,
+        type=positive_float,
         metavar="N",
         help="tokens per minute, paced evenly: each request reserves its estimated prompt plus "
         "the expected output, corrected to the reply's usage",
     )
     g.add_argument(
         "--max-attempts",
-        type=_positive_int,
+        type=positive_int,
         default=6,
         metavar="N",
         help="attempts per item before it is recorded as failed (default: %(default)s)",
     )
     g.add_argument(
         "--max-invalid",
-        type=_positive_int,
+        type=positive_int,
         default=3,
         metavar="N",
         help="replies failing the template's [output] checks (JSON schema, prefix, regex) per "
@@ -160,25 +117,79 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=600.0,
         metavar="SECONDS",
         help="time limit of one attempt, streamed or not (default: %(default)s)",
     )
     g.add_argument(
         "--deadline",
-        type=_positive_float,
+        type=positive_float,
         default=3600.0,
         metavar="SECONDS",
         help="no new attempt for an item after this long (default: %(default)s)",
     )
     g.add_argument(
         "--drain-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         metavar="SECONDS",
         help="on Ctrl-C/SIGTERM, how long in-flight requests may finish (default: %(default)s)",
     )
+
+
+def add_request_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    model_required: bool = False,
+    samples_help: str = "requests per persona",
+) -> None:
+    """The options of every command that runs a job: what to ask, how to behave, where to
+    send it (``asyncgen run``, ``asyncgen personas from-text`` and ``expand``)."""
+    p.add_argument("--model", "-m", required=model_required, help="model name sent in each request")
+    p.add_argument(
+        "--samples",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help=f"{samples_help} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        metavar="N",
+        help="max output tokens per request (overrides the template)",
+    )
+    p.add_argument(
+        "--temperature", type=number, help="sampling temperature (overrides the template)"
+    )
+    p.add_argument("--top-p", type=number, help="nucleus sampling (overrides the template)")
+    p.add_argument(
+        "--extra-body",
+        type=json_object,
+        default={},
+        metavar="JSON",
+        help='extra request fields, e.g. \'{"top_k": 20, "min_p": 0.05}\' for vLLM',
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first bad input line instead of recording it in "
+        "errors-*.jsonl.zst and going on",
+    )
+    p.add_argument(
+        "--progress-interval",
+        type=positive_float,
+        metavar="SECONDS",
+        help="seconds between progress lines (default: 0.5 on a terminal, else 30)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the start-up check that the endpoint answers GET /models",
+    )
+    _add_job_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,56 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="template name (" + ", ".join(available_templates()) + ") or path "
         "to a .toml template; not needed when inputs are OpenAI Batch lines",
     )
-    run.add_argument("--model", "-m", help="model name sent in each request")
-    run.add_argument(
-        "--samples",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="requests per persona (default: %(default)s)",
-    )
-    run.add_argument(
-        "--max-tokens",
-        type=_positive_int,
-        metavar="N",
-        help="max output tokens per request (overrides the template)",
-    )
-    run.add_argument(
-        "--temperature", type=_number, help="sampling temperature (overrides the template)"
-    )
-    run.add_argument("--top-p", type=_number, help="nucleus sampling (overrides the template)")
-    run.add_argument(
-        "--extra-body",
-        type=_json_object,
-        default={},
-        metavar="JSON",
-        help='extra request fields, e.g. \'{"top_k": 20, "min_p": 0.05}\' for vLLM',
-    )
     run.add_argument(
         "--persona-field",
         default="persona",
         metavar="FIELD",
         help="input field holding the persona text (default: %(default)s)",
     )
-    run.add_argument(
-        "--strict",
-        action="store_true",
-        help="stop at the first bad input line instead of recording it in "
-        "errors-*.jsonl.zst and going on",
-    )
-    run.add_argument(
-        "--progress-interval",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="seconds between progress lines (default: 0.5 on a terminal, else 30)",
-    )
-    run.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
-    run.add_argument(
-        "--no-check",
-        action="store_true",
-        help="skip the start-up check that the endpoint answers GET /models",
-    )
-    _add_job_arguments(run)
+    add_request_arguments(run)
 
     demo = sub.add_parser(
         "demo",
@@ -293,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--personas",
-        type=_positive_int,
+        type=positive_int,
         default=500,
         metavar="N",
         help="how many personas to generate (default: %(default)s)",
@@ -451,14 +419,6 @@ async def run_job(
     return exit_status(stats)
 
 
-def _run_async(coro: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -483,10 +443,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            return _run_async(run_demo(args.output, personas=args.personas, prompt=args.prompt))
+            return run_async(run_demo(args.output, personas=args.personas, prompt=args.prompt))
         config = job_config_from_args(args)
         api_key = os.environ.get(args.api_key_env) or None
-        return _run_async(
+        return run_async(
             run_job(
                 config, api_key=api_key, progress_interval=args.progress_interval, quiet=args.quiet
             )

@@ -21,7 +21,7 @@ __all__ = ["add_commands"]
 
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Register ``status``, ``export`` and ``retry-failed``."""
-    from .cli import _positive_float, _positive_int
+    from .argtypes import positive_float, positive_int
 
     status = sub.add_parser(
         "status",
@@ -93,13 +93,13 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="NAME",
         help="environment variable holding the API key (default: %(default)s)",
     )
-    retry.add_argument("--concurrency", type=_positive_int, metavar="N")
-    retry.add_argument("--rpm", type=_positive_float, metavar="N")
-    retry.add_argument("--tpm", type=_positive_float, metavar="N")
-    retry.add_argument("--max-attempts", type=_positive_int, metavar="N")
-    retry.add_argument("--timeout", type=_positive_float, metavar="SECONDS")
+    retry.add_argument("--concurrency", type=positive_int, metavar="N")
+    retry.add_argument("--rpm", type=positive_float, metavar="N")
+    retry.add_argument("--tpm", type=positive_float, metavar="N")
+    retry.add_argument("--max-attempts", type=positive_int, metavar="N")
+    retry.add_argument("--timeout", type=positive_float, metavar="SECONDS")
     retry.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
-    retry.add_argument("--progress-interval", type=_positive_float, metavar="SECONDS")
+    retry.add_argument("--progress-interval", type=positive_float, metavar="SECONDS")
     retry.set_defaults(handler=_retry_failed)
 
 
@@ -170,7 +170,8 @@ def retry_config(root: Path, **overrides: Any) -> JobConfig:
 
 
 def _retry_failed(args: argparse.Namespace) -> int:
-    from .cli import _run_async, run_job
+    from .argtypes import run_async
+    from .cli import run_job
 
     root = Path(args.output)
     failures = jobdir.standing_failures(root)
@@ -195,7 +196,7 @@ def _retry_failed(args: argparse.Namespace) -> int:
     redo = Redo(_sources(root, set(chosen)))
     print(f"asyncgen: retrying {len(redo):,} failed items of {root}", file=sys.stderr)
     api_key = os.environ.get(args.api_key_env) or None
-    return _run_async(
+    return run_async(
         run_job(
             config,
             api_key=api_key,

@@ -250,7 +250,8 @@ def _run_stage(
     round_: int,
 ) -> StageReport | None:
     """Run or resume one stage; None when it was interrupted."""
-    from .cli import EXIT_INTERRUPTED, _run_async, run_job
+    from .argtypes import run_async
+    from .cli import EXIT_INTERRUPTED, run_job
 
     job = Path(config.output)
     if shard.exists():
@@ -258,7 +259,7 @@ def _run_stage(
         _say(f"{label}: done earlier → {_outcome(report)} → {shard}")
         return report
     _say(f"{label}: {intake} → {job}")
-    code = _run_async(
+    code = run_async(
         run_job(
             config,
             api_key=os.environ.get(args.api_key_env) or None,
@@ -344,7 +345,7 @@ def _expand(args: argparse.Namespace) -> int:
 
 
 def _add_options(p: argparse.ArgumentParser, *, prompt: str) -> None:
-    from .cli import _add_job_arguments, _json_object, _number, _positive_float, _positive_int
+    from .cli import add_request_arguments
 
     p.add_argument(
         "--output",
@@ -353,7 +354,6 @@ def _add_options(p: argparse.ArgumentParser, *, prompt: str) -> None:
         metavar="DIR",
         help="pipeline directory (created): jobs and persona shards go under it",
     )
-    p.add_argument("--model", "-m", required=True, help="model name sent in each request")
     p.add_argument(
         "--prompt",
         "-p",
@@ -361,42 +361,7 @@ def _add_options(p: argparse.ArgumentParser, *, prompt: str) -> None:
         metavar="NAME|PATH",
         help="template (default: %(default)s)",
     )
-    p.add_argument(
-        "--samples",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="personas made from each input line (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-tokens",
-        type=_positive_int,
-        metavar="N",
-        help="max output tokens per request (overrides the template)",
-    )
-    p.add_argument("--temperature", type=_number, help="sampling temperature")
-    p.add_argument("--top-p", type=_number, help="nucleus sampling")
-    p.add_argument(
-        "--extra-body",
-        type=_json_object,
-        default={},
-        metavar="JSON",
-        help="extra request fields, e.g. '{\"top_k\": 20}' for vLLM",
-    )
-    p.add_argument("--strict", action="store_true", help="stop at the first bad input line")
-    p.add_argument(
-        "--progress-interval",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="seconds between progress lines (default: 0.5 on a terminal, else 30)",
-    )
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
-    p.add_argument(
-        "--no-check",
-        action="store_true",
-        help="skip the start-up check that the endpoint answers GET /models",
-    )
-    _add_job_arguments(p)
+    add_request_arguments(p, model_required=True, samples_help="personas made from each input line")
 
 
 _EPILOG = (
@@ -408,7 +373,7 @@ _EPILOG = (
 
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Register this module's ``asyncgen personas`` subcommands."""
-    from .cli import _positive_int
+    from .argtypes import positive_int
 
     p = sub.add_parser(
         "from-text",
@@ -457,7 +422,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="K",
         help="rounds of expansion (default: %(default)s)",
