@@ -44,6 +44,8 @@ _SHARD_RE = re.compile(r"^(results|failures|errors)-(\d{6})\.jsonl\.zst$")
 def shards(root: Path, kind: str) -> list[Path]:
     """The ``kind`` shards (results, failures or errors) of ``root``, in writing order."""
     found = []
+    if not root.is_dir():
+        return []
     for path in root.iterdir():
         match = _SHARD_RE.match(path.name)
         if match and match.group(1) == kind:

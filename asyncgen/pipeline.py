@@ -40,6 +40,7 @@ import zstandard
 
 from .engine import JobConfig
 from .errors import ConfigError, OutputError
+from .jobdir import shards, standing_failures
 from .records import Source
 from .shards import iter_lines
 from .sources import expand_inputs, shard_name
@@ -123,33 +124,8 @@ def _persona(done: _Done, text: str, round_: int) -> Persona:
     )
 
 
-def _shards(job: Path, kind: str) -> list[Path]:
-    return sorted(job.glob(f"{kind}-*.jsonl.zst"))
-
-
 def _count(paths: list[Path]) -> int:
     return sum(1 for path in paths for _ in iter_lines(path))
-
-
-class _Id(msgspec.Struct):
-    custom_id: str
-
-
-def _failed_ids(job: Path) -> set[str]:
-    """Ids with a failure record; memory grows with failures, not with items."""
-    decoder = msgspec.json.Decoder(_Id)
-    return {
-        decoder.decode(line).custom_id for p in _shards(job, "failures") for line in iter_lines(p)
-    }
-
-
-def _settle(job: Path, failed: set[str]) -> set[str]:
-    """The failures that stand: an id with a success too was retried (``retry-failed``)."""
-    decoder = msgspec.json.Decoder(_Id)
-    for path in _shards(job, "results") if failed else ():
-        for line in iter_lines(path):
-            failed.discard(decoder.decode(line).custom_id)
-    return failed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -167,16 +143,15 @@ def convert(job: Path, shard: Path, *, round_: int, samples: int = 1) -> StageRe
     encoder = msgspec.json.Encoder()
     compressor = zstandard.ZstdCompressor(level=3, write_checksum=True)
     tmp = shard.with_name(shard.name + ".tmp")
-    failed = _failed_ids(job)
+    failed = len(standing_failures(job))
     results = personas = 0
     buf = bytearray()
     try:
         with open(tmp, "wb") as f:
-            for path in _shards(job, "results"):
+            for path in shards(job, "results"):
                 for line in iter_lines(path):
                     done = decoder.decode(line)
                     results += 1
-                    failed.discard(done.custom_id)
                     text = clean_persona(done.output)
                     if not text:
                         continue
@@ -194,12 +169,12 @@ def convert(job: Path, shard: Path, *, round_: int, samples: int = 1) -> StageRe
         _fsync_dir(shard.parent)
     except OSError as exc:
         raise OutputError(f"cannot write {shard}: {exc.strerror or exc}") from exc
-    bad = _count(_shards(job, "errors"))
+    bad = _count(shards(job, "errors"))
     return StageReport(
         personas=personas,
-        failed=len(failed),
+        failed=failed,
         bad_lines=bad,
-        inputs=(results + len(failed)) // samples + bad,
+        inputs=(results + failed) // samples + bad,
         empty=results - personas,
     )
 
@@ -207,8 +182,8 @@ def convert(job: Path, shard: Path, *, round_: int, samples: int = 1) -> StageRe
 def _done_earlier(job: Path, shard: Path) -> StageReport:
     return StageReport(
         personas=_count([shard]),
-        failed=len(_settle(job, _failed_ids(job))),
-        bad_lines=_count(_shards(job, "errors")),
+        failed=len(standing_failures(job)),
+        bad_lines=_count(shards(job, "errors")),
     )
 
 

@@ -117,7 +117,8 @@ def test_convert_skips_empty_answers_and_counts_standing_failures(tmp_path: Path
     write_shard(
         job / "failures-000002.jsonl.zst", [failure, {**failure, "custom_id": "p:7:persona:0"}]
     )
-    write_shard(job / "results-000003.jsonl.zst", [result(7, "A tiler.")])  # retry-failed
+    retried = {**result(7, "A tiler."), "replaces_failure": True}  # by retry-failed
+    write_shard(job / "results-000003.jsonl.zst", [retried])
     shard = tmp_path / "round-1.jsonl.zst"
     report = convert(job, shard, round_=1)
     assert report == StageReport(personas=3, failed=1, bad_lines=0, inputs=7, empty=3)
