@@ -40,14 +40,14 @@ import msgspec
 from . import __version__
 from .argtypes import json_object, non_negative_int, positive_float, positive_int, run_async
 from .benchstats import SLO_METRICS, Report, RequestRecord, format_report, summarize
-from .errors import AsyncgenError, ConfigError, ConnectError, RequestTimeout, TransportError
+from .errors import AsyncgenError, ConfigError, ConnectError, TransportError
 from .items import Expander
 from .prompts import Template, available_templates, load_template
 from .records import Completion
 from .retry import interpret
 from .sources import ShardReader, expand_inputs
 from .sse import SSEParser, StreamAssembler, StreamError, StreamIncomplete, StreamServerError
-from .transport import AiohttpTransport, Transport
+from .transport import AiohttpTransport, Transport, check_models
 
 __all__ = [
     "Bench",
@@ -324,14 +324,6 @@ class BenchResult(NamedTuple):
     skipped_inputs: int
 
 
-class _ModelId(msgspec.Struct):
-    id: str
-
-
-class _ModelList(msgspec.Struct):
-    data: list[_ModelId]
-
-
 class _Failure(Exception):
     """A request that ended without a completion; kept as a record, never raised further."""
 
@@ -438,39 +430,8 @@ class Bench:
         )
 
     async def check_endpoint(self) -> list[str] | None:
-        """``GET /models``: fail fast on an unreachable endpoint, a refused key or a model
-        the endpoint does not serve. Returns the served models when it lists them."""
-        url = self._transport.base_url
-        try:
-            async with asyncio.timeout(min(30.0, self.config.timeout)):
-                resp = await self._transport.get("/models")
-        except TimeoutError as exc:
-            raise RequestTimeout(f"endpoint {url} did not answer GET /models in time") from exc
-        except TransportError as exc:
-            raise ConnectError(f"cannot reach endpoint {url}: {exc}") from exc
-        if resp.status in (401, 403):
-            raise ConfigError(
-                f"endpoint {url} refused the API key (HTTP {resp.status}); "
-                "check the variable named by --api-key-env"
-            )
-        if resp.status == 404:
-            raise ConfigError(
-                f"endpoint {url} has no /models (HTTP 404): is the base URL right? "
-                "OpenAI-compatible servers answer under /v1, as in http://HOST:8000/v1 "
-                "(--no-check skips this check)"
-            )
-        try:
-            served = [m.id for m in msgspec.json.decode(resp.body, type=_ModelList).data]
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            return None
-        model = self.config.model
-        if resp.status == 200 and model is not None and model not in served:
-            listed = ", ".join(served[:10]) + (", ..." if len(served) > 10 else "")
-            raise ConfigError(
-                f"model {model!r} is not served by {url}; it serves: {listed or 'nothing'} "
-                "(--no-check skips this check)"
-            )
-        return served
+        """``GET /models`` (see :func:`~asyncgen.transport.check_models`)."""
+        return await check_models(self._transport, self.config.model)
 
     def _spawn(self, tg: asyncio.TaskGroup, coro: Any) -> None:
         task = tg.create_task(coro)

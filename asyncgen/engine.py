@@ -31,7 +31,6 @@ from .errors import (
     ConfigError,
     ConnectError,
     InputError,
-    RequestTimeout,
     TransportError,
 )
 from .flow import EndpointStats, Feedback, FlowControl, Lease, Signal
@@ -45,7 +44,7 @@ from .retry import Outcome, RetryPolicy, interpret
 from .sources import ShardReader, expand_inputs
 from .sse import SSEParser, StreamAssembler, StreamError, StreamIncomplete, StreamServerError
 from .store import Store
-from .transport import AiohttpTransport, Transport, redact_url
+from .transport import AiohttpTransport, Transport, check_models, redact_url
 from .validate import Checked
 
 __all__ = ["DEFAULT_BASE_URL", "Engine", "JobConfig", "Statistics"]
@@ -55,22 +54,6 @@ _READ_BATCH = 1024
 
 Record = Result | BadLine
 Emit = Callable[[list[Record]], Awaitable[None]]
-
-
-class _ModelId(msgspec.Struct):
-    id: str
-
-
-class _ModelList(msgspec.Struct):
-    data: list[_ModelId]
-
-
-def _served_models(body: bytes) -> set[str] | None:
-    """Model ids of a ``GET /models`` reply, or None when it is not the OpenAI list shape."""
-    try:
-        return {m.id for m in msgspec.json.decode(body, type=_ModelList).data}
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        return None
 
 
 def _leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -470,33 +453,7 @@ class Engine:
                 self._gate.flow.mark_down(index, now)
 
     async def _check_one(self, transport: Transport) -> None:
-        url = transport.base_url
-        try:
-            async with asyncio.timeout(min(30.0, self.config.timeout)):
-                resp = await transport.get("/models")
-        except TimeoutError as exc:
-            raise RequestTimeout(f"endpoint {url} did not answer GET /models in time") from exc
-        except TransportError as exc:
-            raise ConnectError(f"cannot reach endpoint {url}: {exc}") from exc
-        if resp.status in (401, 403):
-            raise ConfigError(
-                f"endpoint {url} refused the API key (HTTP {resp.status}); "
-                "check the variable named by --api-key-env"
-            )
-        if resp.status == 404:
-            raise ConfigError(
-                f"endpoint {url} has no /models (HTTP 404): is the base URL right? "
-                "OpenAI-compatible servers answer under /v1, as in http://HOST:8000/v1 "
-                "(--no-check skips this check)"
-            )
-        model = self.config.model
-        served = _served_models(resp.body) if resp.status == 200 else None
-        if model is not None and served is not None and model not in served:
-            listed = ", ".join(sorted(served)[:10]) + (", ..." if len(served) > 10 else "")
-            raise ConfigError(
-                f"model {model!r} is not served by {url}; it serves: {listed or 'nothing'} "
-                "(--no-check skips this check)"
-            )
+        await check_models(transport, self.config.model)
 
     async def _probe(self, index: int) -> bool:
         """Is an ejected endpoint answering again? Any reply below 500 says it is."""

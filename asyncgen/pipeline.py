@@ -42,7 +42,7 @@ from .engine import JobConfig
 from .errors import ConfigError, OutputError
 from .jobdir import shards, standing_failures
 from .records import Source
-from .shards import iter_lines
+from .shards import fsync_dir, iter_lines
 from .sources import expand_inputs, shard_name
 
 __all__ = ["Persona", "StageReport", "add_commands", "clean_persona", "convert"]
@@ -128,14 +128,6 @@ def _count(paths: list[Path]) -> int:
     return sum(1 for path in paths for _ in iter_lines(path))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def convert(job: Path, shard: Path, *, round_: int, samples: int = 1) -> StageReport:
     """Write the successful results of the finished job in ``job`` as the persona shard
     ``shard``, atomically; deterministic, so doing it again gives the same file."""
@@ -166,7 +158,7 @@ def convert(job: Path, shard: Path, *, round_: int, samples: int = 1) -> StageRe
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, shard)
-        _fsync_dir(shard.parent)
+        fsync_dir(shard.parent)
     except OSError as exc:
         raise OutputError(f"cannot write {shard}: {exc.strerror or exc}") from exc
     bad = _count(shards(job, "errors"))

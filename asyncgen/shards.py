@@ -15,7 +15,14 @@ from pathlib import Path
 
 import zstandard
 
-__all__ = ["ZSTD_MAGIC", "FrameWriter", "iter_lines", "repair_tail", "scan_frames"]
+__all__ = [
+    "ZSTD_MAGIC",
+    "FrameWriter",
+    "fsync_dir",
+    "iter_lines",
+    "repair_tail",
+    "scan_frames",
+]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 """The first four bytes of every zstd frame."""
@@ -105,3 +112,12 @@ def iter_lines(path: Path) -> Iterator[bytes]:
     """Yield the JSON lines (without newline) of every complete frame of a shard."""
     for _, payload in scan_frames(path):
         yield from payload.splitlines()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a created or renamed file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -33,7 +33,7 @@ import msgspec
 from .errors import OutputError
 from .ledger import Ledger, bad_line_key, pack_ids
 from .records import BadLine, Result
-from .shards import ZSTD_MAGIC, FrameWriter, repair_tail, scan_frames
+from .shards import ZSTD_MAGIC, FrameWriter, fsync_dir, repair_tail, scan_frames
 
 __all__ = ["KINDS", "Store", "fingerprint"]
 
@@ -74,14 +74,6 @@ _id_decoder = msgspec.json.Decoder(_IdView)
 def fingerprint(spec: Mapping[str, Any]) -> str:
     """A stable hash of the parts of a job spec that decide what each item's result means."""
     return hashlib.sha256(msgspec.json.encode(spec, order="sorted")).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Store:
@@ -194,7 +186,7 @@ class Store:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
 
@@ -308,7 +300,7 @@ class Store:
             path = self.root / f"{kind}-{self._seq:06d}.jsonl.zst"
             try:
                 writer = FrameWriter(path)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             except OSError as exc:
                 raise OutputError(f"cannot create {path}: {exc.strerror}") from exc
             self._writers[kind] = writer

@@ -7,6 +7,7 @@ embedding applications can pass their own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -14,11 +15,19 @@ from contextlib import AbstractAsyncContextManager
 from typing import NamedTuple, Protocol
 
 import aiohttp
+import msgspec
 
 from . import __version__
-from .errors import ConfigError, ConnectError
+from .errors import ConfigError, ConnectError, RequestTimeout, TransportError
 
-__all__ = ["AiohttpTransport", "HttpResponse", "StreamReply", "Transport", "redact_url"]
+__all__ = [
+    "AiohttpTransport",
+    "HttpResponse",
+    "StreamReply",
+    "Transport",
+    "check_models",
+    "redact_url",
+]
 
 
 class HttpResponse(NamedTuple):
@@ -166,3 +175,56 @@ class _AiohttpStream:
     async def chunks(self) -> AsyncIterator[bytes]:
         async for data in self._resp.content.iter_any():
             yield data
+
+
+class _ModelId(msgspec.Struct):
+    id: str
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_ModelId]
+
+
+CHECK_SECONDS = 30.0
+"""How long the start-up check waits for ``GET /models``."""
+
+
+async def check_models(transport: Transport, model: str | None) -> list[str] | None:
+    """The start-up check, ``GET /models``: fail fast, with a message that says what to do,
+    on an unreachable endpoint, a refused key, a wrong base URL or a model the endpoint does
+    not serve. Returns the served model ids (sorted), or None when the reply does not list
+    them (some gateways answer otherwise; that is not an error)."""
+    url = transport.base_url
+    try:
+        async with asyncio.timeout(CHECK_SECONDS):
+            resp = await transport.get("/models")
+    except TimeoutError as exc:
+        raise RequestTimeout(
+            f"endpoint {url} did not answer GET /models within {CHECK_SECONDS:g}s"
+        ) from exc
+    except TransportError as exc:
+        raise ConnectError(f"cannot reach endpoint {url}: {exc}") from exc
+    if resp.status in (401, 403):
+        raise ConfigError(
+            f"endpoint {url} refused the API key (HTTP {resp.status}); "
+            "check the variable named by --api-key-env"
+        )
+    if resp.status == 404:
+        raise ConfigError(
+            f"endpoint {url} has no /models (HTTP 404): is the base URL right? "
+            "OpenAI-compatible servers answer under /v1, as in http://HOST:8000/v1 "
+            "(--no-check skips this check)"
+        )
+    if resp.status != 200:
+        return None
+    try:
+        served = sorted({m.id for m in msgspec.json.decode(resp.body, type=_ModelList).data})
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    if model is not None and model not in served:
+        listed = ", ".join(served[:10]) + (", ..." if len(served) > 10 else "")
+        raise ConfigError(
+            f"model {model!r} is not served by {url}; it serves: {listed or 'nothing'} "
+            "(--no-check skips this check)"
+        )
+    return served
