@@ -18,7 +18,7 @@ same permutations), computed for a whole batch at once with numpy: signatures eq
 
 Held per kept text: its exact hash (a dict entry, ~110 B), its signature (4 B per permutation,
 512 B at 128), one LSH entry per band (~75 B each, 8 bands at the defaults) and its caller key
-(8 B): about 1.2 KB. Dropped texts cost nothing.
+(8 B), with dict slack about 1.4 KB measured. Dropped texts cost nothing.
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ def lsh_params(threshold: float, num_perm: int, *, recall: float = 0.99) -> tupl
     candidate costs a comparison, and texts from one mould (personas share phrasing) make
     many. At 0.9 and 128 permutations this gives (8, 16): recall 99% at J=0.95, 84% at 0.9,
     where the MinHash estimate itself passes only half the pairs, and 1e-4 at J=0.5.
-    (12, 10), 99% at 0.9, found 0.7% more planted copies in ``benchmarks/bench_dedup.py`` for
-    20 times the candidates; datasketch's equal-weight optimum, (5, 25), finds 14% fewer.
+    (12, 10), 99% at 0.9, found 0.65 points more planted copies for 23 times the candidates
+    (``benchmarks/bench_dedup.py --lsh-sweep``); datasketch's equal-weight optimum, (5, 25),
+    found 13 points fewer.
     """
     target = (1 + threshold) / 2
     for rows in range(num_perm // 2, 0, -1):
@@ -177,10 +178,18 @@ class DedupStatistics(msgspec.Struct, frozen=True):
 class Deduplicator:
     """Keeps the first of each group of exact or near duplicates, texts given in input order.
 
-    ``near=False`` makes it exact-only (no signatures, a hash per kept text).
+    ``near=False`` makes it exact-only (no signatures, a hash per kept text). ``lsh`` overrides
+    :func:`lsh_params` with ``(bands, rows)``.
     """
 
-    def __init__(self, *, threshold: float = 0.9, num_perm: int = 128, near: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        threshold: float = 0.9,
+        num_perm: int = 128,
+        near: bool = True,
+        lsh: tuple[int, int] | None = None,
+    ) -> None:
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         if not 16 <= num_perm <= 1024:
@@ -188,7 +197,9 @@ class Deduplicator:
         self.threshold = threshold
         self.near = near
         self.num_perm = num_perm
-        self.bands, self.rows = lsh_params(threshold, num_perm)
+        self.bands, self.rows = lsh or lsh_params(threshold, num_perm)
+        if self.bands * self.rows > num_perm:
+            raise ValueError(f"{self.bands} bands of {self.rows} rows need more than {num_perm}")
         self._hasher = MinHasher(num_perm) if near else None
         # Band multipliers for a 64-bit universal hash of each band's rows (odd, fixed).
         rng = np.random.default_rng(0x5EED)

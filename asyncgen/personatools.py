@@ -811,7 +811,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "of at least --threshold with a kept persona (MinHash with --num-perm permutations, LSH "
         "to find candidates) is a near duplicate. The first of each group is written, unchanged; "
         "every other line gets a report line: id (shard:line), reason (exact, near, bad), "
-        "duplicate_of and similarity. Memory: about 1.5 KB per kept persona at the defaults "
+        "duplicate_of and similarity. Memory: about 1.4 KB per kept persona at the defaults "
         "(about 150 B with --no-near).",
         epilog=_EPILOG,
     )
