@@ -129,5 +129,8 @@ def test_bad_parameters() -> None:
         Deduplicator(threshold=0)
     with pytest.raises(ValueError, match="num_perm"):
         Deduplicator(num_perm=8)
+    with pytest.raises(ValueError, match="20 bands of 10 rows need more than 128"):
+        Deduplicator(lsh=(20, 10))
+    assert Deduplicator(lsh=(5, 25)).bands == 5
     with pytest.raises(ValueError, match="length"):
         Deduplicator().check_batch(["a"], [])
