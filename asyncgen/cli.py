@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 finished; 1 no measured request succeeded; 2 usage or "
         "endpoint error; 130 interrupted (the report covers what finished).",
     )
-    from . import bench as bench_module
+    from . import benchcli as bench_module
 
     bench_module.add_arguments(bench)
 
@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return mock_module.main_from_args(args)
         if args.command == "bench":
-            from . import bench as bench_module
+            from . import benchcli as bench_module
 
             typed = sys.argv[1:] if argv is None else list(argv)
             return bench_module.main_from_args(args, ["asyncgen", *typed])
