@@ -32,7 +32,9 @@ from typing import IO, Any, NamedTuple, TypeVar
 import msgspec
 import zstandard
 
+from .argtypes import number, positive_int
 from .errors import ConfigError, InputError, OutputError
+from .shards import fsync_dir
 from .sources import Line, ShardReader, expand_inputs, shard_name
 
 __all__ = [
@@ -207,11 +209,7 @@ class LinesWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             os.replace(self._tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(self.path.parent)
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
 
@@ -665,28 +663,8 @@ def _run_dedup(args: argparse.Namespace) -> int:
     return _status(s.bad_lines)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-
-
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
@@ -745,8 +723,8 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         epilog=_EPILOG,
     )
     _common(sample)
-    sample.add_argument("-n", type=_positive_int, required=True, help="how many personas")
-    sample.add_argument("--seed", type=_int, default=0, help="random seed (default: %(default)s)")
+    sample.add_argument("-n", type=positive_int, required=True, help="how many personas")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     sample.set_defaults(handler=_run_sample)
 
     filt = sub.add_parser(
@@ -798,7 +776,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     _common(stats, output=False)
     stats.add_argument("--json", action="store_true", help="print one JSON object instead")
     stats.add_argument(
-        "--top", type=_positive_int, default=20, metavar="N", help="top terms (default: 20)"
+        "--top", type=positive_int, default=20, metavar="N", help="top terms (default: 20)"
     )
     stats.set_defaults(handler=_run_stats)
 
@@ -831,7 +809,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     )
     dedup.add_argument(
         "--num-perm",
-        type=_positive_int,
+        type=positive_int,
         default=128,
         metavar="N",
         help="MinHash permutations, 16 to 1024 (default: %(default)s)",
