@@ -472,15 +472,7 @@ def dedup_files(
         dedup = Deduplicator(threshold=threshold, num_perm=num_perm, near=near)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    drops: list[DropRecord] = []
-
-    def bad(line: BadLine) -> None:
-        where = line.shard if line.lineno is None else f"{line.shard}:{line.lineno}"
-        drops.append(DropRecord(where, "bad", None, None, line.reason))
-        if on_bad is not None:
-            on_bad(line)
-
-    reader = PersonaReader(inputs, field=field, strict=strict, on_bad=bad)
+    reader = PersonaReader(inputs, field=field, strict=strict)
     _refuse_overwrite(reader.paths, output, report_path)
     index = {str(p): i for i, p in enumerate(reader.paths)}
     shards = [shard_name(p) for p in reader.paths]
@@ -490,23 +482,26 @@ def dedup_files(
 
     encoder = msgspec.json.Encoder()
     with LinesWriter(output) as out, LinesWriter(report_path) as rep:
+
+        def bad(line: BadLine) -> None:
+            where = line.shard if line.lineno is None else f"{line.shard}:{line.lineno}"
+            rep.write(encoder.encode(DropRecord(where, "bad", None, None, line.reason)))
+            if on_bad is not None:
+                on_bad(line)
+
+        reader.on_bad = bad
         for batch in reader.batches():
             keys = [index[p.line.path] << _LINE_BITS | p.line.lineno for p in batch]
             verdicts = dedup.check_batch([p.text for p in batch], keys)
             for persona, key, verdict in zip(batch, keys, verdicts, strict=True):
                 if verdict.reason == "keep":
                     out.write(persona.line.raw)
-                else:
-                    assert verdict.duplicate_of is not None
-                    drop = DropRecord(
-                        ident(key), verdict.reason, ident(verdict.duplicate_of), verdict.similarity
-                    )
-                    drops.append(drop)
-            for drop in drops:
+                    continue
+                assert verdict.duplicate_of is not None
+                drop = DropRecord(
+                    ident(key), verdict.reason, ident(verdict.duplicate_of), verdict.similarity
+                )
                 rep.write(encoder.encode(drop))
-            drops.clear()
-        for drop in drops:  # bad entries after the last batch (a damaged last shard)
-            rep.write(encoder.encode(drop))
     s = dedup.statistics()
     return DedupSummary(
         read=s.seen,
