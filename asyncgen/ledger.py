@@ -150,12 +150,24 @@ def pack_ids(ids: Iterable[str]) -> tuple[list[str], list[Run]]:
     """
     rest: list[str] = []
     groups: dict[tuple[str, str, str], list[int]] = {}
+    # Ids of one batch mostly share (shard, template, sample): while they do, only the line
+    # number between the shared prefix and suffix needs parsing (as in _IdSet.update).
+    prefix = suffix = ""
+    lines: list[int] = []
     for custom_id in ids:
+        if prefix and custom_id.startswith(prefix) and custom_id.endswith(suffix):
+            digits = custom_id[len(prefix) : len(custom_id) - len(suffix)]
+            if _canonical(digits):
+                lines.append(int(digits))
+                continue
         split = _IdSet.split(custom_id)
         if split is None:
             rest.append(custom_id)
-        else:
-            groups.setdefault(split[0], []).append(split[1])
+            continue
+        (shard, template, sample), line = split
+        lines = groups.setdefault((shard, template, sample), [])
+        lines.append(line)
+        prefix, suffix = f"{shard}:", f":{template}:{sample}"
     runs: list[Run] = []
     for (shard, template, sample), lines in groups.items():
         lines.sort()
