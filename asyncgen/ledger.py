@@ -247,10 +247,10 @@ class Ledger:
 
     def commit(self, ids: Iterable[str]) -> None:
         """Mark ids this run claimed as durable."""
-        for custom_id in ids:
-            self._pending.discard(custom_id)
-            if custom_id not in self._recovered or custom_id in self._reopened:
-                self._committed.add(custom_id)
+        # Only claimed ids get here: never a recovered one, unless reopened for a retry run.
+        ids = list(ids)
+        self._pending.difference_update(ids)
+        self._committed.update(ids)
 
     def release(self, custom_id: str) -> None:
         """Give back a claimed id that will not be committed by this run."""
@@ -261,7 +261,8 @@ class Ledger:
 
     @property
     def committed(self) -> int:
-        return len(self._recovered) + len(self._committed)
+        again = sum(1 for i in self._reopened if i in self._committed)
+        return len(self._recovered) + len(self._committed) - again
 
     @property
     def pending(self) -> int:

@@ -21,9 +21,20 @@ def test_recovered_ids_are_done_not_duplicates() -> None:
     assert ledger.committed == 2
     assert ledger.claim("y") is Claim.DONE
     assert ledger.claim("y") is Claim.DONE, "skipping twice is still skipping"
-    ledger.commit(["y"])  # a commit of a recovered id does not count it twice
-    assert ledger.committed == 2
+    assert ledger.pending == 0, "a done id is never claimed, so never committed again"
     assert "committed=2" in repr(ledger)
+
+
+def test_a_reopened_id_is_sent_once_more_and_counted_once() -> None:
+    ledger = Ledger()
+    ledger.recover(["p:1:math:0", "p:2:math:0"])
+    ledger.reopen(["p:2:math:0"])
+    assert ledger.claim("p:1:math:0") is Claim.DONE
+    assert ledger.claim("p:2:math:0") is Claim.SEND
+    assert ledger.claim("p:2:math:0") is Claim.DUPLICATE, "in flight"
+    ledger.commit(["p:2:math:0"])
+    assert ledger.claim("p:2:math:0") is Claim.DUPLICATE, "retried once per run"
+    assert (ledger.committed, ledger.pending) == (2, 0)
 
 
 def test_bad_line_keys_do_not_collide_with_custom_ids() -> None:
