@@ -95,6 +95,9 @@ class Template:
     """What rendering adds as ``response_format``; shared by every rendered body, so read only."""
     path: str | None
     digest: str
+    _placeholders: frozenset[str]
+    _formats: tuple[str, str]
+    """``user`` and ``system`` as :meth:`str.format_map` patterns."""
 
     def __init__(
         self,
