@@ -41,12 +41,13 @@ class _IdSet:
     that form is stored exactly; every other id is kept as a string.
     """
 
-    __slots__ = ("_bitmaps", "_count", "_strings")
+    __slots__ = ("_bitmaps", "_count", "_last", "_strings")
 
     def __init__(self) -> None:
         self._bitmaps: dict[tuple[str, str, str], bytearray] = {}
         self._strings: set[str] = set()
         self._count = 0
+        self._last: tuple[str, str, bytearray] = ("", "", bytearray())
 
     @staticmethod
     def split(custom_id: str) -> tuple[tuple[str, str, str], int] | None:
@@ -60,13 +61,27 @@ class _IdSet:
         return (shard, template, sample), int(line)
 
     def __contains__(self, custom_id: str) -> bool:
+        if not self._count:
+            return False
+        # Lookups come in input order, so mostly with the (shard, template, sample) of the
+        # one before: then only the line number needs parsing (see update()).
+        prefix, suffix, bitmap = self._last
+        if prefix and custom_id.startswith(prefix) and custom_id.endswith(suffix):
+            digits = custom_id[len(prefix) : len(custom_id) - len(suffix)]
+            if _canonical(digits):
+                line = int(digits)
+                byte = line >> 3
+                return byte < len(bitmap) and bool(bitmap[byte] >> (line & 7) & 1)
         split = self.split(custom_id)
         if split is None:
             return custom_id in self._strings
         key, line = split
-        bitmap = self._bitmaps.get(key)
+        found = self._bitmaps.get(key)
+        if found is None:
+            return False
+        self._last = (f"{key[0]}:", f":{key[1]}:{key[2]}", found)
         byte = line >> 3
-        return bitmap is not None and byte < len(bitmap) and bool(bitmap[byte] >> (line & 7) & 1)
+        return byte < len(found) and bool(found[byte] >> (line & 7) & 1)
 
     def add(self, custom_id: str) -> None:
         split = self.split(custom_id)

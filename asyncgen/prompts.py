@@ -69,6 +69,7 @@ class Template:
     __slots__ = (
         "_formats",
         "_placeholders",
+        "_sampling",
         "description",
         "digest",
         "endpoint",
@@ -96,6 +97,8 @@ class Template:
     path: str | None
     digest: str
     _placeholders: frozenset[str]
+    _sampling: dict[str, Any]
+    """A private plain copy of ``sampling``: ``dict.update`` from it is several times faster."""
     _formats: tuple[str, str]
     """``user`` and ``system`` as :meth:`str.format_map` patterns."""
 
@@ -154,6 +157,7 @@ class Template:
         set_(self, "path", path)
         set_(self, "_placeholders", frozenset(_placeholders(user) | _placeholders(system or "")))
         set_(self, "_formats", (_format_string(user), _format_string(system or "")))
+        set_(self, "_sampling", dict(sampling))
         if digest is None:
             canonical = repr(
                 (
@@ -212,7 +216,7 @@ class Template:
             if self.system:
                 messages.insert(0, {"role": "system", "content": system_format.format_map(values)})
             body = {"messages": messages}
-        body.update(self.sampling)
+        body.update(self._sampling)
         if self.response_format is not None:
             body["response_format"] = self.response_format
         return body

@@ -169,3 +169,26 @@ def test_pack_ids_round_trips_exactly() -> None:
         assert ledger.is_committed(custom_id), custom_id
     for near in ("s:5001:math:0", "s:4:math:1", "s:7:math:0", "batch-4"):
         assert ledger.is_committed(near) == (near in ids), near
+
+
+def test_id_set_membership_matches_a_plain_set() -> None:
+    import random
+
+    from asyncgen.ledger import _IdSet
+
+    rng = random.Random(5)
+    ids = set()
+    for _ in range(3000):
+        shard = rng.choice(["a", "b:c", "d"])
+        template = rng.choice(["math", "npc"])
+        ids.add(f"{shard}:{rng.randint(0, 400)}:{template}:{rng.randint(0, 2)}")
+    ids |= {"x", "a:01:math:0", "a:1:math:00", "a::math:0", "::::"}
+    members = set(rng.sample(sorted(ids), len(ids) // 2))
+    id_set = _IdSet()
+    for i in sorted(members):
+        id_set.add(i)
+    probes = sorted(ids)
+    rng.shuffle(probes)
+    probes += sorted(ids)  # in order too: the prefix/suffix fast path
+    assert [p in id_set for p in probes] == [p in members for p in probes]
+    assert len(id_set) == len(members)
