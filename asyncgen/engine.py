@@ -36,7 +36,7 @@ from .errors import (
 from .flow import EndpointStats, Feedback, FlowControl, Lease, Signal
 from .gate import Gate
 from .hints import parse_ratelimit, parse_retry_after
-from .items import Expander
+from .items import NOT_SAMPLING, Expander
 from .ledger import Claim, Redo, bad_line_key
 from .prompts import Template, load_template
 from .records import BadLine, Completion, ErrorInfo, Result, Source, WorkItem
@@ -87,8 +87,6 @@ def _signal(status: int) -> Signal:
 
 
 _RESERVED_BODY = frozenset({"model", "messages", "prompt", "stream", "n"})
-# Request fields that are content, not parameters, in a result's provenance.
-_NOT_SAMPLING = frozenset({"model", "messages", "prompt"})
 
 
 class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -246,6 +244,7 @@ class Engine:
             deadline=config.deadline,
         )
         self._template: Template | None = None
+        self._template_sha: str | None = None
         self._endpoint_names: list[str] = []
         self._redo = redo
         """A retry run: send only these recorded failures again (``asyncgen retry-failed``)."""
@@ -289,6 +288,7 @@ class Engine:
     async def __aenter__(self) -> Engine:
         cfg = self.config
         self._template = load_template(cfg.prompt) if cfg.prompt else None
+        self._template_sha = self._template.digest[:16] if self._template else None
         overrides = dict(cfg.extra_body)
         if cfg.max_tokens is not None:
             overrides["max_tokens"] = cfg.max_tokens
@@ -840,7 +840,6 @@ class Engine:
         """The record of an item's outcome, with its provenance; a failure unless completed
         by :meth:`_success`."""
         body = item.body
-        template = self._template
         return Result(
             custom_id=item.custom_id,
             error=error,
@@ -857,8 +856,10 @@ class Engine:
             started=started,
             endpoint=self._endpoint_names[endpoint],
             persona_sha256=item.persona_sha256,
-            template_sha256=template.digest[:16] if template and item.template else None,
-            sampling={k: v for k, v in body.items() if k not in _NOT_SAMPLING},
+            template_sha256=self._template_sha if item.template else None,
+            sampling=item.sampling
+            if item.sampling is not None
+            else {k: v for k, v in body.items() if k not in NOT_SAMPLING},
             replaces_failure=self._redo is not None,
         )
 

@@ -26,6 +26,8 @@ BATCH_URLS = {
     "/completions": "/completions",
 }
 _decoder = msgspec.json.Decoder()
+NOT_SAMPLING = frozenset({"model", "messages", "prompt"})
+"""Request fields that are content, not parameters (a result's ``sampling`` leaves them out)."""
 
 
 def _estimate_prompt_tokens(body: dict[str, Any]) -> int:
@@ -67,6 +69,7 @@ class Expander:
         self.samples = samples
         self.persona_field = persona_field
         self.overrides = dict(overrides or {})
+        self._sampling: dict[str, Any] | None = None
 
     def expand(self, line: Line) -> list[WorkItem]:
         """The requests for ``line``; raises :class:`InputError` naming file and line."""
@@ -134,6 +137,10 @@ class Expander:
         )
         meta = {k: v for k, v in record.items() if k != self.persona_field}
         est, max_output = _estimate_prompt_tokens(body), _max_output(body)
+        sampling = self._sampling
+        if sampling is None:
+            # The same for every record of the template: computed once, shared.
+            sampling = self._sampling = {k: v for k, v in body.items() if k not in NOT_SAMPLING}
         prefix = f"{line.shard}:{line.lineno}:{template.name}:"
         return [
             WorkItem(
@@ -144,6 +151,7 @@ class Expander:
                 template=template.name,
                 persona=persona,
                 persona_sha256=digest,
+                sampling=sampling,
                 meta=meta,
                 est_prompt_tokens=est,
                 max_output_tokens=max_output,

@@ -58,6 +58,9 @@ class WorkItem(msgspec.Struct):
     max_output_tokens: int | None = None
     """The request's output token limit, if it sets one."""
     persona_sha256: str | None = None
+    sampling: dict[str, Any] | None = None
+    """The body's parameters (all but model, messages, prompt), when known ahead; shared by
+    the items of one template, so read only."""
 
 
 class Result(msgspec.Struct):

@@ -96,6 +96,10 @@ class AiohttpTransport:
             )
         self._headers = {
             "Content-Type": "application/json",
+            # Replies are small JSON; compressing them costs both ends more CPU than it saves.
+            # (A default header, not skip_auto_headers: that makes aiohttp copy headers on
+            # every request.)
+            "Accept-Encoding": "identity",
             "User-Agent": f"asyncgen/{__version__}",
         }
         if api_key:
@@ -112,8 +116,6 @@ class AiohttpTransport:
                 headers=self._headers,
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=None),
-                # Bodies are bytes already encoded by msgspec; skip aiohttp's JSON handling.
-                skip_auto_headers=("Accept-Encoding",),
             )
         return self._session
 
