@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 __all__ = [
+    "add_inputs",
     "int_at_least",
     "json_object",
     "non_negative_int",
@@ -56,6 +57,14 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+
+
+def add_inputs(p: argparse.ArgumentParser, help: str) -> None:
+    """The ``--input/-i FILE...`` option every command that reads shards has (repeatable,
+    several files or globs each time)."""
+    p.add_argument(
+        "--input", "-i", nargs="+", action="extend", required=True, metavar="FILE", help=help
+    )
 
 
 def _reject_constant(name: str) -> Any:

@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Sequence
 
 from . import __version__
-from .argtypes import json_object, number, positive_float, positive_int, run_async
+from .argtypes import add_inputs, json_object, number, positive_float, positive_int, run_async
 from .engine import Engine, JobConfig, Statistics
 from .errors import AsyncgenError
 from .ledger import Redo
@@ -215,15 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "2 usage/input/setup error; 3 internal error (a bug); 130 interrupted (rerun to "
         "resume).",
     )
-    run.add_argument(
-        "--input",
-        "-i",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="FILE",
-        help="input shards (.jsonl or .jsonl.zst) or glob patterns",
-    )
+    add_inputs(run, "input shards (.jsonl or .jsonl.zst) or glob patterns")
     run.add_argument(
         "--output",
         "-o",

@@ -32,7 +32,7 @@ from typing import IO, Any, NamedTuple, TypeVar
 import msgspec
 import zstandard
 
-from .argtypes import number, positive_int
+from .argtypes import add_inputs, number, positive_int
 from .errors import ConfigError, InputError, OutputError
 from .shards import fsync_dir
 from .sources import Line, ShardReader, expand_inputs, shard_name
@@ -680,15 +680,7 @@ _EPILOG = (
 
 
 def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
-    p.add_argument(
-        "--input",
-        "-i",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="FILE",
-        help="persona shards: .jsonl or .jsonl.zst files or globs, read in the order given",
-    )
+    add_inputs(p, "persona shards: .jsonl or .jsonl.zst files or globs, read in the order given")
     if output:
         p.add_argument(
             "--output",

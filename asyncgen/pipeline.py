@@ -340,7 +340,7 @@ _EPILOG = (
 
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Register this module's ``asyncgen personas`` subcommands."""
-    from .argtypes import positive_int
+    from .argtypes import add_inputs, positive_int
 
     p = sub.add_parser(
         "from-text",
@@ -350,15 +350,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "DIR/personas.jsonl.zst, each with the text shard and line it came from.",
         epilog=_EPILOG,
     )
-    p.add_argument(
-        "--input",
-        "-i",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="FILE",
-        help="text shards (.jsonl or .jsonl.zst) or glob patterns",
-    )
+    add_inputs(p, "text shards (.jsonl or .jsonl.zst) or glob patterns")
     p.add_argument(
         "--text-field",
         dest="persona_field",
@@ -378,15 +370,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "text line its line descends from (origin), when known.",
         epilog=_EPILOG,
     )
-    p.add_argument(
-        "--input",
-        "-i",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="FILE",
-        help="persona shards (.jsonl or .jsonl.zst) or glob patterns",
-    )
+    add_inputs(p, "persona shards (.jsonl or .jsonl.zst) or glob patterns")
     p.add_argument(
         "--rounds",
         type=positive_int,
