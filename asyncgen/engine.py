@@ -676,7 +676,7 @@ class Engine:
                         f"gave up after {attempt} attempts in {elapsed:.1f}s: {error.message}",
                         error.status,
                     )
-                return self._failure(item, error, attempt, elapsed, started, endpoint)
+                return self._record(item, error, attempt, elapsed, started, endpoint)
             self._retries += 1
             self._retrying += 1
             try:
@@ -817,7 +817,7 @@ class Engine:
         if c.usage is not None:
             self._prompt_tokens += c.usage.prompt_tokens or 0
             self._completion_tokens += c.usage.completion_tokens or 0
-        result = self._failure(item, None, attempts, latency, started, endpoint)
+        result = self._record(item, None, attempts, latency, started, endpoint)
         result.output = message.content if message is not None else choice.text
         result.finish_reason = choice.finish_reason
         result.model = c.model or result.model
@@ -828,7 +828,7 @@ class Engine:
         result.ttft_s = None if ttft is None else round(ttft, 4)
         return result
 
-    def _failure(
+    def _record(
         self,
         item: WorkItem,
         error: ErrorInfo | None,

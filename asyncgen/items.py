@@ -15,7 +15,7 @@ import msgspec
 from .errors import InputError
 from .prompts import Template
 from .records import Source, WorkItem
-from .sources import Line
+from .sources import Line, not_json
 
 __all__ = ["BATCH_URLS", "Expander"]
 
@@ -75,10 +75,11 @@ class Expander:
         """The requests for ``line``; raises :class:`InputError` naming file and line."""
         try:
             record = _decoder.decode(line.raw)
-        except UnicodeDecodeError as exc:
-            raise self._error(line, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-        except msgspec.DecodeError as exc:
-            raise self._error(line, f"malformed JSON ({exc})") from exc
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            reason = not_json(line.raw, exc)
+            if not reason.startswith("not valid UTF-8"):
+                reason = f"malformed JSON ({reason})"
+            raise self._error(line, reason) from exc
         if not isinstance(record, dict):
             raise self._error(line, f"expected a JSON object, got {type(record).__name__}")
         source = Source(line.shard, line.lineno)

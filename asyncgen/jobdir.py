@@ -14,18 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import zstandard
 
 from .errors import ConfigError, OutputError
 from .records import ErrorInfo, Result, Usage
-from .shards import iter_lines
+from .shards import LinesWriter, iter_lines
+from .store import SHARD_RE
 
 __all__ = [
     "JobStatus",
@@ -38,8 +37,6 @@ __all__ = [
     "status",
 ]
 
-_SHARD_RE = re.compile(r"^(results|failures|errors)-(\d{6})\.jsonl\.zst$")
-
 
 def shards(root: Path, kind: str) -> list[Path]:
     """The ``kind`` shards (results, failures or errors) of ``root``, in writing order."""
@@ -47,7 +44,7 @@ def shards(root: Path, kind: str) -> list[Path]:
     if not root.is_dir():
         return []
     for path in root.iterdir():
-        match = _SHARD_RE.match(path.name)
+        match = SHARD_RE.match(path.name)
         if match and match.group(1) == kind:
             found.append((int(match.group(2)), path))
     return [p for _, p in sorted(found)]
@@ -97,28 +94,41 @@ def _superseding_successes(root: Path, candidates: set[str]) -> set[str]:
     return settled
 
 
-def standing_failures(root: Path) -> dict[str, tuple[int, int, str]]:
-    """The failures no later record supersedes: id -> (shard index, line index, error code)
-    of its last failure. Memory grows with the number of failed items, not of all items."""
+def _last_failures(root: Path) -> dict[str, tuple[int, int, str]]:
+    """id -> (shard index, line index, error code) of each id's last failure record."""
     latest: dict[str, tuple[int, int, str]] = {}
     for n, path in enumerate(shards(root, "failures")):
         for i, line in enumerate(iter_lines(path)):
             view = _failure_decoder.decode(line)
             latest[view.custom_id] = (n, i, view.error.code if view.error else "unknown")
+    return latest
+
+
+def standing_failures(root: Path) -> dict[str, tuple[int, int, str]]:
+    """The failures no later record supersedes: id -> (shard index, line index, error code)
+    of its last failure. Memory grows with the number of failed items, not of all items."""
+    latest = _last_failures(root)
     for custom_id in _superseding_successes(root, set(latest)):
         del latest[custom_id]
     return latest
 
 
-def iter_standing_failures(root: Path) -> Iterator[tuple[bytes, Result]]:
-    """Every standing failure, as (line as stored, decoded record), in writing order."""
-    standing = {(n, i) for n, i, _ in standing_failures(root).values()}
-    if not standing:
+def _failures_at(
+    root: Path, standing: dict[str, tuple[int, int, str]]
+) -> Iterator[tuple[bytes, Result]]:
+    """The failure records at the positions ``standing`` names, in writing order."""
+    positions = {(n, i) for n, i, _ in standing.values()}
+    if not positions:
         return
     for n, path in enumerate(shards(root, "failures")):
         for i, line in enumerate(iter_lines(path)):
-            if (n, i) in standing:
+            if (n, i) in positions:
                 yield line, _result_decoder.decode(line)
+
+
+def iter_standing_failures(root: Path) -> Iterator[tuple[bytes, Result]]:
+    """Every standing failure, as (line as stored, decoded record), in writing order."""
+    yield from _failures_at(root, standing_failures(root))
 
 
 def iter_results(root: Path) -> Iterator[tuple[bytes, Result]]:
@@ -184,7 +194,11 @@ def status(
     prompt_tokens = completion_tokens = attempts = succeeded = 0
     first: float | None = None
     last: float | None = None
+    # One pass over the successes: totals, and the failures that retries settled.
+    failures = _last_failures(root)
     for _, r in iter_results(root):
+        if r.replaces_failure:
+            failures.pop(r.custom_id, None)
         succeeded += 1
         attempts += r.attempts
         usage = r.usage or Usage()
@@ -193,7 +207,6 @@ def status(
         start = r.started if r.started is not None else r.created - r.latency_s
         first = start if first is None else min(first, start)
         last = r.created if last is None else max(last, r.created)
-    failures = standing_failures(root)
     by_reason = Counter(code for _, _, code in failures.values())
     bad: Counter[str] = Counter()
     for path in shards(root, "errors"):
@@ -226,15 +239,12 @@ def status(
     )
 
 
-class _ErrorCode(msgspec.Struct):
-    error: ErrorInfo
-
-
 def _failure_code(line: bytes) -> str:
     try:
-        return msgspec.json.decode(line, type=_ErrorCode).error.code
+        error = _failure_decoder.decode(line).error
     except msgspec.DecodeError:
         return "unknown"
+    return error.code if error else "unknown"
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -243,9 +253,13 @@ EXPORT_FORMATS = ("jsonl", "batch", "parquet")
 
 
 def _logical(root: Path, failures: bool) -> Iterator[tuple[bytes, Result]]:
-    yield from iter_results(root)
-    if failures:
-        yield from iter_standing_failures(root)
+    """Every success, then (if asked) every standing failure; the successes are read once."""
+    standing = _last_failures(root) if failures else {}
+    for line, record in iter_results(root):
+        if record.replaces_failure:
+            standing.pop(record.custom_id, None)
+        yield line, record
+    yield from _failures_at(root, standing)
 
 
 def _batch_line(r: Result, endpoint: str) -> dict[str, Any]:
@@ -332,42 +346,27 @@ def export(root: Path, destination: Path, fmt: str = "jsonl", *, failures: bool 
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {fmt!r} (one of {', '.join(EXPORT_FORMATS)})")
     manifest = read_manifest(root)
-    tmp = destination.with_name(destination.name + ".tmp")
-    try:
-        if fmt == "parquet":
-            n = _export_parquet(_logical(root, failures), tmp)
-        else:
-            n = _export_lines(_logical(root, failures), tmp, fmt, _endpoint(manifest), destination)
-        os.replace(tmp, destination)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return n
+    records = _logical(root, failures)
+    if fmt == "parquet":
+        tmp = destination.with_name(destination.name + ".tmp")
+        try:
+            n = _export_parquet(records, tmp)
+            os.replace(tmp, destination)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return n
+    endpoint = _endpoint(manifest)
+    encoder = msgspec.json.Encoder()
+    with LinesWriter(destination) as out:
+        for line, record in records:
+            out.write(encoder.encode(_batch_line(record, endpoint)) if fmt == "batch" else line)
+    return out.lines
 
 
 def _endpoint(manifest: dict[str, Any]) -> str:
     job = manifest.get("job") or {}
     return "completions" if job.get("template_endpoint") == "completions" else "chat"
-
-
-def _export_lines(
-    records: Iterator[tuple[bytes, Result]], tmp: Path, fmt: str, endpoint: str, dest: Path
-) -> int:
-    n = 0
-    encoder = msgspec.json.Encoder()
-    with open(tmp, "wb") as raw:
-        sink: Any = raw
-        if dest.name.endswith(".zst"):
-            sink = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
-        for line, record in records:
-            sink.write(encoder.encode(_batch_line(record, endpoint)) if fmt == "batch" else line)
-            sink.write(b"\n")
-            n += 1
-        if sink is not raw:
-            sink.close()
-        raw.flush()
-        os.fsync(raw.fileno())
-    return n
 
 
 def _export_parquet(records: Iterator[tuple[bytes, Result]], tmp: Path) -> int:

@@ -174,9 +174,12 @@ def _retry_failed(args: argparse.Namespace) -> int:
     from .cli import run_job
 
     root = Path(args.output)
-    failures = jobdir.standing_failures(root)
     wanted = set(args.reason or ())
-    chosen = {i: v for i, v in failures.items() if not wanted or v[2] in wanted}
+    chosen = [
+        (r.custom_id, r.source.shard, r.source.line)
+        for _, r in jobdir.iter_standing_failures(root)
+        if not wanted or (r.error.code if r.error else "unknown") in wanted
+    ]
     if not chosen:
         which = f" with reason {', '.join(sorted(wanted))}" if wanted else ""
         print(
@@ -193,7 +196,7 @@ def _retry_failed(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         timeout=args.timeout,
     )
-    redo = Redo(_sources(root, set(chosen)))
+    redo = Redo(chosen)
     print(f"asyncgen: retrying {len(redo):,} failed items of {root}", file=sys.stderr)
     api_key = os.environ.get(args.api_key_env) or None
     return run_async(
@@ -205,12 +208,3 @@ def _retry_failed(args: argparse.Namespace) -> int:
             redo=redo,
         )
     )
-
-
-def _sources(root: Path, ids: set[str]) -> list[tuple[str, str, int]]:
-    """(custom_id, shard, line) of the failures to retry, from their records."""
-    return [
-        (r.custom_id, r.source.shard, r.source.line)
-        for _, r in jobdir.iter_standing_failures(root)
-        if r.custom_id in ids
-    ]

@@ -15,27 +15,22 @@ counted, and left out; ``--strict`` stops at the first one instead. Exit status:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import heapq
-import os
 import random
 import re
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, NamedTuple, TypeVar
 
 import msgspec
-import zstandard
 
 from .argtypes import add_inputs, number, positive_int
-from .errors import ConfigError, InputError, OutputError
-from .shards import fsync_dir
-from .sources import Line, ShardReader, expand_inputs, shard_name
+from .errors import ConfigError, InputError
+from .shards import LinesWriter
+from .sources import Line, ShardReader, expand_inputs, not_json, shard_name
 
 __all__ = [
     "BadLine",
@@ -137,12 +132,10 @@ class PersonaReader:
     def _text(self, line: Line) -> str | None:
         try:
             text = self._decoder.decode(line.raw).text
-        except UnicodeDecodeError as exc:
-            reason = f"not valid UTF-8 ({exc.reason})"
         except msgspec.ValidationError:
             reason = "not a JSON object"
-        except msgspec.DecodeError as exc:
-            reason = str(exc)  # "JSON is malformed: ... (byte N)"
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            reason = not_json(line.raw, exc)  # "JSON is malformed: ... (byte N)"
         else:
             if isinstance(text, str) and text.strip():
                 return text
@@ -161,90 +154,6 @@ class PersonaReader:
         self.bad += 1
         if self.on_bad is not None:
             self.on_bad(bad)
-
-
-class LinesWriter:
-    """Writes lines to a temporary file beside ``path``; :meth:`commit` renames it into place.
-
-    zstd-compressed (one frame, with checksum) when the name ends in ``.zst`` or ``.zstd``.
-    Used as a context manager it commits on success and removes the temporary file on error.
-    Failures to write raise :class:`OutputError`.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(
-                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-            )
-        except OSError as exc:
-            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
-        os.fchmod(fd, 0o644)
-        self._tmp = Path(tmp)
-        self._file = os.fdopen(fd, "wb")
-        self._out: IO[bytes] = self._file
-        if self.path.suffix in (".zst", ".zstd"):
-            cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
-            self._out = cctx.stream_writer(self._file, closefd=False)
-        self._buffer: list[bytes] = []
-        self._buffered = 0
-        self.lines = 0
-
-    def write(self, raw: bytes) -> None:
-        """Append one line (``raw`` without its newline)."""
-        self._buffer.append(raw)
-        self._buffered += len(raw) + 1
-        self.lines += 1
-        if self._buffered >= 1 << 20:
-            self._flush()
-
-    def commit(self) -> None:
-        """Finish the file, make it durable and move it over ``path`` in one step."""
-        try:
-            self._flush()
-            if self._out is not self._file:
-                self._out.close()  # ends the zstd frame; the file stays open
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._tmp, self.path)
-            fsync_dir(self.path.parent)
-        except OSError as exc:
-            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
-
-    def discard(self) -> None:
-        """Remove the temporary file; ``path`` is left as it was."""
-        with contextlib.suppress(OSError):
-            self._file.close()
-        self._tmp.unlink(missing_ok=True)
-
-    def _flush(self) -> None:
-        if self._buffer:
-            self._buffer.append(b"")
-            try:
-                self._out.write(b"\n".join(self._buffer))
-            except OSError as exc:
-                raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
-            self._buffer, self._buffered = [], 0
-
-    def __enter__(self) -> LinesWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is not None:
-            self.discard()
-            return
-        try:
-            self.commit()
-        except BaseException:
-            self.discard()
-            raise
 
 
 def reservoir_sample(items: Iterable[T], n: int, *, seed: int) -> list[T]:

@@ -4,20 +4,29 @@ A shard is a concatenation of independent zstd frames, each holding whole JSON l
 ``zstdcat``, ``zstandard`` and any multi-frame zstd reader read it as it is. A frame is written
 with one ``write`` and made durable with ``fsync`` before anything refers to it; a crash can
 therefore leave at most one incomplete frame at the end, which :func:`scan_frames` detects
-and :func:`repair_tail` cuts off. All functions here block: call them from a thread.
+and :func:`repair_tail` cuts off. :class:`LinesWriter` is the other kind of output file:
+written whole (an export, a persona shard), then renamed into place. All functions here block:
+call them from a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
+from typing import IO
 
 import zstandard
+
+from .errors import OutputError
 
 __all__ = [
     "ZSTD_MAGIC",
     "FrameWriter",
+    "LinesWriter",
     "fsync_dir",
     "iter_lines",
     "repair_tail",
@@ -121,3 +130,87 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class LinesWriter:
+    """Writes lines to a temporary file beside ``path``; :meth:`commit` renames it into place.
+
+    zstd-compressed (one frame, with checksum) when the name ends in ``.zst`` or ``.zstd``.
+    Used as a context manager it commits on success and removes the temporary file on error.
+    Failures to write raise :class:`OutputError`.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(
+                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+            )
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        os.fchmod(fd, 0o644)
+        self._tmp = Path(tmp)
+        self._file = os.fdopen(fd, "wb")
+        self._out: IO[bytes] = self._file
+        if self.path.suffix in (".zst", ".zstd"):
+            cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
+            self._out = cctx.stream_writer(self._file, closefd=False)
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self.lines = 0
+
+    def write(self, raw: bytes) -> None:
+        """Append one line (``raw`` without its newline)."""
+        self._buffer.append(raw)
+        self._buffered += len(raw) + 1
+        self.lines += 1
+        if self._buffered >= 1 << 20:
+            self._flush()
+
+    def commit(self) -> None:
+        """Finish the file, make it durable and move it over ``path`` in one step."""
+        try:
+            self._flush()
+            if self._out is not self._file:
+                self._out.close()  # ends the zstd frame; the file stays open
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+
+    def discard(self) -> None:
+        """Remove the temporary file; ``path`` is left as it was."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._buffer.append(b"")
+            try:
+                self._out.write(b"\n".join(self._buffer))
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+            self._buffer, self._buffered = [], 0
+
+    def __enter__(self) -> LinesWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.discard()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.discard()
+            raise

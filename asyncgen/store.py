@@ -38,7 +38,8 @@ from .shards import ZSTD_MAGIC, FrameWriter, fsync_dir, repair_tail, scan_frames
 __all__ = ["KINDS", "Store", "fingerprint"]
 
 KINDS = ("results", "failures", "errors")
-_SHARD_RE = re.compile(r"^(results|failures|errors)-(\d{6})\.jsonl\.zst$")
+SHARD_RE = re.compile(r"^(results|failures|errors)-(\d{6})\.jsonl\.zst$")
+"""The name of a result, failure or error shard: kind and sequence number."""
 _MANIFEST = "manifest.json"
 _LEDGER = "ledger.zst"
 _FORMAT = 1
@@ -136,7 +137,7 @@ class Store:
 
     def _holds_records(self) -> bool:
         return any(
-            (_SHARD_RE.match(p.name) or p.name == _LEDGER) and p.stat().st_size > 0
+            (SHARD_RE.match(p.name) or p.name == _LEDGER) and p.stat().st_size > 0
             for p in self.root.iterdir()
         )
 
@@ -167,7 +168,7 @@ class Store:
                 return
             # A job that stopped before committing anything (a typo in the model, say) leaves
             # a manifest but no records: the directory is free for the corrected job.
-        elif any(_SHARD_RE.match(p.name) for p in self.root.iterdir()):
+        elif any(SHARD_RE.match(p.name) for p in self.root.iterdir()):
             raise OutputError(
                 f"{self.root} holds result shards but no {_MANIFEST}; refusing to mix"
             )
@@ -214,7 +215,7 @@ class Store:
             )
         self._ledger_writer = FrameWriter(ledger_path)
         for path in sorted(self.root.iterdir()):
-            match = _SHARD_RE.match(path.name)
+            match = SHARD_RE.match(path.name)
             if not match:
                 continue
             self._seq = max(self._seq, int(match.group(2)))

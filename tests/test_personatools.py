@@ -127,7 +127,7 @@ def test_reader_names_bad_lines_and_goes_on(tmp_path: Path) -> None:
         (4, "no 'persona' field"),
         (5, "'persona' must be a string, not int"),
         (6, "'persona' is empty"),
-        (7, "not valid UTF-8 (invalid start byte)"),
+        (7, "not valid UTF-8 at byte 17 (invalid start byte)"),
     ]
     assert str(bad[0]) == f"{path}:2: JSON is malformed: invalid character (byte 4)"
     assert (reader.records, reader.bad) == (2, 6)
