@@ -163,10 +163,53 @@ def pack_ids(ids: Iterable[str]) -> tuple[list[str], list[Run]]:
 
     ``recover(rest)`` plus ``recover_runs(runs)`` marks exactly the ids given.
     """
+    ids = list(ids)
     rest: list[str] = []
+    same = _one_key(ids)
+    groups = {same[0]: same[1]} if same is not None else _group(ids, rest)
+    runs: list[Run] = []
+    for (shard, template, sample), lines in groups.items():
+        lines.sort()
+        cuts = [i for i in range(1, len(lines)) if lines[i] - lines[i - 1] > _RUN_GAP]
+        for first, end in zip([0, *cuts], [*cuts, len(lines)], strict=True):
+            chunk = lines[first:end]
+            if len(chunk) < _RUN_MIN:
+                rest.extend(f"{shard}:{line}:{template}:{sample}" for line in chunk)
+                continue
+            base = chunk[0] & ~7
+            bits = 0
+            for line in chunk:
+                bits |= 1 << (line - base)
+            size = (chunk[-1] - base) // 8 + 1
+            runs.append((shard, template, sample, base, bits.to_bytes(size, "little")))
+    return rest, runs
+
+
+def _one_key(ids: list[str]) -> tuple[tuple[str, str, str], list[int]] | None:
+    """When all ``ids`` are persona ids of one (shard, template, sample), as a batch's mostly
+    are: that key and their line numbers, checked in bulk rather than id by id. Else None."""
+    split = _IdSet.split(ids[0]) if ids else None
+    if split is None:
+        return None
+    key, _ = split
+    prefix, suffix = f"{key[0]}:", f":{key[1]}:{key[2]}"
+    start, stop = len(prefix), -len(suffix)
+    try:
+        lines = [int(custom_id[start:stop]) for custom_id in ids]
+    except ValueError:
+        return None
+    # int() also reads forms that str() never writes (" 7", "+7", "07", "1_0", "-7") and
+    # ignores whatever the slices cut off: the round trip rejects all of those.
+    if min(lines) < 0 or [f"{prefix}{line}{suffix}" for line in lines] != ids:
+        return None
+    return key, lines
+
+
+def _group(ids: list[str], rest: list[str]) -> dict[tuple[str, str, str], list[int]]:
+    """Line numbers of the persona ids by (shard, template, sample); the others to ``rest``."""
     groups: dict[tuple[str, str, str], list[int]] = {}
-    # Ids of one batch mostly share (shard, template, sample): while they do, only the line
-    # number between the shared prefix and suffix needs parsing (as in _IdSet.update).
+    # While ids share (shard, template, sample), only the line number between the shared
+    # prefix and suffix needs parsing (as in _IdSet.update).
     prefix = suffix = ""
     lines: list[int] = []
     for custom_id in ids:
@@ -183,25 +226,7 @@ def pack_ids(ids: Iterable[str]) -> tuple[list[str], list[Run]]:
         lines = groups.setdefault((shard, template, sample), [])
         lines.append(line)
         prefix, suffix = f"{shard}:", f":{template}:{sample}"
-    runs: list[Run] = []
-    for (shard, template, sample), lines in groups.items():
-        lines.sort()
-        first = 0
-        for i in range(1, len(lines) + 1):
-            if i < len(lines) and lines[i] - lines[i - 1] <= _RUN_GAP:
-                continue
-            chunk = lines[first:i]
-            first = i
-            if len(chunk) < _RUN_MIN:
-                rest.extend(f"{shard}:{line}:{template}:{sample}" for line in chunk)
-                continue
-            base = chunk[0] & ~7
-            bits = bytearray((chunk[-1] - base) // 8 + 1)
-            for line in chunk:
-                offset = line - base
-                bits[offset >> 3] |= 1 << (offset & 7)
-            runs.append((shard, template, sample, base, bytes(bits)))
-    return rest, runs
+    return groups
 
 
 def _canonical(digits: str) -> bool:

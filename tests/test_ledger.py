@@ -1,3 +1,5 @@
+import pytest
+
 from asyncgen.ledger import Claim, Ledger, bad_line_key
 
 
@@ -169,6 +171,27 @@ def test_pack_ids_round_trips_exactly() -> None:
         assert ledger.is_committed(custom_id), custom_id
     for near in ("s:5001:math:0", "s:4:math:1", "s:7:math:0", "batch-4"):
         assert ledger.is_committed(near) == (near in ids), near
+
+
+@pytest.mark.parametrize(
+    "odd",
+    ["s:077:math:0", "s:+77:math:0", "s: 77:math:0", "s:7_7:math:0", "s:-77:math:0", "t:77:math:0"],
+)
+def test_pack_ids_of_one_key_with_an_odd_one_out(odd: str) -> None:
+    """A batch of one (shard, template, sample) takes a bulk path; one id that int() reads
+    but str() never writes must still come back exactly as it was."""
+    from asyncgen.ledger import pack_ids
+
+    ids = [f"s:{n}:math:0" for n in range(1, 40)]
+    ids.insert(17, odd)
+    rest, runs = pack_ids(ids)
+    ledger = Ledger()
+    ledger.recover(rest)
+    ledger.recover_runs(runs)
+    assert ledger.committed == len(ids)
+    assert all(ledger.is_committed(i) for i in ids)
+    assert not ledger.is_committed("s:77:math:0")
+    assert pack_ids(ids[:17] + ids[18:]) == ([], [("s", "math", "0", 0, b"\xfe\xff\xff\xff\xff")])
 
 
 def test_id_set_membership_matches_a_plain_set() -> None:
