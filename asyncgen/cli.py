@@ -51,15 +51,17 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--stream",
         action="store_true",
-        help="request server-sent events: long generations are limited by --idle-timeout "
-        "rather than cut by --timeout, and each result records its time to first token",
+        help="request server-sent events: once tokens flow, an attempt is retried only "
+        "after --idle-timeout of silence (--timeout still caps it), and each result records "
+        "its time to first token",
     )
     g.add_argument(
         "--idle-timeout",
         type=positive_float,
         default=60.0,
         metavar="SECONDS",
-        help="with --stream, retry an attempt after this long without a byte "
+        help="with --stream, retry an attempt after this long without a byte once the "
+        "stream has begun; the wait for its first byte (a queue) is bounded by --timeout "
         "(default: %(default)s)",
     )
     g.add_argument(

@@ -51,6 +51,7 @@ __all__ = ["DEFAULT_BASE_URL", "Engine", "JobConfig", "Statistics"]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 _READ_BATCH = 1024
+_AFTER_DONE = 1.0  # seconds a stream may idle after [DONE] before it is closed
 
 Record = Result | BadLine
 Emit = Callable[[list[Record]], Awaitable[None]]
@@ -329,7 +330,7 @@ class Engine:
             tpm=cfg.tpm,
             now=self._clock(),
         )
-        self._gate = Gate(flow, concurrency=cfg.concurrency, clock=self._clock)
+        self._gate = Gate(flow, concurrency=cfg.concurrency, clock=self._clock, sleep=self._sleep)
         return self
 
     async def __aexit__(
@@ -678,6 +679,11 @@ class Engine:
                     )
                 return self._record(item, error, attempt, elapsed, started, endpoint)
             self._retries += 1
+            if feedback.signal is Signal.THROTTLED:
+                # The 429 paused its endpoint for as long as the server asked (the deadline
+                # above counted that wait): the gate holds the item meanwhile or routes it to
+                # another endpoint at once.
+                continue
             self._retrying += 1
             try:
                 await self._sleep(delay)
@@ -701,10 +707,10 @@ class Engine:
     def _request_body(self, item: WorkItem) -> dict[str, Any]:
         if not self.config.stream:
             return item.body
-        body = {**item.body, "stream": True}
         # Usage arrives on a last chunk only when asked for; it corrects the token budget.
-        body.setdefault("stream_options", {"include_usage": True})
-        return body
+        # Options of the user's (vLLM's continuous_usage_stats, say) are kept beside it.
+        options = {"include_usage": True, **item.body.get("stream_options", {})}
+        return {**item.body, "stream": True, "stream_options": options}
 
     async def _attempt(
         self, item: WorkItem, body: bytes, lease: Lease
@@ -756,18 +762,33 @@ class Engine:
         status: int = 0
         headers: Mapping[str, str] = {}
         try:
-            async with asyncio.timeout(min(total, started + idle)) as limit:
+            # Until the first bytes of the stream only the total limit holds: a queued
+            # request (vLLM under load) gets nothing before its first token. From then on,
+            # no more than the idle limit between reads.
+            async with asyncio.timeout_at(total) as limit:
                 async with transport.stream(path, body) as reply:
                     status, headers = reply.status, reply.headers
                     if status != 200:
                         return status, headers, interpret(status, await reply.read()), None
                     async for data in reply.chunks():
-                        limit.reschedule(min(total, loop.time() + idle))
+                        if assembler.done:
+                            continue  # what follows [DONE] changes nothing
                         for payload in parser.feed(data):
                             assembler.add(payload)
                             if ttft is None and assembler.got_token:
                                 ttft = loop.time() - started
+                            if assembler.done:
+                                break
+                        # After [DONE], read on only briefly: the reply is complete, and
+                        # reading to the end lets the connection be reused.
+                        wait = _AFTER_DONE if assembler.done else idle
+                        limit.reschedule(min(total, loop.time() + wait))
         except StreamServerError as exc:
+            # An error chunk's code is the status the error would have had (vLLM): a 429 or
+            # 503 there says the same about the endpoint as the status would have.
+            code = exc.error.code
+            if code.startswith("http_") and code[5:].isdecimal():
+                status = int(code[5:])
             return status, headers, Outcome(None, exc.error, exc.retryable), ttft
         except StreamError as exc:
             error = ErrorInfo("malformed_response", f"bad event stream: {exc}", status)

@@ -30,12 +30,14 @@ class Gate:
         *,
         concurrency: int,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.flow = flow
         self.concurrency = concurrency
         self._clock = clock
+        self._sleep = sleep
         self._slots = asyncio.Semaphore(concurrency)
         self._queue = asyncio.Lock()
         self._changed = asyncio.Event()
@@ -58,7 +60,7 @@ class Gate:
                 if not decision.on_release:
                     # Only time helps (a budget or a pause): sleep through releases instead of
                     # waking up to recompute on each of them.
-                    await asyncio.sleep(decision.seconds)
+                    await self._sleep(decision.seconds)
                     continue
                 self._changed.clear()
                 self.waiting_for_endpoint = not self.flow.any_up

@@ -235,3 +235,21 @@ async def test_stalled_stream_is_retried_after_idle_timeout(tmp_path: Path) -> N
     assert stalled >= 1
     assert stats.retries == stalled
     assert stats.elapsed < 20, "a stall costs the idle timeout, not hang_seconds"
+
+
+async def test_a_429_sends_the_item_to_another_endpoint_at_once(tmp_path: Path) -> None:
+    """The server's Retry-After pauses its endpoint; the items it refused go elsewhere now,
+    not after the pause."""
+    shard = write_shard(tmp_path / "p.jsonl", personas(100))
+    async with (
+        MockServer(MockConfig(fail_429=1.0, retry_after=30.0)) as limited,
+        MockServer(MockConfig(latency=0.01)) as free,
+    ):
+        config = job(tmp_path, [limited.base_url, free.base_url], [shard], max_attempts=2)
+        async with Engine(config) as engine:
+            async with asyncio.timeout(15):
+                stats = await engine.run()
+        refused = limited.stats().by_outcome.get("429", 0)
+    assert_exactly_once(tmp_path / "out", ids_for("p", 100))
+    assert stats.succeeded == 100 and stats.throttled == refused >= 1
+    assert stats.endpoints[1].succeeded == 100
