@@ -39,7 +39,7 @@ from .hints import parse_ratelimit, parse_retry_after
 from .items import NOT_SAMPLING, Expander
 from .ledger import Claim, Redo, bad_line_key
 from .prompts import Template, load_template
-from .records import BadLine, Completion, ErrorInfo, Result, Source, WorkItem
+from .records import BadLine, Completion, ErrorInfo, Result, Source, Usage, WorkItem
 from .retry import Outcome, RetryPolicy, interpret
 from .sources import ShardReader, expand_inputs
 from .sse import SSEParser, StreamAssembler, StreamError, StreamIncomplete, StreamServerError
@@ -72,6 +72,15 @@ _TIMEOUT = Feedback(Signal.TIMEOUT)
 _ERROR = Feedback(Signal.ERROR)
 _DROPPED = Feedback(Signal.DROPPED)
 _UNREACHABLE = Feedback(Signal.UNREACHABLE)
+
+
+def _plus(total: Usage | None, more: Usage | None) -> Usage | None:
+    """``total`` with the counts of ``more`` added (unknown counts as 0)."""
+    if more is None:
+        return total
+    prompt = (more.prompt_tokens or 0) + (total.prompt_tokens or 0 if total else 0)
+    completion = (more.completion_tokens or 0) + (total.completion_tokens or 0 if total else 0)
+    return Usage(prompt, completion, prompt + completion)
 
 
 def _signal(status: int) -> Signal:
@@ -623,6 +632,7 @@ class Engine:
         first = self._clock()
         started = time.time()
         attempt = excused = invalid = 0
+        rejected: Usage | None = None
         lease: Lease | None = first_lease
         while True:
             if lease is None:
@@ -648,8 +658,10 @@ class Engine:
                         item, outcome.completion, attempt, elapsed, ttft, started, endpoint
                     )
                     result.parsed = checked.parsed
+                    result.rejected_usage = rejected
                     return result
                 # The server answered (flow control saw an OK); the reply is what failed.
+                rejected = _plus(rejected, outcome.completion.usage)
                 invalid += 1
                 exhausted = invalid >= self.config.max_invalid
                 reason = f"{invalid} invalid replies, the last: {checked.reason}"
@@ -677,7 +689,9 @@ class Engine:
                         f"gave up after {attempt} attempts in {elapsed:.1f}s: {error.message}",
                         error.status,
                     )
-                return self._record(item, error, attempt, elapsed, started, endpoint)
+                failure = self._record(item, error, attempt, elapsed, started, endpoint)
+                failure.rejected_usage = rejected
+                return failure
             self._retries += 1
             if feedback.signal is Signal.THROTTLED:
                 # The 429 paused its endpoint for as long as the server asked (the deadline

@@ -69,6 +69,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
 class _FailureView(msgspec.Struct):
     custom_id: str
     error: ErrorInfo | None
+    usage: Usage | None = None
+    rejected_usage: Usage | None = None
 
 
 class _RetryView(msgspec.Struct):
@@ -94,13 +96,20 @@ def _superseding_successes(root: Path, candidates: set[str]) -> set[str]:
     return settled
 
 
-def _last_failures(root: Path) -> dict[str, tuple[int, int, str]]:
-    """id -> (shard index, line index, error code) of each id's last failure record."""
+def _last_failures(root: Path, spent: list[int] | None = None) -> dict[str, tuple[int, int, str]]:
+    """id -> (shard index, line index, error code) of each id's last failure record. Adds
+    the tokens of every failure record (superseded ones too: they were paid for) to
+    ``spent`` (prompt, completion), if given."""
     latest: dict[str, tuple[int, int, str]] = {}
     for n, path in enumerate(shards(root, "failures")):
         for i, line in enumerate(iter_lines(path)):
             view = _failure_decoder.decode(line)
             latest[view.custom_id] = (n, i, view.error.code if view.error else "unknown")
+            if spent is not None:
+                for usage in (view.usage, view.rejected_usage):
+                    if usage is not None:
+                        spent[0] += usage.prompt_tokens or 0
+                        spent[1] += usage.completion_tokens or 0
     return latest
 
 
@@ -191,19 +200,22 @@ def status(
     manifest = read_manifest(root)
     spec = manifest.get("spec", {})
     template = spec.get("template")
-    prompt_tokens = completion_tokens = attempts = succeeded = 0
+    attempts = succeeded = 0
     first: float | None = None
     last: float | None = None
+    # Tokens of every reply the server reported: successes, failures, rejected replies.
+    spent = [0, 0]
     # One pass over the successes: totals, and the failures that retries settled.
-    failures = _last_failures(root)
+    failures = _last_failures(root, spent)
     for _, r in iter_results(root):
         if r.replaces_failure:
             failures.pop(r.custom_id, None)
         succeeded += 1
         attempts += r.attempts
-        usage = r.usage or Usage()
-        prompt_tokens += usage.prompt_tokens or 0
-        completion_tokens += usage.completion_tokens or 0
+        for usage in (r.usage, r.rejected_usage):
+            if usage is not None:
+                spent[0] += usage.prompt_tokens or 0
+                spent[1] += usage.completion_tokens or 0
         start = r.started if r.started is not None else r.created - r.latency_s
         first = start if first is None else min(first, start)
         last = r.created if last is None else max(last, r.created)
@@ -212,6 +224,7 @@ def status(
     for path in shards(root, "errors"):
         for line in iter_lines(path):
             bad[_failure_code(line)] += 1
+    prompt_tokens, completion_tokens = spent
     cost = None
     if price_input is not None or price_output is not None:
         cost = (
@@ -265,7 +278,21 @@ def _logical(root: Path, failures: bool) -> Iterator[tuple[bytes, Result]]:
 def _batch_line(r: Result, endpoint: str) -> dict[str, Any]:
     """A record in the OpenAI Batch output format (one line of a batch's output file)."""
     request_id = f"asyncgen-{hashlib.sha256(r.custom_id.encode()).hexdigest()[:24]}"
+    if r.error is not None and r.error.status is not None and r.error.status != 200:
+        # The server answered with an error status: OpenAI records that as a response.
+        error_body = {"error": {"message": r.error.message, "code": r.error.code}}
+        return {
+            "id": request_id,
+            "custom_id": r.custom_id,
+            "response": {
+                "status_code": r.error.status,
+                "request_id": request_id,
+                "body": error_body,
+            },
+            "error": None,
+        }
     if r.error is not None:
+        # No error response to show (a timeout, a dropped connection, an invalid reply).
         return {
             "id": request_id,
             "custom_id": r.custom_id,
@@ -301,6 +328,34 @@ def _batch_line(r: Result, endpoint: str) -> dict[str, Any]:
 
 
 _PARQUET_BATCH = 50_000
+_PARQUET_COLUMNS = [
+    ("custom_id", "str"),
+    ("output", "str"),
+    ("error_code", "str"),
+    ("error_message", "str"),
+    ("finish_reason", "str"),
+    ("model", "str"),
+    ("template", "str"),
+    ("persona", "str"),
+    ("source_shard", "str"),
+    ("source_line", "int"),
+    ("attempts", "int"),
+    ("latency_s", "float"),
+    ("ttft_s", "float"),
+    ("started", "float"),
+    ("created", "float"),
+    ("endpoint", "str"),
+    ("prompt_tokens", "int"),
+    ("completion_tokens", "int"),
+    ("persona_sha256", "str"),
+    ("template_sha256", "str"),
+    ("reasoning", "str"),
+    ("sampling", "str"),
+    ("meta", "str"),
+    ("parsed", "str"),
+    ("tool_calls", "str"),
+]
+"""Parquet columns and their types, in the order of :func:`_parquet_row`."""
 
 
 def _parquet_row(r: Result) -> dict[str, Any]:
@@ -377,23 +432,17 @@ def _export_parquet(records: Iterator[tuple[bytes, Result]], tmp: Path) -> int:
         raise ConfigError(
             "Parquet export needs pyarrow: pip install 'asyncgen[parquet]' (or pyarrow)"
         ) from None
+    # One schema for every batch: inferred from the first, a column that batch held only as
+    # nulls (no failures among the first 50 000 records, say) would refuse later values.
+    types = {"str": pa.string(), "int": pa.int64(), "float": pa.float64()}
+    schema = pa.schema([(name, types[kind]) for name, kind in _PARQUET_COLUMNS])
     n = 0
-    writer = None
     rows: list[dict[str, Any]] = []
-    try:
+    with pq.ParquetWriter(tmp, schema) as writer:
         for _, record in records:
             rows.append(_parquet_row(record))
             if len(rows) >= _PARQUET_BATCH:
-                table = pa.Table.from_pylist(rows, schema=writer.schema if writer else None)
-                writer = writer or pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
                 n, rows = n + len(rows), []
-        if rows or writer is None:
-            table = pa.Table.from_pylist(rows or [], schema=writer.schema if writer else None)
-            writer = writer or pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
-            n += len(rows)
-    finally:
-        if writer is not None:
-            writer.close()
-    return n
+        writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+    return n + len(rows)

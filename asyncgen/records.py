@@ -99,6 +99,9 @@ class Result(msgspec.Struct):
     """Set by ``asyncgen retry-failed``: this record supersedes the item's earlier failure."""
     parsed: Any = None
     """The decoded reply of a template whose ``[output]`` asks for JSON."""
+    rejected_usage: Usage | None = None
+    """Tokens of the replies before this outcome that failed the template's ``[output]``
+    checks: paid for, but not what ``usage`` describes."""
 
 
 class BadLine(msgspec.Struct):

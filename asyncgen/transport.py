@@ -68,13 +68,14 @@ class Transport(Protocol):
 
 
 def redact_url(url: str) -> str:
-    """``url`` without the credentials of its userinfo, if any (a key there must not reach
-    logs, records, manifests or error messages)."""
+    """``url`` without the credentials of its userinfo and without its query, if any (a key
+    in either must not reach logs, records, manifests or error messages)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
+    if parts.username is not None or parts.password is not None:
+        parts = parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}")
+    if parts.query:
+        parts = parts._replace(query="***")
+    return urllib.parse.urlunsplit(parts)
 
 
 class AiohttpTransport:

@@ -17,7 +17,7 @@ import msgspec
 import pytest
 import zstandard
 
-from asyncgen import Engine, JobConfig
+from asyncgen import Engine, JobConfig, jobdir
 from asyncgen.cli import main
 from asyncgen.jobdir import export, standing_failures, status
 from asyncgen.jobtools import retry_config
@@ -242,7 +242,7 @@ def test_sigkill_during_retry_failed_then_rerun(tmp_path: Path) -> None:
         assert server_requests(flaky) == before
 
 
-async def test_export_formats(tmp_path: Path) -> None:
+async def test_export_formats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     async with MockServer(MockConfig(fail_500=0.4, seed=8)) as server:
         await run_job(tmp_path, server.base_url, 50)
@@ -262,7 +262,8 @@ async def test_export_formats(tmp_path: Path) -> None:
     batch = tmp_path / "batch.jsonl"
     assert export(out, batch, "batch", failures=True) == 50
     lines = [json.loads(x) for x in batch.read_text().splitlines()]
-    ok = [x for x in lines if x["error"] is None]
+    assert all(x["error"] is None for x in lines), "the server answered every one"
+    ok = [x for x in lines if x["response"]["status_code"] == 200]
     assert len(ok) == n_ok and len(lines) - len(ok) == n_failed
     by_id = {r["custom_id"]: r for r in found["results"]}
     for x in ok:
@@ -273,11 +274,19 @@ async def test_export_formats(tmp_path: Path) -> None:
             body["usage"]["completion_tokens"]
             == by_id[x["custom_id"]]["usage"]["completion_tokens"]
         )
-    assert all(
-        x["response"] is None and x["error"]["code"] == "http_500" for x in lines if x["error"]
+    # An error status is a response, as in OpenAI's output files.
+    failed = [x["response"] for x in lines if x["response"]["status_code"] != 200]
+    assert failed and all(
+        r["status_code"] == 500 and r["body"]["error"]["code"] == "http_500" for r in failed
     )
-    # Parquet.
+    # Parquet, in batches smaller than the data: a column all null in the first batch
+    # (error_code, before the first failure) must take values in later ones.
     pq = pytest.importorskip("pyarrow.parquet")
+    monkeypatch.setattr(jobdir, "_PARQUET_BATCH", 3)
+    everything = tmp_path / "all.parquet"
+    assert export(out, everything, "parquet", failures=True) == 50
+    codes = pq.read_table(everything).column("error_code").to_pylist()
+    assert codes[:n_ok] == [None] * n_ok and codes[n_ok:] == ["http_500"] * n_failed
     export_to = tmp_path / "r.parquet"
     assert export(out, export_to, "parquet") == n_ok
     table = pq.read_table(export_to)

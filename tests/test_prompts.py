@@ -42,6 +42,9 @@ def test_every_shipped_template_renders(name: str) -> None:
     assert used in text
     assert "{" + "persona}" not in text and "{" + "text}" not in text
     assert isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 0
+    for stop in body.get("stop", []):
+        # A TOML basic string decodes escapes; a doubled backslash would send them literally.
+        assert stop.strip() and "\\" not in stop, stop
     if template.output is not None:
         check_output_spec(template.name, body)
     else:

@@ -16,6 +16,7 @@ import pytest
 
 from asyncgen import Engine, JobConfig
 from asyncgen.errors import ConfigError
+from asyncgen.jobdir import status
 from asyncgen.mock import MockConfig, MockServer, add_arguments, config_from_args
 from asyncgen.prompts import load_template
 from asyncgen.transport import HttpResponse
@@ -69,6 +70,14 @@ async def test_invalid_replies_are_retried_and_every_item_ends_once(
         assert set(parsed) == {"problem", "solution", "answer", "topic", "difficulty"}
         assert spec.check(record["output"]).reason is None
     assert stats.completion_tokens == mock.completion_tokens, "invalid replies' tokens count"
+    # ... in the records too, so that status (and its cost estimate) sees them.
+    report = status(tmp_path / "out")
+    assert (report.prompt_tokens, report.completion_tokens) == (
+        mock.prompt_tokens,
+        mock.completion_tokens,
+    )
+    retried = [r for r in found["results"] if r["attempts"] > 1]
+    assert retried and all(r["rejected_usage"]["completion_tokens"] > 0 for r in retried)
 
 
 async def test_always_invalid_fails_after_max_invalid_attempts(tmp_path: Path) -> None:
@@ -91,6 +100,7 @@ async def test_always_invalid_fails_after_max_invalid_attempts(tmp_path: Path) -
     (endpoint,) = stats.endpoints
     assert endpoint.window == 32
     assert stats.completion_tokens == mock.completion_tokens > 0
+    assert status(tmp_path / "out").completion_tokens == mock.completion_tokens
     async with MockServer() as server:  # a rerun: failures are final for the directory
         async with Engine(job(tmp_path, server.base_url, inputs)) as engine:
             again = await engine.run()

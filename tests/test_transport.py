@@ -6,7 +6,7 @@ import pytest
 
 from asyncgen.errors import ConfigError, ConnectError
 from asyncgen.mock import MockConfig, MockServer
-from asyncgen.transport import AiohttpTransport
+from asyncgen.transport import AiohttpTransport, redact_url
 
 
 async def test_key_in_url_userinfo_never_shows() -> None:
@@ -42,3 +42,17 @@ async def test_round_trip_and_bearer_key() -> None:
 def test_base_url_must_be_http() -> None:
     with pytest.raises(ConfigError, match="must start with http"):
         AiohttpTransport("localhost:8000/v1")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1"),
+        ("https://u:sk-1@h.example/v1", "https://***@h.example/v1"),
+        ("https://sk-2@h.example/v1", "https://***@h.example/v1"),
+        ("https://h.example/v1?api-key=sk-3", "https://h.example/v1?***"),
+        ("https://u:p@h.example:9/v1?key=sk-4&x=1", "https://***@h.example:9/v1?***"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
