@@ -74,6 +74,23 @@ _DROPPED = Feedback(Signal.DROPPED)
 _UNREACHABLE = Feedback(Signal.UNREACHABLE)
 
 
+def job_spec(cfg: JobConfig, template: Template | None = None) -> dict[str, Any]:
+    """What decides the meaning of a job's results (its output directory serves one spec
+    only); ``template`` is ``cfg.prompt`` loaded, loaded here if not given."""
+    if template is None and cfg.prompt:
+        template = load_template(cfg.prompt)
+    return {
+        "template": None
+        if template is None
+        else {"name": template.name, "sha256": template.digest},
+        "model": cfg.model,
+        "samples": cfg.samples,
+        "max_tokens": cfg.max_tokens,
+        "persona_field": cfg.persona_field,
+        "extra_body": cfg.extra_body,
+    }
+
+
 def _plus(total: Usage | None, more: Usage | None) -> Usage | None:
     """``total`` with the counts of ``more`` added (unknown counts as 0)."""
     if more is None:
@@ -366,15 +383,7 @@ class Engine:
 
     def job_spec(self) -> dict[str, Any]:
         """What decides the meaning of a result; an output directory serves one spec only."""
-        cfg, t = self.config, self._template
-        return {
-            "template": None if t is None else {"name": t.name, "sha256": t.digest},
-            "model": cfg.model,
-            "samples": cfg.samples,
-            "max_tokens": cfg.max_tokens,
-            "persona_field": cfg.persona_field,
-            "extra_body": cfg.extra_body,
-        }
+        return job_spec(self.config, self._template)
 
     def _job_record(self) -> dict[str, Any]:
         """This run's settings as the manifest records them: enough to run the job again

@@ -38,12 +38,13 @@ from typing import Any
 import msgspec
 import zstandard
 
-from .engine import JobConfig
+from .engine import JobConfig, job_spec
 from .errors import ConfigError, OutputError
-from .jobdir import shards, standing_failures
+from .jobdir import read_manifest, shards, standing_failures
 from .records import Source
 from .shards import fsync_dir, iter_lines
 from .sources import expand_inputs, shard_name
+from .store import fingerprint, other_job
 
 __all__ = ["Persona", "StageReport", "add_commands", "clean_persona", "convert"]
 
@@ -222,6 +223,11 @@ def _run_stage(
 
     job = Path(config.output)
     if shard.exists():
+        # Done earlier, but by the same job? Another model or template must not pass for it.
+        spec = job_spec(config)
+        old = read_manifest(job)
+        if old.get("fingerprint") != fingerprint(spec):
+            raise OutputError(other_job(job, old.get("spec", {}), spec))
         report = _done_earlier(job, shard)
         _say(f"{label}: done earlier → {_outcome(report)} → {shard}")
         return report

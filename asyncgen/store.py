@@ -35,7 +35,7 @@ from .ledger import Ledger, bad_line_key, pack_ids
 from .records import BadLine, Result
 from .shards import ZSTD_MAGIC, FrameWriter, fsync_dir, repair_tail, scan_frames
 
-__all__ = ["KINDS", "Store", "fingerprint"]
+__all__ = ["KINDS", "Store", "fingerprint", "other_job"]
 
 KINDS = ("results", "failures", "errors")
 SHARD_RE = re.compile(r"^(results|failures|errors)-(\d{6})\.jsonl\.zst$")
@@ -70,6 +70,16 @@ class _IdView(msgspec.Struct):
 _T = TypeVar("_T")
 _entry_decoder = msgspec.json.Decoder(_Entry)
 _id_decoder = msgspec.json.Decoder(_IdView)
+
+
+def other_job(root: Path, old_spec: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
+    """The message refusing ``spec`` for ``root``, whose records were made for ``old_spec``."""
+    changed = sorted(k for k in set(old_spec) | set(spec) if old_spec.get(k) != spec.get(k))
+    return (
+        f"output directory {root} belongs to a different job "
+        f"(changed: {', '.join(changed) or 'spec'}); "
+        "use a new --output directory, or rerun with the original settings"
+    )
 
 
 def fingerprint(spec: Mapping[str, Any]) -> str:
@@ -155,15 +165,7 @@ class Store:
                     f"{path} is unreadable; is {self.root} an asyncgen output?"
                 ) from exc
             if old_digest != digest and self._holds_records():
-                old_spec = old.get("spec", {})
-                changed = sorted(
-                    k for k in set(old_spec) | set(spec) if old_spec.get(k) != spec.get(k)
-                )
-                raise OutputError(
-                    f"output directory {self.root} belongs to a different job "
-                    f"(changed: {', '.join(changed) or 'spec'}); "
-                    "use a new --output directory, or rerun with the original settings"
-                )
+                raise OutputError(other_job(self.root, old.get("spec", {}), spec))
             if old_digest == digest and old.get("job") == job and old.get("asyncgen") == version:
                 return
             # A job that stopped before committing anything (a typo in the model, say) leaves

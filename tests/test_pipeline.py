@@ -225,6 +225,11 @@ def test_from_text_then_expand_keeps_provenance(
     assert code2 == code and reports(err2) == said and "done earlier" in err2
     assert server_requests(faulty_url) == before
     assert {p: p.read_bytes() for p in shards} == shards
+    # ... unless it is another job: a finished stage does not pass for one with another model.
+    other = [*job[:-2], "-m", "other-model"]
+    code, err = run(capsys, *expand, "--rounds", "2", *other)
+    assert code == 2 and "belongs to a different job (changed: model)" in err, err
+    assert server_requests(faulty_url) == before
 
     # The last round's shard is a persona shard as asyncgen run takes it.
     math = tmp_path / "math"
