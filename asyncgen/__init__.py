@@ -28,6 +28,7 @@ from .errors import (
 )
 from .prompts import Template, available_templates, load_template
 from .records import BadLine, ErrorInfo, Result, Source, Usage, WorkItem
+from .runtime import tune_gc
 from .transport import AiohttpTransport, HttpResponse, Transport
 
 __all__ = [
@@ -55,4 +56,5 @@ __all__ = [
     "__version__",
     "available_templates",
     "load_template",
+    "tune_gc",
 ]

@@ -29,6 +29,7 @@ from .errors import AsyncgenError
 from .ledger import Redo
 from .progress import ProgressReporter, summary
 from .prompts import available_templates, load_template
+from .runtime import tune_gc
 
 __all__ = ["main"]
 
@@ -411,6 +412,14 @@ async def run_job(
         # A retry run answers for the items it retried, not for failures it left alone.
         return EXIT_FAILURES if stats.failed or stats.bad_lines else EXIT_OK
     return exit_status(stats)
+
+
+def entry() -> int:
+    """The ``asyncgen`` command: :func:`main` in a process tuned for long jobs (the
+    garbage collector, see :func:`asyncgen.tune_gc`). ``main`` alone leaves the process as
+    it is, for callers that run it in their own."""
+    tune_gc()
+    return main()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,7 +41,7 @@ class Source(msgspec.Struct):
     line: int
 
 
-class WorkItem(msgspec.Struct):
+class WorkItem(msgspec.Struct, gc=False):
     """One request ready to send: the output of *expand*, the input of *send*."""
 
     custom_id: str
@@ -63,7 +63,7 @@ class WorkItem(msgspec.Struct):
     the items of one template, so read only."""
 
 
-class Result(msgspec.Struct):
+class Result(msgspec.Struct, gc=False):
     """One committed outcome. ``error`` is null for a success, an object for a failure
     (the OpenAI Batch convention); results and failures share this schema."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import NamedTuple, Protocol
 
@@ -18,7 +18,7 @@ import aiohttp
 import msgspec
 
 from . import __version__
-from .errors import ConfigError, ConnectError, RequestTimeout, TransportError
+from .errors import AsyncgenError, ConfigError, ConnectError, RequestTimeout, TransportError
 
 __all__ = [
     "AiohttpTransport",
@@ -127,32 +127,34 @@ class AiohttpTransport:
         return await self._request("GET", path, None)
 
     async def _request(self, method: str, path: str, body: bytes | None) -> HttpResponse:
-        session = self._get_session()
-        with self._mapped_errors(path):
+        session = self._session or self._get_session()
+        # try/except here rather than a context manager: this runs once per request.
+        try:
             async with session.request(method, self._base + path, data=body) as resp:
                 data = await resp.read()
                 return HttpResponse(resp.status, resp.headers, data)
+        except aiohttp.ClientError as exc:
+            raise self._mapped(exc, path) from None
 
     @contextlib.asynccontextmanager
     async def stream(self, path: str, body: bytes) -> AsyncIterator[StreamReply]:
-        session = self._get_session()
-        with self._mapped_errors(path):
+        session = self._session or self._get_session()
+        try:
             async with session.post(self._base + path, data=body) as resp:
                 yield _AiohttpStream(resp)
-
-    @contextlib.contextmanager
-    def _mapped_errors(self, path: str) -> Iterator[None]:
-        url = self.base_url + path  # for messages: never the userinfo
-        try:
-            yield
-        except aiohttp.InvalidURL:
-            raise ConfigError(f"invalid URL {url!r}") from None
         except aiohttp.ClientError as exc:
-            detail = str(exc).replace(self._base, self.base_url)
-            raise ConnectError(
-                f"{type(exc).__name__} talking to {url}: {detail}",
-                sent=not isinstance(exc, aiohttp.ClientConnectorError),
-            ) from None
+            raise self._mapped(exc, path) from None
+
+    def _mapped(self, exc: aiohttp.ClientError, path: str) -> AsyncgenError:
+        """asyncgen's error for aiohttp's; messages name the URL without its userinfo."""
+        url = self.base_url + path
+        if isinstance(exc, aiohttp.InvalidURL):
+            return ConfigError(f"invalid URL {url!r}")
+        detail = str(exc).replace(self._base, self.base_url)
+        return ConnectError(
+            f"{type(exc).__name__} talking to {url}: {detail}",
+            sent=not isinstance(exc, aiohttp.ClientConnectorError),
+        )
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -10,6 +10,9 @@ Clients (``--clients``), each a fresh subprocess pinned to its own core:
   process (interpreter start-up and imports included), from ``wait4``.
 * ``floor``          — the bare minimum: N worker coroutines on one aiohttp session, uvloop,
   the same request bytes encoded and the reply decoded with msgspec; no bookkeeping.
+* ``asyncgen-gc``, ``floor-gc`` — the same two after ``asyncgen.tune_gc()`` (what the
+  ``asyncgen`` command does at start: ``gc.freeze()`` and a young-generation threshold of
+  10 000), so that the collector settings are compared like with like.
 * ``openai``         — the official SDK, ``AsyncOpenAI`` with its default httpx transport,
   a semaphore of N around ``chat.completions.create``.
 * ``openai-aiohttp`` — the same SDK on its aiohttp transport (``DefaultAioHttpClient``).
@@ -68,7 +71,15 @@ sys.path.insert(0, str(HERE))
 
 from bench_memory import make_shard  # noqa: E402
 
-CLIENTS = ("asyncgen", "asyncgen-cli", "floor", "openai", "openai-aiohttp")
+CLIENTS = (
+    "asyncgen",
+    "asyncgen-gc",
+    "asyncgen-cli",
+    "floor",
+    "floor-gc",
+    "openai",
+    "openai-aiohttp",
+)
 SDK_CLIENTS = ("openai", "openai-aiohttp")
 SERVER_CPU, CLIENT_CPU = 0, 1
 MODEL = "mock-model"
@@ -464,8 +475,13 @@ def run_client(args: argparse.Namespace) -> None:
 
     if kind in SDK_CLIENTS:
         import openai  # noqa: F401
-    if kind == "asyncgen":
+    if kind.startswith("asyncgen"):
         import asyncgen.cli  # noqa: F401
+    if kind.endswith("-gc"):
+        from asyncgen import tune_gc
+
+        tune_gc()  # after the imports, as the asyncgen command does
+        kind = kind.removesuffix("-gc")
     if kind == "floor":
         coro = client_floor(url, n, conc)
     elif kind in SDK_CLIENTS:
@@ -662,10 +678,14 @@ def throughput(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
             ratios[name] = {"median": median(values), "all": [round(v, 3) for v in values]}
 
     ratio("cpu_per_req asyncgen / floor", "asyncgen", "floor", "cpu_ms_per_1k")
+    ratio("cpu_per_req asyncgen-gc / floor", "asyncgen-gc", "floor", "cpu_ms_per_1k")
+    ratio("cpu_per_req asyncgen-gc / floor-gc", "asyncgen-gc", "floor-gc", "cpu_ms_per_1k")
     ratio("cpu_per_req asyncgen-cli / floor", "asyncgen-cli", "floor", "cpu_ms_per_1k")
     ratio("req_per_s asyncgen / floor", "asyncgen", "floor", "req_per_s")
+    ratio("req_per_s asyncgen-gc / floor", "asyncgen-gc", "floor", "req_per_s")
     for sdk in SDK_CLIENTS:
-        ratio(f"req_per_s asyncgen / {sdk}", "asyncgen", sdk, "req_per_s")
+        for ours in ("asyncgen", "asyncgen-gc", "asyncgen-cli"):
+            ratio(f"req_per_s {ours} / {sdk}", ours, sdk, "req_per_s")
         ratio(f"cpu_per_req {sdk} / asyncgen", sdk, "asyncgen", "cpu_ms_per_1k")
     return {
         "scenario": "throughput",

@@ -423,7 +423,12 @@ def md_peers(r: dict[str, Any]) -> list[str]:
     rows = []
     targets = {
         "cpu_per_req asyncgen / floor": ("≤ 1.25", lambda v: v <= TARGETS["cpu_ratio"]),
+        "cpu_per_req asyncgen-gc / floor": ("≤ 1.25", lambda v: v <= TARGETS["cpu_ratio"]),
+        "cpu_per_req asyncgen-gc / floor-gc": ("≤ 1.25", lambda v: v <= TARGETS["cpu_ratio"]),
+        "cpu_per_req asyncgen-cli / floor": ("≤ 1.25", lambda v: v <= TARGETS["cpu_ratio"]),
         "req_per_s asyncgen / openai": ("≥ 20", lambda v: v >= TARGETS["sdk_ratio"]),
+        "req_per_s asyncgen-gc / openai": ("≥ 20", lambda v: v >= TARGETS["sdk_ratio"]),
+        "req_per_s asyncgen-cli / openai": ("≥ 20", lambda v: v >= TARGETS["sdk_ratio"]),
     }
     for name, value in ratios.items():
         target, check = targets.get(name, ("", None))

@@ -257,3 +257,18 @@ async def test_several_base_urls_and_streaming(tmp_path: Path) -> None:
     assert f"{a.base_url}: " in result.stderr and f"{b.base_url}: " in result.stderr
     found = assert_exactly_once(tmp_path / "o", {f"p:{i}:math:0" for i in range(1, 61)})
     assert all(r["ttft_s"] is not None for r in found["results"])
+
+
+def test_tune_gc_freezes_start_up_objects_and_raises_the_young_threshold() -> None:
+    """Process-wide, so in a child process: the library never does this on its own."""
+    code = (
+        "import gc, asyncgen\n"
+        "before = gc.get_threshold()\n"
+        "asyncgen.tune_gc(12345)\n"
+        "after = gc.get_threshold()\n"
+        "print(after[0], after[1:] == before[1:], gc.get_freeze_count() > 1000)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == ["12345", "True", "True"]
