@@ -38,18 +38,33 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _READ_CHUNK = 1 << 20
 
 
+_PARALLEL_FROM = 4 << 20
+"""Payloads from this size on are compressed by several threads: zstd splits them into jobs
+of about 1 MiB at level 1, and below a few jobs the hand-over costs more than it saves."""
+
+
 class FrameWriter:
     """Appends compressed frames to one file; each :meth:`append` is durable when it returns."""
 
     def __init__(self, path: Path, *, level: int = 1) -> None:
         self.path = path
+        self._level = level
         self._compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        self._parallel: zstandard.ZstdCompressor | None = None
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.size = os.fstat(self._fd).st_size
 
     def append(self, payload: bytes) -> int:
         """Compress ``payload`` into one frame, append and fsync it; return the new file size."""
-        frame = self._compressor.compress(payload)
+        compressor = self._compressor
+        if len(payload) >= _PARALLEL_FROM and (os.cpu_count() or 1) > 1:
+            if self._parallel is None:
+                threads = min(4, os.cpu_count() or 1)
+                self._parallel = zstandard.ZstdCompressor(
+                    level=self._level, write_checksum=True, threads=threads
+                )
+            compressor = self._parallel
+        frame = compressor.compress(payload)
         view = memoryview(frame)
         while view:
             written = os.write(self._fd, view)

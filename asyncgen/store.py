@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -279,11 +279,14 @@ class Store:
                 continue
             writer = self._writer(kind)
             end = writer.append(self._encoder.encode_lines(records))
-            replaced = sum(isinstance(r, Result) and r.replaces_failure for r in records)
-            entries.append(_entry(writer.path.name, end, [r.custom_id for r in records], replaced))
+            replaced = 0
+            if kind != "errors":
+                replaced = sum(1 for r in records if cast(Result, r).replaces_failure)
+            keys = [r.custom_id for r in records]
+            entries.append(_entry(writer.path.name, end, keys, replaced))
             self._count(writer.path.name, len(records))
             self.replaced += replaced
-            ids.extend(_ledger_keys(writer.path.name, [r.custom_id for r in records]))
+            ids.extend(_ledger_keys(writer.path.name, keys))
         if entries:
             assert self._ledger_writer is not None
             self._ledger_writer.append(self._encoder.encode_lines(entries))
