@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import time
@@ -75,6 +76,27 @@ def test_shards_are_plain_multiframe_zstd(tmp_path: Path) -> None:
         assert out.stdout.count(b"\n") == 5
     with zstandard.open(shard, "rb") as f:
         assert len(f.read().splitlines()) == 5
+
+
+def test_a_large_frame_compressed_by_threads_is_one_ordinary_frame(tmp_path: Path) -> None:
+    """Payloads of 4 MiB and more take zstd's multi-threaded path; what lands on disk must be
+    the same kind of frame, read by the same readers, with its checksum."""
+    rng = random.Random(3)
+    words = ["".join(rng.choices("abcdefghij", k=rng.randint(2, 8))) for _ in range(500)]
+    lines = [f'{{"n": {i}, "t": "{" ".join(rng.choices(words, k=40))}"}}' for i in range(40_000)]
+    payload = ("\n".join(lines) + "\n").encode()
+    assert len(payload) >= 4 << 20
+    shard = tmp_path / "big.jsonl.zst"
+    writer = FrameWriter(shard)
+    end = writer.append(payload)
+    writer.append(b'{"n": -1}\n')
+    writer.close()
+    frames = list(scan_frames(shard))
+    assert len(frames) == 2 and frames[0] == (end, payload)
+    params = zstandard.get_frame_parameters(shard.read_bytes())
+    assert params.has_checksum
+    with zstandard.open(shard, "rb") as f:
+        assert f.read() == payload + b'{"n": -1}\n'
 
 
 def test_torn_data_tail_is_cut_and_unlogged_frames_recovered(tmp_path: Path) -> None:
