@@ -55,8 +55,17 @@ def parse_duration(text: str) -> float | None:
     return total
 
 
+def _insensitive(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """Header names are case-insensitive: aiohttp's mappings know it, a plain dict (from a
+    custom transport) gets lower-cased keys."""
+    if isinstance(headers, dict):
+        return {k.lower(): v for k, v in headers.items()}
+    return headers
+
+
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """Seconds the server asks us to wait, from ``retry-after-ms`` or ``retry-after``."""
+    headers = _insensitive(headers)
     value = headers.get("retry-after-ms")
     if value is not None:
         try:
@@ -125,6 +134,7 @@ def _budget(headers: Mapping[str, str], kind: str) -> Budget | None:
 
 def parse_ratelimit(headers: Mapping[str, str]) -> RateLimitHints | None:
     """The ``x-ratelimit-*`` budgets in a response, or None when it announces none."""
+    headers = _insensitive(headers)
     if "x-ratelimit-limit-requests" not in headers and "x-ratelimit-limit-tokens" not in headers:
         return None
     hints = RateLimitHints(_budget(headers, "requests"), _budget(headers, "tokens"))

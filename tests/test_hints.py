@@ -57,3 +57,19 @@ def test_ratelimit_absent_or_garbage() -> None:
     assert hints is not None and hints.requests is None
     assert hints.tokens == Budget(1000, None, None)
     assert hints.tokens.wait_for(10**6) == 0.0  # nothing said about what remains
+
+
+def test_header_names_in_a_plain_dict_are_case_insensitive() -> None:
+    """A custom transport may hand over headers as a dict with the server's own spelling."""
+    from asyncgen.hints import parse_retry_after
+
+    headers = {
+        "X-RateLimit-Limit-Requests": "600",
+        "X-RateLimit-Remaining-Requests": "0",
+        "X-RateLimit-Reset-Requests": "1.5s",
+        "Retry-After": "3",
+    }
+    hints = parse_ratelimit(headers)
+    assert hints is not None and hints.requests == Budget(600.0, 0.0, 1.5)
+    assert parse_retry_after(headers) == 3.0
+    assert parse_retry_after({"Retry-After-Ms": "250", "Retry-After": "3"}) == 0.25
