@@ -477,16 +477,16 @@ def run_client(args: argparse.Namespace) -> None:
         import openai  # noqa: F401
     if kind.startswith("asyncgen"):
         import asyncgen.cli  # noqa: F401
-    if kind.endswith("-gc"):
+    base = kind.removesuffix("-gc")
+    if base != kind:
         from asyncgen import tune_gc
 
         tune_gc()  # after the imports, as the asyncgen command does
-        kind = kind.removesuffix("-gc")
-    if kind == "floor":
+    if base == "floor":
         coro = client_floor(url, n, conc)
     elif kind in SDK_CLIENTS:
         coro = client_openai(url, n, conc, aiohttp_transport=kind == "openai-aiohttp")
-    elif kind == "asyncgen":
+    elif base == "asyncgen":
         coro = client_asyncgen(url, n, conc, args.shard, args.out)
     else:
         raise SystemExit(f"unknown client {kind}")

@@ -275,6 +275,10 @@ def step_latency(plan: Plan, log: list[str]) -> dict[str, Any]:
                 *plan.concurrency,
                 "--jitter",
                 jitter,
+                "--clients",
+                "asyncgen",
+                "asyncgen-gc",
+                "floor",
                 "--waves",
                 plan.waves,
                 "--rounds",
@@ -531,13 +535,15 @@ def md_latency(runs: dict[str, Any]) -> list[str]:
                     ]
                 )
             clients = block["clients"]
-            if "asyncgen" in clients:
-                frac = clients["asyncgen"]["steady_fraction"]
-                floor = clients.get("floor", {}).get("steady_fraction")
-                notes.append(
-                    f"- latency {latency} s, concurrency {conc}: asyncgen {pct(frac)} "
-                    f"({verdict(frac >= TARGETS['littles_law'])}); the bare loop {pct(floor)}."
-                )
+            floor = clients.get("floor", {}).get("steady_fraction")
+            for ours in ("asyncgen", "asyncgen-gc"):
+                if ours in clients:
+                    frac = clients[ours]["steady_fraction"]
+                    notes.append(
+                        f"- latency {latency} s, concurrency {conc}: {ours} {pct(frac)} "
+                        f"({verdict(frac >= TARGETS['littles_law'])}); the bare loop "
+                        f"{pct(floor)}."
+                    )
     out += table(
         [
             "latency s",
