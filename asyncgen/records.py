@@ -1,4 +1,9 @@
-"""The schema: every record asyncgen reads or writes, as msgspec Structs, in one place."""
+"""The schema: every record asyncgen reads or writes, as msgspec Structs, in one place.
+
+The records made per request are ``gc=False``: they hold decoded JSON and strings, never a
+reference back to themselves, so the cycle collector need not track them (it was a large
+part of the engine's CPU at thousands of requests in flight; see benchmarks/README.md).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ __all__ = [
 ]
 
 
-class Usage(msgspec.Struct):
+class Usage(msgspec.Struct, gc=False):
     """Token counts as reported by the server (OpenAI ``usage`` object); some gateways send
     ``null`` for counts they do not know, and such a reply is still a good reply."""
 
@@ -26,7 +31,7 @@ class Usage(msgspec.Struct):
     total_tokens: int | None = 0
 
 
-class ErrorInfo(msgspec.Struct):
+class ErrorInfo(msgspec.Struct, gc=False):
     """Why an item failed; ``code`` is machine-readable, ``message`` for people."""
 
     code: str
@@ -34,7 +39,7 @@ class ErrorInfo(msgspec.Struct):
     status: int | None = None
 
 
-class Source(msgspec.Struct):
+class Source(msgspec.Struct, gc=False):
     """Where an input item came from: shard name (file name without extensions) and 1-based line."""
 
     shard: str
@@ -104,7 +109,7 @@ class Result(msgspec.Struct, gc=False):
     checks: paid for, but not what ``usage`` describes."""
 
 
-class BadLine(msgspec.Struct):
+class BadLine(msgspec.Struct, gc=False):
     """An input line that could not become a request, kept with its location."""
 
     custom_id: str
@@ -117,20 +122,20 @@ class BadLine(msgspec.Struct):
 # --- response views: decode only the fields we use -------------------------------------------
 
 
-class _Message(msgspec.Struct):
+class _Message(msgspec.Struct, gc=False):
     content: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
     tool_calls: list[Any] | None = None
 
 
-class _Choice(msgspec.Struct):
+class _Choice(msgspec.Struct, gc=False):
     message: _Message | None = None
     text: str | None = None
     finish_reason: str | None = None
 
 
-class Completion(msgspec.Struct):
+class Completion(msgspec.Struct, gc=False):
     """The part of a chat or text completion response that asyncgen keeps."""
 
     choices: list[_Choice]
