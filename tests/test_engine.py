@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,22 @@ async def test_timeouts_are_retried(tmp_path: Path) -> None:
         async with Engine(config) as engine:
             stats = await engine.run()
     assert stats.succeeded == 10 and stats.retries >= 1
+
+
+async def test_a_timeout_ends_the_attempt_on_time(tmp_path: Path) -> None:
+    """Attempt limits are swept (no timer per attempt), at most timeout / 8 late."""
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(1))]
+    async with MockServer(MockConfig(hang=1.0, hang_seconds=30)) as server:
+        config = job(tmp_path, server, inputs, timeout=0.4, max_attempts=2)
+        started = time.monotonic()
+        async with Engine(config) as engine:
+            stats = await engine.run()
+        elapsed = time.monotonic() - started
+    (failure,) = read_output(tmp_path / "out")["failures"]
+    assert stats.failed == 1 and failure["attempts"] == 2
+    assert failure["error"]["code"] == "timeout" and "0.4s" in failure["error"]["message"]
+    # two attempts of 0.4 s, each at most 0.05 s late, plus backoff and start-up
+    assert 0.8 <= elapsed < 2.5, elapsed
 
 
 async def test_retry_after_is_honoured(tmp_path: Path) -> None:
