@@ -200,7 +200,7 @@ class Template:
             value = record.get(key)
             if value is None:
                 raise InputError(f"missing field {key!r}")
-            if isinstance(value, bool) or not isinstance(value, str | int | float):
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise InputError(f"field {key!r} is {type(value).__name__}, not text")
             text = str(value)
             if not text.strip():
