@@ -167,7 +167,10 @@ class JobStatus(msgspec.Struct, kw_only=True):
     first_started: float | None
     last_finished: float | None
     items_per_second: float | None
-    """Successes over the span from the first attempt to the last outcome."""
+    """Successes over the seconds the job was active (see ``active_seconds``)."""
+    active_seconds: float | None = None
+    """The span from the first attempt to the last outcome, less the pauses of more than a
+    minute in it (between a run and a later one, say ``retry-failed`` a day after)."""
     cost: float | None = None
     """Estimated from the token counts and the prices given, if any."""
 
@@ -207,6 +210,7 @@ def status(
     spent = [0, 0]
     # One pass over the successes: totals, and the failures that retries settled.
     failures = _last_failures(root, spent)
+    active = _ActiveTime()
     for _, r in iter_results(root):
         if r.replaces_failure:
             failures.pop(r.custom_id, None)
@@ -219,6 +223,7 @@ def status(
         start = r.started if r.started is not None else r.created - r.latency_s
         first = start if first is None else min(first, start)
         last = r.created if last is None else max(last, r.created)
+        active.add(start, r.created)
     by_reason = Counter(code for _, _, code in failures.values())
     bad: Counter[str] = Counter()
     for path in shards(root, "errors"):
@@ -230,7 +235,7 @@ def status(
         cost = (
             prompt_tokens * (price_input or 0.0) + completion_tokens * (price_output or 0.0)
         ) / 1e6
-    span = (last - first) if first is not None and last is not None else None
+    busy = active.seconds()
     return JobStatus(
         output=str(root),
         running=_locked(root),
@@ -247,9 +252,35 @@ def status(
         attempts=attempts,
         first_started=first,
         last_finished=last,
-        items_per_second=succeeded / span if span else None,
+        items_per_second=succeeded / busy if busy else None,
+        active_seconds=busy,
         cost=cost,
     )
+
+
+class _ActiveTime:
+    """Seconds covered by (start, end) intervals that come roughly in time order (records in
+    writing order), leaving out pauses longer than ``gap``; constant memory."""
+
+    def __init__(self, gap: float = 60.0) -> None:
+        self.gap = gap
+        self._done = 0.0
+        self._span: tuple[float, float] | None = None
+
+    def add(self, start: float, end: float) -> None:
+        span = self._span
+        if span is None:
+            self._span = (start, end)
+        elif start > span[1] + self.gap:
+            self._done += span[1] - span[0]
+            self._span = (start, end)
+        else:
+            self._span = (min(span[0], start), max(span[1], end))
+
+    def seconds(self) -> float | None:
+        if self._span is None:
+            return None
+        return self._done + self._span[1] - self._span[0]
 
 
 def _failure_code(line: bytes) -> str:

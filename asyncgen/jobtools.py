@@ -128,7 +128,11 @@ def _status(args: argparse.Namespace) -> int:
         f"  last outcome   {_when(s.last_finished)}",
     ]
     if s.items_per_second is not None:
-        lines.append(f"  throughput     {s.items_per_second:,.1f} successes/s over that span")
+        active = s.active_seconds or 0.0
+        lines.append(
+            f"  throughput     {s.items_per_second:,.1f} successes/s over "
+            f"{active:,.0f} s active (pauses over a minute left out)"
+        )
     if s.cost is not None:
         lines.append(f"  cost estimate  ${s.cost:,.2f}")
     if s.failed:

@@ -313,3 +313,43 @@ def test_status_json_and_cost(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["status", str(out)]) == 0
     text = capsys.readouterr().out
     assert "succeeded      20" in text and "cost estimate" not in text
+
+
+def test_status_throughput_leaves_out_pauses_between_runs(tmp_path: Path) -> None:
+    """A retry run a day later must not spread the job's successes over the whole day."""
+    from asyncgen.records import Result, Source
+    from asyncgen.store import Store
+
+    def made(i: int, started: float) -> Result:
+        return Result(
+            custom_id=f"s:{i}:math:0",
+            error=None,
+            output="x",
+            finish_reason="stop",
+            model="m",
+            template="math",
+            persona="p",
+            source=Source("s", i),
+            attempts=1,
+            latency_s=0.5,
+            created=started + 0.5,
+            started=started,
+        )
+
+    t0 = 1_764_000_000.0
+    store = Store.open(tmp_path / "out", {"model": "m"}, version="test")
+    try:
+        # 100 successes over 10.4 s, then 50 over 5.4 s a day later (two commits each).
+        for batch in (range(1, 51), range(51, 101)):
+            store.ledger.commit(store.commit([made(i, t0 + (i - 1) * 0.1) for i in batch]))
+        later = t0 + 86_400
+        store.ledger.commit(
+            store.commit([made(i, later + (i - 101) * 0.1) for i in range(101, 151)])
+        )
+    finally:
+        store.close()
+    report = status(tmp_path / "out")
+    assert report.succeeded == 150
+    assert report.active_seconds == pytest.approx(10.4 + 5.4)
+    assert report.items_per_second == pytest.approx(150 / 15.8)
+    assert report.last_finished - report.first_started > 86_400  # the span itself is kept
