@@ -752,7 +752,8 @@ class Engine:
             return item.body
         # Usage arrives on a last chunk only when asked for; it corrects the token budget.
         # Options of the user's (vLLM's continuous_usage_stats, say) are kept beside it.
-        options = {"include_usage": True, **item.body.get("stream_options", {})}
+        own = item.body.get("stream_options")
+        options = {"include_usage": True, **(own if isinstance(own, dict) else {})}
         return {**item.body, "stream": True, "stream_options": options}
 
     async def _attempt(

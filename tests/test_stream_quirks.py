@@ -186,10 +186,8 @@ async def test_rate_limit_reported_in_the_stream_throttles(tmp_path: Path) -> No
     assert stats.throttled == 2 and stats.failed == 0
 
 
-@pytest.mark.parametrize("options", [None, {"continuous_usage_stats": True}])
-async def test_stream_options_of_the_user_are_kept(
-    tmp_path: Path, options: dict[str, Any] | None
-) -> None:
+@pytest.mark.parametrize("options", ["absent", None, {}, {"continuous_usage_stats": True}])
+async def test_stream_options_of_the_user_are_kept(tmp_path: Path, options: Any) -> None:
     async def plain(resp: web.StreamResponse, _: int) -> None:
         for part in REPLY:
             await resp.write(part)
@@ -202,7 +200,7 @@ async def test_stream_options_of_the_user_are_kept(
             "body": {
                 "model": "m",
                 "messages": [{"role": "user", "content": "hi"}],
-                **({"stream_options": options} if options else {}),
+                **({} if options == "absent" else {"stream_options": options}),
             },
         }
         for i in range(2)
@@ -221,4 +219,5 @@ async def test_stream_options_of_the_user_are_kept(
     assert stats.succeeded == 2
     for body in server.bodies:
         assert body["stream"] is True
-        assert body["stream_options"] == {"include_usage": True, **(options or {})}
+        own = options if isinstance(options, dict) else {}
+        assert body["stream_options"] == {"include_usage": True, **own}
