@@ -106,11 +106,16 @@ def _last_failures(root: Path, spent: list[int] | None = None) -> dict[str, tupl
             view = _failure_decoder.decode(line)
             latest[view.custom_id] = (n, i, view.error.code if view.error else "unknown")
             if spent is not None:
-                for usage in (view.usage, view.rejected_usage):
-                    if usage is not None:
-                        spent[0] += usage.prompt_tokens or 0
-                        spent[1] += usage.completion_tokens or 0
+                _add_tokens(spent, view.usage, view.rejected_usage)
     return latest
+
+
+def _add_tokens(spent: list[int], *usages: Usage | None) -> None:
+    """Add the prompt and completion tokens of ``usages`` to ``spent``."""
+    for usage in usages:
+        if usage is not None:
+            spent[0] += usage.prompt_tokens or 0
+            spent[1] += usage.completion_tokens or 0
 
 
 def standing_failures(root: Path) -> dict[str, tuple[int, int, str]]:
@@ -216,10 +221,7 @@ def status(
             failures.pop(r.custom_id, None)
         succeeded += 1
         attempts += r.attempts
-        for usage in (r.usage, r.rejected_usage):
-            if usage is not None:
-                spent[0] += usage.prompt_tokens or 0
-                spent[1] += usage.completion_tokens or 0
+        _add_tokens(spent, r.usage, r.rejected_usage)
         start = r.started if r.started is not None else r.created - r.latency_s
         first = start if first is None else min(first, start)
         last = r.created if last is None else max(last, r.created)
