@@ -834,11 +834,8 @@ class Engine:
                         wait = _AFTER_DONE if assembler.done else idle
                         limit.reschedule(min(total, loop.time() + wait))
         except StreamServerError as exc:
-            # An error chunk's code is the status the error would have had (vLLM): a 429 or
-            # 503 there says the same about the endpoint as the status would have.
-            code = exc.error.code
-            if code.startswith("http_") and code[5:].isdecimal():
-                status = int(code[5:])
+            # A 429 or 503 inside the stream says what the status would have said.
+            status = exc.status if exc.status is not None else status
             return status, headers, Outcome(None, exc.error, exc.retryable), ttft
         except StreamError as exc:
             error = ErrorInfo("malformed_response", f"bad event stream: {exc}", status)

@@ -15,7 +15,7 @@ import msgspec
 from .errors import InputError
 from .prompts import Template
 from .records import Source, WorkItem
-from .sources import Line, not_json
+from .sources import Line, bad_utf8
 
 __all__ = ["BATCH_URLS", "Expander"]
 
@@ -76,9 +76,7 @@ class Expander:
         try:
             record = _decoder.decode(line.raw)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            reason = not_json(line.raw, exc)
-            if not reason.startswith("not valid UTF-8"):
-                reason = f"malformed JSON ({reason})"
+            reason = bad_utf8(line.raw, exc) or f"malformed JSON ({exc})"
             raise self._error(line, reason) from exc
         if not isinstance(record, dict):
             raise self._error(line, f"expected a JSON object, got {type(record).__name__}")

@@ -30,7 +30,7 @@ import msgspec
 from .argtypes import add_inputs, number, positive_int
 from .errors import ConfigError, InputError
 from .shards import LinesWriter
-from .sources import Line, ShardReader, expand_inputs, not_json, shard_name
+from .sources import Line, ShardReader, bad_utf8, expand_inputs, shard_name
 
 __all__ = [
     "BadLine",
@@ -135,7 +135,7 @@ class PersonaReader:
         except msgspec.ValidationError:
             reason = "not a JSON object"
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            reason = not_json(line.raw, exc)  # "JSON is malformed: ... (byte N)"
+            reason = bad_utf8(line.raw, exc) or str(exc)  # "JSON is malformed: ... (byte N)"
         else:
             if isinstance(text, str) and text.strip():
                 return text

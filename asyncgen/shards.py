@@ -49,6 +49,7 @@ class FrameWriter:
     def __init__(self, path: Path, *, level: int = 1) -> None:
         self.path = path
         self._level = level
+        self._threads = min(4, os.cpu_count() or 1)
         self._compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
         self._parallel: zstandard.ZstdCompressor | None = None
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -57,11 +58,10 @@ class FrameWriter:
     def append(self, payload: bytes) -> int:
         """Compress ``payload`` into one frame, append and fsync it; return the new file size."""
         compressor = self._compressor
-        if len(payload) >= _PARALLEL_FROM and (os.cpu_count() or 1) > 1:
+        if len(payload) >= _PARALLEL_FROM and self._threads > 1:
             if self._parallel is None:
-                threads = min(4, os.cpu_count() or 1)
                 self._parallel = zstandard.ZstdCompressor(
-                    level=self._level, write_checksum=True, threads=threads
+                    level=self._level, write_checksum=True, threads=self._threads
                 )
             compressor = self._parallel
         frame = compressor.compress(payload)

@@ -18,7 +18,7 @@ import zstandard
 from .errors import ConfigError, InputError
 from .shards import ZSTD_MAGIC
 
-__all__ = ["Line", "ShardReader", "expand_inputs", "not_json", "shard_name"]
+__all__ = ["Line", "ShardReader", "bad_utf8", "expand_inputs", "shard_name"]
 
 _CHUNK = 1 << 20
 # Compressed bytes fed to the decoder at a time. Its output is not bounded per call, so the
@@ -28,16 +28,17 @@ _MAX_LINE = 256 << 20
 _SUFFIXES = (".zst", ".zstd", ".jsonl", ".ndjson", ".json")
 
 
-def not_json(raw: bytes, exc: Exception) -> str:
-    """Why ``raw`` failed to decode as JSON, naming invalid UTF-8 as such: msgspec reports
-    it as a :class:`UnicodeDecodeError` or (0.19 and later) as a plain ``DecodeError``."""
+def bad_utf8(raw: bytes, exc: Exception) -> str | None:
+    """For a line that failed to decode as JSON: the reason, if it is invalid UTF-8 (msgspec
+    reports that as a :class:`UnicodeDecodeError` or, in 0.23, as a plain ``DecodeError``);
+    None when the line is text that is not JSON."""
     if not isinstance(exc, UnicodeDecodeError):
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as bad:
             exc = bad
         else:
-            return str(exc)
+            return None
     return f"not valid UTF-8 at byte {exc.start} ({exc.reason})"
 
 

@@ -47,13 +47,15 @@ class StreamServerError(StreamError):
     """The server reported an error in the stream, after it had already answered 200.
 
     ``error.status`` is None: the HTTP status was 200, and a numeric code in the error chunk is
-    kept in ``error.code`` as ``http_<code>``.
+    kept in ``error.code`` as ``http_<code>`` and in ``status``: the status the error would
+    have had before the 200 went out (vLLM), which says the same about the endpoint.
     """
 
-    def __init__(self, error: ErrorInfo, retryable: bool) -> None:
+    def __init__(self, error: ErrorInfo, retryable: bool, status: int | None = None) -> None:
         super().__init__(f"{error.code}: {error.message}")
         self.error = error
         self.retryable = retryable
+        self.status = status
 
 
 # --- framing -------------------------------------------------------------------------------------
@@ -446,4 +448,5 @@ def _server_error(chunk: _Chunk) -> StreamServerError:
         # Without a status, assume a failure after the server took the request is transient.
         name = str(code or kind or "stream_error")
         retryable = kind not in _PERMANENT_TYPES
-    return StreamServerError(ErrorInfo(name, message or "error in the event stream"), retryable)
+    error = ErrorInfo(name, message or "error in the event stream")
+    return StreamServerError(error, retryable, status)

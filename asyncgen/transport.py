@@ -127,7 +127,7 @@ class AiohttpTransport:
         return await self._request("GET", path, None)
 
     async def _request(self, method: str, path: str, body: bytes | None) -> HttpResponse:
-        session = self._session or self._get_session()
+        session = self._get_session()
         # try/except here rather than a context manager: this runs once per request.
         try:
             async with session.request(method, self._base + path, data=body) as resp:
@@ -138,7 +138,7 @@ class AiohttpTransport:
 
     @contextlib.asynccontextmanager
     async def stream(self, path: str, body: bytes) -> AsyncIterator[StreamReply]:
-        session = self._session or self._get_session()
+        session = self._get_session()
         try:
             async with session.post(self._base + path, data=body) as resp:
                 yield _AiohttpStream(resp)

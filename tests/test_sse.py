@@ -387,6 +387,7 @@ def test_error_chunk_raises_server_error(
     assert info.value.error.code == code
     assert info.value.error.message == message
     assert info.value.error.status is None
+    assert info.value.status == (int(code[5:]) if code.startswith("http_") else None)
     assert info.value.retryable is retryable
     assert isinstance(info.value, StreamError)
 
