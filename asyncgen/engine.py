@@ -283,7 +283,10 @@ class Engine:
         # pipeline state
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_time: Callable[[], float] = time.monotonic  # the loop's, once entered
-        self._deadlines: dict[asyncio.Timeout, float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Non-streamed attempts in flight: their task and when they expire (_expire_overdue).
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
         """Open non-streamed attempts and when each must end (see _expire_overdue)."""
         self._results: list[Result] = []
         self._bad: list[BadLine] = []
@@ -360,7 +363,8 @@ class Engine:
             now=self._clock(),
         )
         self._gate = Gate(flow, concurrency=cfg.concurrency, clock=self._clock, sleep=self._sleep)
-        self._loop_time = asyncio.get_running_loop().time
+        self._loop = asyncio.get_running_loop()
+        self._loop_time = self._loop.time
         return self
 
     async def __aexit__(
@@ -518,18 +522,20 @@ class Engine:
                 self._flush_wanted.set()
 
     async def _expire_overdue(self) -> None:
-        """Expire the attempts that outlived ``timeout``. One sweep a fraction of the timeout
-        apart instead of a timer per attempt: at thousands of requests a second, creating and
-        cancelling a timer each was a measurable part of the loop's work. An attempt ends at
+        """Expire the attempts that outlived ``timeout``: cancel their tasks, which
+        :meth:`_attempt` turns into TimeoutError. One sweep a fraction of the timeout apart
+        instead of a timer (or an ``asyncio.timeout``) per attempt: at thousands of requests
+        a second, their set-up was a measurable part of the loop's work. An attempt ends at
         most an eighth of the timeout (half a second at most) late."""
         every = min(0.5, self.config.timeout / 8)
         while True:
             await asyncio.sleep(every)
             now = self._loop_time()
-            overdue = [limit for limit, when in self._deadlines.items() if when <= now]
-            for limit in overdue:
-                del self._deadlines[limit]
-                limit.reschedule(now)  # expires at once: the attempt gets TimeoutError
+            overdue = [task for task, when in self._deadlines.items() if when <= now]
+            for task in overdue:
+                del self._deadlines[task]
+                self._expired.add(task)
+                task.cancel()
 
     async def _intake(self, senders: asyncio.TaskGroup) -> None:
         assert self._store is not None
@@ -768,14 +774,22 @@ class Engine:
             if self.config.stream:
                 status, headers, outcome, ttft = await self._streamed(transport, item.url, body)
             else:
-                # A limit without a timer of its own: _expire_overdue sweeps them.
-                limit = asyncio.timeout(None)
-                async with limit:
-                    self._deadlines[limit] = self._loop_time() + self.config.timeout
-                    try:
-                        resp = await transport.post(item.url, body)
-                    finally:
-                        self._deadlines.pop(limit, None)  # the sweep may have taken it
+                # A limit without a timer of its own: _expire_overdue sweeps them. The
+                # task is registered only while it waits here, so the sweep's cancellation
+                # lands here (as asyncio.timeout's would).
+                task = asyncio.current_task(self._loop)
+                assert task is not None
+                self._deadlines[task] = self._loop_time() + self.config.timeout
+                try:
+                    resp = await transport.post(item.url, body)
+                except asyncio.CancelledError:
+                    # Ours unless someone else cancelled the task too (a hard stop).
+                    if task in self._expired and task.uncancel() == 0:
+                        raise TimeoutError from None
+                    raise
+                finally:
+                    self._deadlines.pop(task, None)  # the sweep may have taken it
+                    self._expired.discard(task)
                 status, headers = resp.status, resp.headers
                 outcome = interpret(resp.status, resp.body)
         except TimeoutError as exc:

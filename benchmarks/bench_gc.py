@@ -2,13 +2,15 @@
 
 Each client runs in a fresh process pinned to core 1 (the fast server of ``bench_peers.py``
 on core 0), interleaved round by round; a ``gc.callbacks`` timer counts the collections of
-each generation and the time they took. Settings: ``default``, or ``tuned``
-(:func:`asyncgen.tune_gc`, what the ``asyncgen`` command does at start).
+each generation and the time they took. Settings: ``default``, ``tuned``
+(:func:`asyncgen.tune_gc`, what the ``asyncgen`` command does at start) or ``tuned=N``
+(the same with a young threshold of N).
 
 Usage::
 
     python benchmarks/bench_gc.py --requests 10000 --rounds 3
     python benchmarks/bench_gc.py --clients asyncgen --concurrency 4000 --requests 40000
+    python benchmarks/bench_gc.py --clients asyncgen --settings tuned=10000 tuned=100000
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ def child(kind: str, setting: str, url: str, n: int, concurrency: int, workdir: 
     shard = workdir / f"personas-{n}.jsonl.zst"
     out = workdir / f"gc-out-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
-    if setting == "tuned":
+    if setting.startswith("tuned"):
         from asyncgen import tune_gc
 
-        tune_gc()
+        _, _, threshold = setting.partition("=")
+        tune_gc(int(threshold)) if threshold else tune_gc()
     spent = {g: [0, 0.0] for g in range(3)}
     began = [0.0]
 
@@ -94,6 +97,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", nargs="+", default=["floor", "asyncgen"])
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["default", "tuned"],
+        help="default, tuned (asyncgen.tune_gc()) or tuned=N (a young threshold of N)",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/asyncgen-bench"))
     parser.add_argument(
         "--child", nargs=3, metavar=("KIND", "SETTING", "URL"), help=argparse.SUPPRESS
@@ -109,7 +118,7 @@ def main() -> None:
     with Server("fast", 0.0, 0 if pin else None) as server:
         for r in range(args.rounds):
             for kind in args.clients:
-                for setting in ("default", "tuned"):
+                for setting in args.settings:
                     argv = [sys.executable, __file__, "--child", kind, setting, server.url]
                     argv += ["--requests", str(args.requests)]
                     argv += ["--concurrency", str(args.concurrency)]

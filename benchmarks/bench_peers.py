@@ -971,7 +971,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = sub.add_parser("profile", help="asyncgen under py-spy")
     p.add_argument("--requests", type=int, default=20_000)
     p.add_argument("--concurrency", type=int, default=256)
-    p.add_argument("--client", choices=("asyncgen", "floor"), default="asyncgen")
+    p.add_argument("--client", choices=CLIENTS, default="asyncgen")
     p.add_argument("--latency", type=float, default=0.0, help="server latency, seconds")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=15)

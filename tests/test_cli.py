@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import asyncgen
 from asyncgen.cli import build_parser, main
 from asyncgen.mock import MockConfig, MockServer
 
@@ -272,3 +273,32 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_young_threshold() -> No
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.split() == ["12345", "True", "True"]
+
+
+def test_tune_gc_adapts_the_young_threshold_to_what_collections_find() -> None:
+    """A collection that finds nothing doubles the threshold (up to the ceiling); one that
+    finds a tenth of a threshold's worth of cyclic garbage halves it (down to the start)."""
+    code = (
+        "import gc, asyncgen\n"
+        "asyncgen.tune_gc(1000, ceiling=8000)\n"
+        "asyncgen.tune_gc(1000, ceiling=8000)  # again: still one hook\n"
+        "seen = []\n"
+        "for _ in range(4):\n"
+        "    gc.collect(0)\n"
+        "    seen.append(gc.get_threshold()[0])\n"
+        "for _ in range(3):\n"
+        "    for _ in range(2000):\n"
+        "        cycle = []\n"
+        "        cycle.append(cycle)\n"
+        "    del cycle\n"
+        "    gc.collect(0)\n"
+        "    seen.append(gc.get_threshold()[0])\n"
+        "print(*seen)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == ["2000", "4000", "8000", "8000", "4000", "2000", "1000"]
+    # checked before anything changes, so safe in this process
+    with pytest.raises(ValueError, match="threshold <= ceiling"):
+        asyncgen.tune_gc(20_000, ceiling=10_000)

@@ -255,12 +255,35 @@ async def test_a_timeout_ends_the_attempt_on_time(tmp_path: Path) -> None:
         started = time.monotonic()
         async with Engine(config) as engine:
             stats = await engine.run()
+            assert not engine._deadlines and not engine._expired  # nothing left registered
         elapsed = time.monotonic() - started
     (failure,) = read_output(tmp_path / "out")["failures"]
     assert stats.failed == 1 and failure["attempts"] == 2
     assert failure["error"]["code"] == "timeout" and "0.4s" in failure["error"]["message"]
     # two attempts of 0.4 s, each at most 0.05 s late, plus backoff and start-up
     assert 0.8 <= elapsed < 2.5, elapsed
+
+
+async def test_an_expired_attempt_that_is_also_cancelled_stays_cancelled(tmp_path: Path) -> None:
+    """The sweep's cancellation becomes a timeout only when nobody else cancelled the task:
+    an attempt expiring as a hard stop cancels it is left for the next run, not recorded."""
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(1))]
+    async with MockServer(MockConfig(hang=1.0, hang_seconds=30)) as server:
+        config = job(tmp_path, server, inputs, timeout=60)
+        async with Engine(config) as engine:
+            run = asyncio.create_task(engine.run())
+            for _ in range(1000):  # until the attempt is on the wire
+                if engine._deadlines:
+                    break
+                await asyncio.sleep(0.01)
+            (task,) = engine._deadlines
+            engine._expired.add(task)  # what the sweep does...
+            task.cancel()
+            task.cancel()  # ...and a second cancel from elsewhere
+            stats = await run
+            assert not engine._deadlines and not engine._expired
+    assert stats.succeeded == stats.failed == 0 and stats.retries == 0
+    assert read_output(tmp_path / "out") == {"results": [], "failures": [], "errors": []}
 
 
 async def test_retry_after_is_honoured(tmp_path: Path) -> None:
