@@ -41,7 +41,7 @@ from .ledger import Claim, Redo, bad_line_key
 from .prompts import Template, load_template
 from .records import BadLine, Completion, ErrorInfo, Result, Source, Usage, WorkItem
 from .retry import Outcome, RetryPolicy, interpret
-from .sources import ShardReader, expand_inputs
+from .sources import Line, ShardReader, expand_inputs
 from .sse import SSEParser, StreamAssembler, StreamError, StreamIncomplete, StreamServerError
 from .store import Store
 from .transport import AiohttpTransport, Transport, check_models, redact_url
@@ -553,16 +553,48 @@ class Engine:
             else:
                 # Resuming: lines whose every item is done are counted, never decoded.
                 done = ledger.done_lines(reader.shard, template, samples) if template else None
-            while not self._stopping and (redo is None or reader.lineno < last):
-                before = reader.skipped
+            if not await self._intake_shard(senders, reader, done, None if redo is None else last):
+                return
+            self._input_done += reader.size
+            self._reader = None
+
+    async def _intake_shard(
+        self,
+        senders: asyncio.TaskGroup,
+        reader: ShardReader,
+        done: bytes | None,
+        last: int | None,
+    ) -> bool:
+        """Send one shard's lines; False if the job was stopped meanwhile.
+
+        The next batch is read (in a thread) while this one is sent: waiting for each read
+        made the intake pause every batch, and the slots freed meanwhile were then filled in
+        one burst, which came back as a burst (against a fixed latency, for ever after).
+        Lines are claimed only here, as they are taken, so a batch read ahead and dropped on
+        a stop leaves nothing behind. The reader is closed only when no read is running."""
+        samples = self.config.samples
+
+        def more() -> bool:
+            return not self._stopping and (last is None or reader.lineno < last)
+
+        def read_ahead() -> tuple[asyncio.Future[list[Line]], int]:
+            return asyncio.ensure_future(
+                asyncio.to_thread(reader.read_batch, _READ_BATCH, done)
+            ), reader.skipped
+
+        reading: tuple[asyncio.Future[list[Line]], int] | None = read_ahead() if more() else None
+        try:
+            while reading is not None:
+                read, before = reading
+                reading = None
                 try:
-                    batch = await asyncio.to_thread(reader.read_batch, _READ_BATCH, done)
+                    batch = await read
                 except InputError as exc:
                     if self.config.strict:
                         raise
                     await self._record_bad(
                         f"{reader.shard}:file",
-                        str(path),
+                        str(reader.path),
                         Source(reader.shard, reader.lineno),
                         ErrorInfo("corrupt_input", exc.reason),
                         b"",
@@ -573,55 +605,71 @@ class Engine:
                     self._lines_read += passed
                     self._skipped += passed * samples
                 if not batch:
-                    if passed:
+                    if passed and more():
+                        reading = read_ahead()
                         continue
                     break
+                if more():
+                    reading = read_ahead()
                 for line in batch:
-                    if self._stopping:
-                        return
-                    self._lines_read += 1
-                    try:
-                        items = self._expander.expand(line)
-                    except InputError as exc:
-                        if self.config.strict:
-                            raise
-                        await self._record_bad(
-                            f"{line.shard}:{line.lineno}",
-                            line.path,
-                            Source(line.shard, line.lineno),
-                            ErrorInfo("bad_input", exc.reason),
-                            line.raw,
-                        )
-                        continue
-                    for item in items:
-                        if redo is not None and item.custom_id not in redo.ids:
-                            self._skipped += 1
-                            continue
-                        claim = ledger.claim(item.custom_id)
-                        if claim is Claim.DONE:
-                            self._skipped += 1
-                        elif claim is Claim.DUPLICATE:
-                            if self.config.strict:
-                                raise InputError(
-                                    f"custom_id {item.custom_id!r} appears twice",
-                                    path=line.path,
-                                    line=line.lineno,
-                                )
-                            await self._record_bad(
-                                f"{line.shard}:{line.lineno}",
-                                line.path,
-                                item.source,
-                                ErrorInfo(
-                                    "duplicate_custom_id",
-                                    f"custom_id {item.custom_id!r} appears twice",
-                                ),
-                                line.raw,
-                            )
-                        elif not await self._spawn(senders, item):
-                            return
-            reader.close()
-            self._input_done += reader.size
-            self._reader = None
+                    if self._stopping or not await self._take(senders, line):
+                        return False
+            if self._stopping:
+                return False
+        finally:
+            if reading is not None:
+                # A read is still running in its thread: let it end before closing the file.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(reading[0])
+        reader.close()
+        return True
+
+    async def _take(self, senders: asyncio.TaskGroup, line: Line) -> bool:
+        """Expand one line, claim its items and send those not done; False if stopped."""
+        assert self._store is not None
+        ledger = self._store.ledger
+        redo = self._redo
+        self._lines_read += 1
+        try:
+            items = self._expander.expand(line)
+        except InputError as exc:
+            if self.config.strict:
+                raise
+            await self._record_bad(
+                f"{line.shard}:{line.lineno}",
+                line.path,
+                Source(line.shard, line.lineno),
+                ErrorInfo("bad_input", exc.reason),
+                line.raw,
+            )
+            return True
+        for item in items:
+            if redo is not None and item.custom_id not in redo.ids:
+                self._skipped += 1
+                continue
+            claim = ledger.claim(item.custom_id)
+            if claim is Claim.DONE:
+                self._skipped += 1
+            elif claim is Claim.DUPLICATE:
+                if self.config.strict:
+                    raise InputError(
+                        f"custom_id {item.custom_id!r} appears twice",
+                        path=line.path,
+                        line=line.lineno,
+                    )
+                await self._record_bad(
+                    f"{line.shard}:{line.lineno}",
+                    line.path,
+                    item.source,
+                    ErrorInfo(
+                        "duplicate_custom_id",
+                        f"custom_id {item.custom_id!r} appears twice",
+                    ),
+                    line.raw,
+                )
+            elif not await self._spawn(senders, item):
+                return False
+        return True
 
     async def _spawn(self, senders: asyncio.TaskGroup, item: WorkItem) -> bool:
         """Wait at the gate, then start the item's task; False (and the claim released) if

@@ -15,6 +15,7 @@ from asyncgen import Engine, JobConfig
 from asyncgen.errors import ConfigError, ConnectError, InputError, OutputError
 from asyncgen.mock import MockConfig, MockServer
 from asyncgen.records import BadLine, Result
+from asyncgen.sources import Line, ShardReader
 
 from .conftest import assert_exactly_once, personas, read_output, write_shard
 
@@ -126,6 +127,70 @@ async def test_stopping_early_from_the_consumer_then_resuming(tmp_path: Path) ->
             stats = await engine.run()
     assert stats.finished and stats.skipped >= 5
     assert_exactly_once(tmp_path / "out", ids_for("p", 2000))
+
+
+async def test_the_next_batch_is_read_while_this_one_is_sent(
+    tmp_path: Path, mock_server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read-ahead: the second batch's read starts as the first batch arrives, not once it
+    has been sent (without read-ahead, at least 1024 - 64 requests would be out by then)."""
+    inputs = [write_shard(tmp_path / "p.jsonl.zst", personas(2500))]
+    sent_when_read: list[int] = []
+    engines: list[Engine] = []
+    read_batch = ShardReader.read_batch
+
+    def recording(self: ShardReader, n: int, done: bytes | None = None) -> list[Line]:
+        sent_when_read.append(engines[0].statistics().requests)
+        return read_batch(self, n, done)
+
+    monkeypatch.setattr(ShardReader, "read_batch", recording)
+    async with Engine(job(tmp_path, mock_server, inputs)) as engine:
+        engines.append(engine)
+        stats = await engine.run()
+    assert stats.succeeded == 2500
+    assert sent_when_read[0] == 0 and sent_when_read[1] < 512, sent_when_read
+    assert len(sent_when_read) == 4  # 1024 + 1024 + 452 lines, then the end
+    assert_exactly_once(tmp_path / "out", ids_for("p", 2500))
+
+
+async def test_a_stop_during_a_read_ahead_waits_for_it_and_claims_none_of_it(
+    tmp_path: Path, mock_server: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop while the next batch is being read: the file is closed only after the read
+    ends, the batch read ahead is dropped unclaimed, and a rerun sends it exactly once."""
+    inputs = [write_shard(tmp_path / "p.jsonl.zst", personas(3000))]
+    events: list[str] = []
+    engines: list[Engine] = []
+    read_batch, close = ShardReader.read_batch, ShardReader.close
+
+    def slow_second(self: ShardReader, n: int, done: bytes | None = None) -> list[Line]:
+        events.append("read")
+        if events.count("read") == 2:
+            loop.call_soon_threadsafe(engines[0].stop)
+            time.sleep(0.3)
+        batch = read_batch(self, n, done)
+        events.append("read done")
+        return batch
+
+    def closing(self: ShardReader) -> None:
+        events.append("close")
+        close(self)
+
+    monkeypatch.setattr(ShardReader, "read_batch", slow_second)
+    monkeypatch.setattr(ShardReader, "close", closing)
+    config = job(tmp_path, mock_server, inputs, concurrency=8)
+    loop = asyncio.get_running_loop()
+    async with Engine(config) as engine:
+        engines.append(engine)
+        stats = await engine.run()
+    assert stats.stopped and not stats.finished
+    assert events[:4] == ["read", "read done", "read", "read done"], events
+    assert stats.succeeded <= 1024, "nothing of the batch read ahead was sent"
+    monkeypatch.setattr(ShardReader, "read_batch", read_batch)
+    async with Engine(config) as engine:
+        again = await engine.run()
+    assert again.finished and again.succeeded == 3000 - stats.succeeded
+    assert_exactly_once(tmp_path / "out", ids_for("p", 3000))
 
 
 async def test_graceful_stop_drains_in_flight(tmp_path: Path) -> None:
