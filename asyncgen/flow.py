@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import NamedTuple
 
 import msgspec
 
@@ -42,7 +41,7 @@ class Signal(enum.Enum):
     CANCELLED = "cancelled"  # the lease was not used, or the attempt was abandoned
 
 
-class Feedback(NamedTuple):
+class Feedback(msgspec.Struct, frozen=True, gc=False):
     signal: Signal
     hints: RateLimitHints | None = None
     retry_after: float | None = None
@@ -50,7 +49,7 @@ class Feedback(NamedTuple):
     completion_tokens: int | None = None
 
 
-class Wait(NamedTuple):
+class Wait(msgspec.Struct, frozen=True, gc=False):
     """No lease now: ask again after ``seconds`` (``math.inf``: not before a change), or as
     soon as an attempt is released or an endpoint re-admitted, if ``on_release``."""
 
@@ -58,7 +57,7 @@ class Wait(NamedTuple):
     on_release: bool
 
 
-class Lease(NamedTuple):
+class Lease(msgspec.Struct, frozen=True, gc=False):
     """Permission to send one attempt to endpoint ``endpoint``."""
 
     endpoint: int

@@ -10,7 +10,6 @@ per-item deadline.
 from __future__ import annotations
 
 import random
-from typing import NamedTuple
 
 import msgspec
 
@@ -39,7 +38,7 @@ def retryable_status(status: int) -> bool:
     return status in (408, 409, 429) or status >= 500
 
 
-class Outcome(NamedTuple):
+class Outcome(msgspec.Struct, frozen=True, gc=False):
     """What one attempt produced: a completion, or an error and whether to try again."""
 
     completion: Completion | None

@@ -11,8 +11,8 @@ import glob
 import os
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
+import msgspec
 import zstandard
 
 from .errors import ConfigError, InputError
@@ -42,7 +42,7 @@ def bad_utf8(raw: bytes, exc: Exception) -> str | None:
     return f"not valid UTF-8 at byte {exc.start} ({exc.reason})"
 
 
-class Line(NamedTuple):
+class Line(msgspec.Struct, frozen=True, gc=False):
     """One raw input line (without its newline) and where it came from."""
 
     path: str

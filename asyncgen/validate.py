@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import msgspec
 
@@ -44,7 +44,7 @@ _SCHEMA_NAME = re.compile(r"[^A-Za-z0-9_-]")
 _SHOWN = 60  # characters of a reply or an expected prefix quoted in a reason
 
 
-class Checked(NamedTuple):
+class Checked(msgspec.Struct, frozen=True, gc=False):
     """A reply checked: ``reason`` is None when it passed; ``parsed`` is the decoded JSON."""
 
     reason: str | None
