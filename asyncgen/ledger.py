@@ -130,29 +130,13 @@ class _IdSet:
         self._count += new.bit_count() - old.bit_count()
 
     def update(self, ids: Iterable[str]) -> None:
-        """Add many ids. Fast for runs of persona ids of one (shard, template, sample), as
-        ledger entries hold them: those differ only in the line number between a fixed
-        prefix and suffix, so only that number needs checking."""
-        prefix = suffix = ""
-        bitmap = bytearray()
-        for custom_id in ids:
-            if prefix and custom_id.startswith(prefix) and custom_id.endswith(suffix):
-                digits = custom_id[len(prefix) : len(custom_id) - len(suffix)]
-                if _canonical(digits):
-                    line = int(digits)
-                    byte, bit = line >> 3, 1 << (line & 7)
-                    if byte >= len(bitmap):
-                        bitmap.extend(bytes(max(byte + 1 - len(bitmap), len(bitmap) // 2)))
-                    if not bitmap[byte] & bit:
-                        bitmap[byte] |= bit
-                        self._count += 1
-                    continue
+        """Add many ids: runs of nearby persona ids as bitmaps at once (as :func:`pack_ids`
+        packs a ledger entry; a committed batch is mostly one run), the rest one by one."""
+        rest, runs = pack_ids(ids)
+        for run in runs:
+            self.add_run(run)
+        for custom_id in rest:
             self.add(custom_id)
-            split = self.split(custom_id)
-            if split is not None:
-                (shard, template, sample), _ = split
-                prefix, suffix = f"{shard}:", f":{template}:{sample}"
-                bitmap = self._bitmaps[(shard, template, sample)]
 
     def __len__(self) -> int:
         return self._count
