@@ -699,7 +699,8 @@ class Engine:
         assert self._store is not None and self._gate is not None
         try:
             result = await self._attempts(item, lease)
-            await self._space.wait()
+            if not self._space.is_set():  # the commit is behind: wait for it
+                await self._space.wait()
             self._results.append(result)
             self._buffered()
         except BaseException:
