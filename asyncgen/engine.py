@@ -836,6 +836,9 @@ class Engine:
                     if task in self._expired and task.uncancel() == 0:
                         raise TimeoutError from None
                     raise
+                else:
+                    if task in self._expired:  # a transport that swallowed the cancellation
+                        task.uncancel()
                 finally:
                     self._deadlines.pop(task, None)  # the sweep may have taken it
                     self._expired.discard(task)

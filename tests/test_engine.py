@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from asyncgen.errors import ConfigError, ConnectError, InputError, OutputError
 from asyncgen.mock import MockConfig, MockServer
 from asyncgen.records import BadLine, Result
 from asyncgen.sources import Line, ShardReader
+from asyncgen.transport import HttpResponse
 
 from .conftest import assert_exactly_once, personas, read_output, write_shard
 
@@ -349,6 +351,50 @@ async def test_an_expired_attempt_that_is_also_cancelled_stays_cancelled(tmp_pat
             assert not engine._deadlines and not engine._expired
     assert stats.succeeded == stats.failed == 0 and stats.retries == 0
     assert read_output(tmp_path / "out") == {"results": [], "failures": [], "errors": []}
+
+
+async def test_a_transport_that_swallows_the_expiry_leaves_no_cancel_request(
+    tmp_path: Path,
+) -> None:
+    """As asyncio.timeout does: a reply returned despite the sweep's cancellation is kept,
+    and the task is not left with a pending cancel request."""
+    tasks: list[asyncio.Task[Any]] = []
+
+    class Stubborn:
+        base_url = "http://stubborn.invalid/v1"
+
+        async def post(self, path: str, body: bytes) -> HttpResponse:
+            task = asyncio.current_task()
+            assert task is not None
+            tasks.append(task)
+            # A transport should not swallow cancellation; the engine copes if it does.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+            reply = {"choices": [{"message": {"content": "late"}, "finish_reason": "stop"}]}
+            return HttpResponse(200, {}, msgspec.json.encode(reply))
+
+        async def get(self, path: str) -> HttpResponse:
+            return HttpResponse(200, {}, b"{}")
+
+        async def aclose(self) -> None:
+            pass
+
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(1))]
+    config = JobConfig(
+        inputs=[str(inputs[0])],
+        output=str(tmp_path / "out"),
+        prompt="math",
+        model="m",
+        timeout=0.2,
+        check_endpoint=False,
+        **FAST,
+    )
+    async with Engine(config, transport=Stubborn()) as engine:
+        stats = await engine.run()
+    assert stats.succeeded == 1 and len(tasks) == 1
+    assert tasks[0].cancelling() == 0
+    (result,) = read_output(tmp_path / "out")["results"]
+    assert result["output"] == "late"
 
 
 async def test_retry_after_is_honoured(tmp_path: Path) -> None:
