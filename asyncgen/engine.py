@@ -284,10 +284,10 @@ class Engine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_time: Callable[[], float] = time.monotonic  # the loop's, once entered
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Non-streamed attempts in flight: their task and when they expire (_expire_overdue).
         self._deadlines: dict[asyncio.Task[Any], float] = {}
+        """Open non-streamed attempts, by task, and when each must end (_expire_overdue)."""
         self._expired: set[asyncio.Task[Any]] = set()
-        """Open non-streamed attempts and when each must end (see _expire_overdue)."""
+        """Their tasks the sweep has cancelled, until the attempt has seen it."""
         self._results: list[Result] = []
         self._bad: list[BadLine] = []
         self._flush_wanted = asyncio.Event()
