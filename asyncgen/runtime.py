@@ -54,8 +54,10 @@ def tune_gc(threshold: int = 10_000, *, ceiling: int = 1_000_000) -> None:
     ``ceiling``, so it settles above what the job keeps alive. With thousands of requests in
     flight the default settings spend a quarter of the client's CPU, and pauses of a tenth
     of a second, on collections that find nothing (``benchmarks/`` README). Reference
-    counting still frees everything that is not in a cycle at once. Calling it again resets
-    the threshold and keeps one hook.
+    counting still frees everything that is not in a cycle at once; garbage in cycles waits
+    for about as many net allocations as the threshold has grown to (roughly the job's live
+    objects), and a collection that finds much of it halves the threshold again. Calling it
+    again resets the threshold and keeps one hook.
     """
     if not 1 <= threshold <= ceiling:
         raise ValueError(f"need 1 <= threshold <= ceiling, got {threshold} and {ceiling}")
