@@ -14,6 +14,7 @@ import pytest
 import zstandard
 
 from asyncgen.mock import MockConfig, MockServer
+from asyncgen.transport import HttpResponse
 
 KINDS = ("results", "failures", "errors")
 
@@ -91,3 +92,27 @@ def assert_logically_once(out: Path, expected: set[str]) -> dict[str, dict[str, 
 async def mock_server() -> AsyncIterator[MockServer]:
     async with MockServer(MockConfig(seed=3)) as server:
         yield server
+
+
+class Canned:
+    """A transport answering every request with the same completion, recording the bodies."""
+
+    base_url = "http://canned.invalid/v1"
+
+    def __init__(self, content: str, finish_reason: str = "stop") -> None:
+        self.bodies: list[dict[str, Any]] = []
+        reply = {
+            "choices": [{"message": {"content": content}, "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17},
+        }
+        self._reply = msgspec.json.encode(reply)
+
+    async def post(self, path: str, body: bytes) -> HttpResponse:
+        self.bodies.append({"path": path, **msgspec.json.decode(body)})
+        return HttpResponse(200, {}, self._reply)
+
+    async def get(self, path: str) -> HttpResponse:
+        return HttpResponse(200, {}, b"{}")
+
+    async def aclose(self) -> None:
+        pass

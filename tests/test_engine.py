@@ -19,7 +19,7 @@ from asyncgen.records import BadLine, Result
 from asyncgen.sources import Line, ShardReader
 from asyncgen.transport import HttpResponse
 
-from .conftest import assert_exactly_once, personas, read_output, write_shard
+from .conftest import Canned, assert_exactly_once, personas, read_output, write_shard
 
 FAST = {"backoff_base": 0.01, "backoff_cap": 0.05, "flush_interval": 0.05}
 
@@ -360,9 +360,7 @@ async def test_a_transport_that_swallows_the_expiry_leaves_no_cancel_request(
     and the task is not left with a pending cancel request."""
     tasks: list[asyncio.Task[Any]] = []
 
-    class Stubborn:
-        base_url = "http://stubborn.invalid/v1"
-
+    class Stubborn(Canned):
         async def post(self, path: str, body: bytes) -> HttpResponse:
             task = asyncio.current_task()
             assert task is not None
@@ -370,14 +368,7 @@ async def test_a_transport_that_swallows_the_expiry_leaves_no_cancel_request(
             # A transport should not swallow cancellation; the engine copes if it does.
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(30)
-            reply = {"choices": [{"message": {"content": "late"}, "finish_reason": "stop"}]}
-            return HttpResponse(200, {}, msgspec.json.encode(reply))
-
-        async def get(self, path: str) -> HttpResponse:
-            return HttpResponse(200, {}, b"{}")
-
-        async def aclose(self) -> None:
-            pass
+            return await super().post(path, body)
 
     inputs = [write_shard(tmp_path / "p.jsonl", personas(1))]
     config = JobConfig(
@@ -389,7 +380,7 @@ async def test_a_transport_that_swallows_the_expiry_leaves_no_cancel_request(
         check_endpoint=False,
         **FAST,
     )
-    async with Engine(config, transport=Stubborn()) as engine:
+    async with Engine(config, transport=Stubborn("late")) as engine:
         stats = await engine.run()
     assert stats.succeeded == 1 and len(tasks) == 1
     assert tasks[0].cancelling() == 0
@@ -608,26 +599,7 @@ async def test_bad_api_key_fails_fast(tmp_path: Path) -> None:
 
 
 async def test_overrides_and_samples_reach_the_request(tmp_path: Path) -> None:
-    bodies: list[dict[str, Any]] = []
-
-    class Recorder:
-        base_url = "http://recorder.invalid/v1"
-
-        async def post(self, path: str, body: bytes) -> Any:
-            from asyncgen.transport import HttpResponse
-
-            bodies.append({"path": path, **msgspec.json.decode(body)})
-            reply = {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}
-            return HttpResponse(200, {}, msgspec.json.encode(reply))
-
-        async def get(self, path: str) -> Any:
-            from asyncgen.transport import HttpResponse
-
-            return HttpResponse(200, {}, b"{}")
-
-        async def aclose(self) -> None:
-            pass
-
+    recorder = Canned("ok")
     inputs = [write_shard(tmp_path / "p.jsonl", personas(2))]
     config = JobConfig(
         inputs=[str(inputs[0])],
@@ -639,10 +611,10 @@ async def test_overrides_and_samples_reach_the_request(tmp_path: Path) -> None:
         extra_body={"top_k": 20, "temperature": 0.1},
         **FAST,
     )
-    async with Engine(config, transport=Recorder()) as engine:
+    async with Engine(config, transport=recorder) as engine:
         stats = await engine.run()
-    assert stats.succeeded == 6 and len(bodies) == 6
-    body = bodies[0]
+    assert stats.succeeded == 6 and len(recorder.bodies) == 6
+    body = recorder.bodies[0]
     assert body["path"] == "/chat/completions" and body["model"] == "m"
     assert body["max_tokens"] == 77 and body["top_k"] == 20 and body["temperature"] == 0.1
     assert any("person number 0" in m["content"] for m in body["messages"])

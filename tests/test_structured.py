@@ -19,9 +19,15 @@ from asyncgen.errors import ConfigError
 from asyncgen.jobdir import status
 from asyncgen.mock import MockConfig, MockServer, add_arguments, config_from_args
 from asyncgen.prompts import load_template
-from asyncgen.transport import HttpResponse
 
-from .conftest import assert_exactly_once, clean_env, personas, read_output, write_shard
+from .conftest import (
+    Canned,
+    assert_exactly_once,
+    clean_env,
+    personas,
+    read_output,
+    write_shard,
+)
 
 FAST = {"backoff_base": 0.01, "backoff_cap": 0.05, "flush_interval": 0.05}
 
@@ -105,30 +111,6 @@ async def test_always_invalid_fails_after_max_invalid_attempts(tmp_path: Path) -
         async with Engine(job(tmp_path, server.base_url, inputs)) as engine:
             again = await engine.run()
         assert server.stats().requests == 0 and again.skipped == 30
-
-
-class Canned:
-    """A transport answering every request with the same completion, recording the bodies."""
-
-    base_url = "http://canned.invalid/v1"
-
-    def __init__(self, content: str, finish_reason: str = "stop") -> None:
-        self.bodies: list[dict[str, Any]] = []
-        reply = {
-            "choices": [{"message": {"content": content}, "finish_reason": finish_reason}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17},
-        }
-        self._reply = msgspec.json.encode(reply)
-
-    async def post(self, path: str, body: bytes) -> HttpResponse:
-        self.bodies.append({"path": path, **msgspec.json.decode(body)})
-        return HttpResponse(200, {}, self._reply)
-
-    async def get(self, path: str) -> HttpResponse:
-        return HttpResponse(200, {}, b"{}")
-
-    async def aclose(self) -> None:
-        pass
 
 
 async def test_truncated_reply_says_so_and_the_request_asks_for_the_schema(
