@@ -604,11 +604,8 @@ class Engine:
                     passed = reader.skipped - before
                     self._lines_read += passed
                     self._skipped += passed * samples
-                if not batch:
-                    if passed and more():
-                        reading = read_ahead()
-                        continue
-                    break
+                if not batch and not passed:
+                    break  # the end of the shard
                 if more():
                     reading = read_ahead()
                 for line in batch:

@@ -193,7 +193,7 @@ def _group(ids: list[str], rest: list[str]) -> dict[tuple[str, str, str], list[i
     """Line numbers of the persona ids by (shard, template, sample); the others to ``rest``."""
     groups: dict[tuple[str, str, str], list[int]] = {}
     # While ids share (shard, template, sample), only the line number between the shared
-    # prefix and suffix needs parsing (as in _IdSet.update).
+    # prefix and suffix needs parsing (as in _IdSet.__contains__).
     prefix = suffix = ""
     lines: list[int] = []
     for custom_id in ids:
