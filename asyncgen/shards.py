@@ -1,20 +1,22 @@
 """Append-only files of complete zstd frames, and the repair of a torn tail.
 
 A shard is a concatenation of independent zstd frames, each holding whole JSON lines, so
-``zstdcat``, ``zstandard`` and any multi-frame zstd reader read it as it is. A frame is written
-with one ``write`` and made durable with ``fsync`` before anything refers to it; a crash can
-therefore leave at most one incomplete frame at the end, which :func:`scan_frames` detects
-and :func:`repair_tail` cuts off. :class:`LinesWriter` is the other kind of output file:
-written whole (an export, a persona shard), then renamed into place. All functions here block:
-call them from a thread.
+``zstdcat``, ``zstandard`` and any multi-frame zstd reader read it as it is. The frames of one
+append (one, or a few for a large batch) are written with one ``write`` and synced before
+anything refers to them; a crash can therefore leave at most one incomplete frame at the end,
+which :func:`scan_frames` detects and :func:`repair_tail` cuts off, after complete frames that
+nothing refers to yet (the store's recovery reads those back). :class:`LinesWriter` is the
+other kind of output file: written whole (an export, a persona shard), then renamed into
+place. All functions here block: call them from a thread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -31,49 +33,102 @@ __all__ = [
     "iter_lines",
     "repair_tail",
     "scan_frames",
+    "usable_cpus",
 ]
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 """The first four bytes of every zstd frame."""
 _READ_CHUNK = 1 << 20
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
-_PARALLEL_FROM = 4 << 20
-"""Payloads from this size on are compressed by several threads: zstd splits them into jobs
-of about 1 MiB at level 1, and below a few jobs the hand-over costs more than it saves."""
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 class FrameWriter:
-    """Appends compressed frames to one file; each :meth:`append` is durable when it returns."""
+    """Appends compressed frames to one file; each :meth:`append` is durable when it returns
+    (unless the writer was made with ``sync=False``, for a file that is only an index)."""
 
-    def __init__(self, path: Path, *, level: int = 1) -> None:
+    def __init__(
+        self, path: Path, *, level: int = 1, threads: int | None = None, sync: bool = True
+    ) -> None:
+        """``threads``: how many frames of one append may be compressed at once (by default
+        one per usable core, up to four): zstd releases the GIL, so helper threads compress
+        while the caller produces the next payload, where cores are free."""
         self.path = path
+        self.threads = max(1, threads if threads is not None else min(4, usable_cpus()))
         self._level = level
-        self._threads = min(4, os.cpu_count() or 1)
-        self._compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
-        self._parallel: zstandard.ZstdCompressor | None = None
+        self._sync = sync
+        # One compressor per frame of an append: a compression context is not thread-safe.
+        self._compressors: list[zstandard.ZstdCompressor] = []
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.size = os.fstat(self._fd).st_size
 
     def append(self, payload: bytes) -> int:
-        """Compress ``payload`` into one frame, append and fsync it; return the new file size."""
-        compressor = self._compressor
-        if len(payload) >= _PARALLEL_FROM and self._threads > 1:
-            if self._parallel is None:
-                self._parallel = zstandard.ZstdCompressor(
-                    level=self._level, write_checksum=True, threads=self._threads
-                )
-            compressor = self._parallel
-        frame = compressor.compress(payload)
-        view = memoryview(frame)
+        """Compress ``payload`` into one frame and append it; return the new file size."""
+        return self.append_frames((payload,))
+
+    def append_frames(self, payloads: Iterable[bytes]) -> int:
+        """Compress each payload (whole lines) into a frame of its own, append them all with
+        one write and make them durable; return the new file size.
+
+        ``payloads`` may be a generator: with more than one thread, each payload but the
+        last is handed to a helper thread as soon as the next one is asked for, so producing
+        and compressing overlap."""
+        frames: list[bytes | concurrent.futures.Future[bytes]] = []
+        last: bytes | None = None
+        try:
+            for payload in payloads:
+                if last is not None:
+                    compress = self._compressor(len(frames)).compress
+                    frames.append(
+                        self._helpers().submit(compress, last)
+                        if self.threads > 1
+                        else compress(last)
+                    )
+                last = payload
+            if last is not None:
+                frames.append(self._compressor(len(frames)).compress(last))
+            data = b"".join(f if isinstance(f, bytes) else f.result() for f in frames)
+        except BaseException:
+            # No compressor may be left in use by a helper when the next append starts.
+            concurrent.futures.wait([f for f in frames if not isinstance(f, bytes)])
+            raise
+        view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        os.fsync(self._fd)
-        self.size += len(frame)
+        if self._sync and data:
+            # fdatasync writes the data and the metadata needed to read it back, the file
+            # size included (all that an append changes); fsync would add the timestamps.
+            _datasync(self._fd)
+        self.size += len(data)
         return self.size
 
+    def _compressor(self, index: int) -> zstandard.ZstdCompressor:
+        while len(self._compressors) <= index:
+            self._compressors.append(
+                zstandard.ZstdCompressor(level=self._level, write_checksum=True)
+            )
+        return self._compressors[index]
+
+    def _helpers(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.threads - 1, thread_name_prefix="asyncgen-zstd"
+            )
+        return self._pool
+
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

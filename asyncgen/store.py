@@ -9,11 +9,13 @@ Layout::
     OUT/errors-000001.jsonl.zst        input lines that could not become requests
     OUT/.lock                          held (flock) while a process writes here
 
-Commit protocol: a batch is appended to the data shards as complete zstd frames and fsynced;
-only then is its ledger line appended and fsynced, and only then are its ids marked done.
-Recovery after a crash: the ledger's torn tail is cut; every shard is compared with the end
-offset the ledger last recorded for it; complete frames past that offset (written, but not yet
-in the ledger) are read back and added to the ledger; an incomplete frame is cut off. Every
+Commit protocol: a batch is appended to the data shards as complete zstd frames (one, or a
+few compressed at once for a large batch) and synced; only then is its ledger line appended,
+and its ids marked done. The ledger is an index of the shards, so it is not synced: what a
+power loss takes from it is rebuilt from the shards. Recovery after a crash: the ledger's torn
+or lost tail is cut; every shard is compared with the end offset the ledger last recorded for
+it; complete frames past that offset (durable, but not, or no longer, in the ledger) are read
+back and added to the ledger; an incomplete frame is cut off. Every
 method blocks: the engine calls them from a thread.
 """
 
@@ -22,11 +24,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import operator
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -44,6 +47,10 @@ _MANIFEST = "manifest.json"
 _LEDGER = "ledger.zst"
 _FORMAT = 1
 DEFAULT_SHARD_BYTES = 512 << 20
+_PIECE_RECORDS = 256
+"""Fewest records in a frame of a batch spread over several frames (one per thread)."""
+_custom_id = operator.attrgetter("custom_id")
+_replaces_failure = operator.attrgetter("replaces_failure")
 
 
 class _Entry(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -215,7 +222,10 @@ class Store:
                 f"{self.root / missing[0]} is missing, but {_LEDGER} records results in it; "
                 "restore it, or start over in a new --output directory"
             )
-        self._ledger_writer = FrameWriter(ledger_path)
+        # The ledger is an index of the shards: its lines are written after their frames are
+        # durable, but not synced themselves. Lines a power loss takes with it are rebuilt
+        # from the shards' frames past the last end it recorded, just above and below.
+        self._ledger_writer = FrameWriter(ledger_path, sync=False)
         for path in sorted(self.root.iterdir()):
             match = SHARD_RE.match(path.name)
             if not match:
@@ -268,21 +278,22 @@ class Store:
             raise OutputError(f"cannot write to {self.root}: {exc.strerror or exc}") from exc
 
     def _commit(self, results: Iterable[Result], bad_lines: Iterable[BadLine]) -> list[str]:
-        groups: dict[str, list[Result | BadLine]] = {k: [] for k in KINDS}
-        for r in results:
-            groups["failures" if r.error is not None else "results"].append(r)
-        groups["errors"].extend(bad_lines)
+        results = results if isinstance(results, list) else list(results)
+        failed = [r for r in results if r.error is not None]
+        groups: dict[str, list[Result] | list[BadLine]] = {
+            "results": [r for r in results if r.error is None] if failed else results,
+            "failures": failed,
+            "errors": list(bad_lines),
+        }
         entries: list[_Entry] = []
         ids: list[str] = []
         for kind, records in groups.items():
             if not records:
                 continue
             writer = self._writer(kind)
-            end = writer.append(self._encoder.encode_lines(records))
-            replaced = 0
-            if kind != "errors":
-                replaced = sum(1 for r in records if cast(Result, r).replaces_failure)
-            keys = [r.custom_id for r in records]
+            end = writer.append_frames(self._encoded(records, writer.threads))
+            keys = list(map(_custom_id, records))
+            replaced = 0 if kind == "errors" else sum(map(_replaces_failure, records))
             entries.append(_entry(writer.path.name, end, keys, replaced))
             self._count(writer.path.name, len(records))
             self.replaced += replaced
@@ -291,6 +302,17 @@ class Store:
             assert self._ledger_writer is not None
             self._ledger_writer.append(self._encoder.encode_lines(entries))
         return ids
+
+    def _encoded(self, records: list[Result] | list[BadLine], threads: int) -> Iterator[bytes]:
+        """The records as JSON lines, in one payload per frame: a large batch is spread over
+        up to ``threads`` frames, compressed at once while the next is encoded."""
+        pieces = min(threads, len(records) // _PIECE_RECORDS)
+        if pieces < 2:
+            yield self._encoder.encode_lines(records)
+            return
+        step = -(-len(records) // pieces)
+        for start in range(0, len(records), step):
+            yield self._encoder.encode_lines(records[start : start + step])
 
     def _log(self, file: str, end: int, ids: list[str], replaced: int) -> None:
         assert self._ledger_writer is not None

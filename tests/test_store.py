@@ -8,11 +8,13 @@ import random
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zstandard
 
+from asyncgen import shards
 from asyncgen.errors import OutputError
 from asyncgen.ledger import bad_line_key
 from asyncgen.records import BadLine, ErrorInfo, Result, Source
@@ -78,25 +80,115 @@ def test_shards_are_plain_multiframe_zstd(tmp_path: Path) -> None:
         assert len(f.read().splitlines()) == 5
 
 
-def test_a_large_frame_compressed_by_threads_is_one_ordinary_frame(tmp_path: Path) -> None:
-    """Payloads of 4 MiB and more take zstd's multi-threaded path; what lands on disk must be
-    the same kind of frame, read by the same readers, with its checksum."""
-    rng = random.Random(3)
+def big_lines(lines: int, seed: int = 3) -> list[bytes]:
+    rng = random.Random(seed)
     words = ["".join(rng.choices("abcdefghij", k=rng.randint(2, 8))) for _ in range(500)]
-    lines = [f'{{"n": {i}, "t": "{" ".join(rng.choices(words, k=40))}"}}' for i in range(40_000)]
-    payload = ("\n".join(lines) + "\n").encode()
-    assert len(payload) >= 4 << 20
+    return [
+        f'{{"n": {i}, "t": "{" ".join(rng.choices(words, k=40))}"}}\n'.encode()
+        for i in range(lines)
+    ]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_frames_of_one_append_are_compressed_at_once_and_land_in_order(
+    tmp_path: Path, threads: int
+) -> None:
+    """Payloads handed over as a generator become one frame each, in order, written at
+    once: ordinary checksummed frames that every multi-frame reader reads back."""
+    rows = big_lines(3_000)
+    parts = [b"".join(rows[i : i + 1000]) for i in range(0, 3000, 1000)]
+    produced: list[int] = []
+
+    def payloads() -> Iterator[bytes]:
+        for i, part in enumerate(parts):
+            produced.append(i)
+            yield part
+
     shard = tmp_path / "big.jsonl.zst"
-    writer = FrameWriter(shard)
-    end = writer.append(payload)
-    writer.append(b'{"n": -1}\n')
+    writer = FrameWriter(shard, threads=threads)
+    end = writer.append_frames(payloads())
+    small = writer.append(b'{"n": -1}\n')
+    assert writer.append_frames(iter(())) == small  # nothing to write: nothing written
     writer.close()
+    assert produced == [0, 1, 2]
     frames = list(scan_frames(shard))
-    assert len(frames) == 2 and frames[0] == (end, payload)
-    params = zstandard.get_frame_parameters(shard.read_bytes())
-    assert params.has_checksum
+    assert [p for _, p in frames] == [*parts, b'{"n": -1}\n']
+    assert frames[2][0] == end and frames[3][0] == small == shard.stat().st_size
+    assert zstandard.get_frame_parameters(shard.read_bytes()).has_checksum
     with zstandard.open(shard, "rb") as f:
-        assert f.read() == payload + b'{"n": -1}\n'
+        assert f.read() == b"".join(parts) + b'{"n": -1}\n'
+    if shutil.which("zstd"):
+        out = subprocess.run(["zstd", "-dc", str(shard)], capture_output=True, check=True)
+        assert out.stdout == b"".join(parts) + b'{"n": -1}\n'
+
+
+def test_a_failing_producer_writes_nothing_and_the_writer_goes_on(tmp_path: Path) -> None:
+    """An error while the payloads are produced (a frame already with a helper) appends
+    nothing; the next append, with the same compressors, is whole."""
+
+    def payloads() -> Iterator[bytes]:
+        yield b'{"n": 1}\n' * 50_000
+        yield b'{"n": 2}\n' * 50_000
+        raise RuntimeError("encoding failed")
+
+    shard = tmp_path / "s.jsonl.zst"
+    writer = FrameWriter(shard, threads=2)
+    with pytest.raises(RuntimeError, match="encoding failed"):
+        writer.append_frames(payloads())
+    assert shard.stat().st_size == writer.size == 0
+    writer.append_frames(iter([b'{"n": 3}\n', b'{"n": 4}\n']))
+    writer.close()
+    assert [p for _, p in scan_frames(shard)] == [b'{"n": 3}\n', b'{"n": 4}\n']
+
+
+def test_a_large_batch_is_spread_over_frames_of_whole_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shards, "usable_cpus", lambda: 3)
+    store = open_store(tmp_path)
+    store.ledger.commit(store.commit([result(i) for i in range(1000)]))  # 3 frames
+    store.ledger.commit(store.commit([result(i) for i in range(1000, 1400)]))  # too few
+    store.close()
+    shard = next(tmp_path.glob("results-*.jsonl.zst"))
+    sizes = [p.count(b"\n") for _, p in scan_frames(shard)]
+    assert sizes == [334, 334, 332, 400]
+    lines = [r["source"]["line"] for r in read_output(tmp_path)["results"]]
+    assert lines == list(range(1400))
+
+
+def test_a_commit_torn_between_its_frames_keeps_the_whole_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash inside a multi-frame commit: the complete frames before the tear hold whole
+    records, so recovery adds those (exactly once, also on a second reopen) and cuts the
+    rest; the ids of the cut records are not done and will be sent again."""
+    monkeypatch.setattr(shards, "usable_cpus", lambda: 3)
+    store = open_store(tmp_path)
+    store.ledger.commit(store.commit([result(0)]))
+    many = [result(i) for i in range(1, 3001)]
+    store.commit(many)
+    store.close()
+    shard = next(tmp_path.glob("results-*.jsonl.zst"))
+    frames = list(scan_frames(shard))
+    assert len(frames) == 4
+    first_end, first = frames[1]
+    kept = first.count(b"\n")
+    assert 0 < kept < 3000
+    # The crash: the second frame of the commit torn, the third not written, no ledger line.
+    with open(shard, "r+b") as f:
+        f.truncate(frames[2][0] - 7)
+    ledger = tmp_path / "ledger.zst"
+    with open(ledger, "r+b") as f:
+        f.truncate(list(scan_frames(ledger))[-2][0])
+    for _ in range(2):
+        store = open_store(tmp_path)
+        assert store.counts["results"] == 1 + kept
+        assert shard.stat().st_size == first_end
+        done = [i for i in range(3001) if store.ledger.is_committed(f"s:{i}:math:0")]
+        assert done == list(range(kept + 1))
+        store.close()
+    lines = [r["source"]["line"] for r in read_output(tmp_path)["results"]]
+    assert lines == list(range(kept + 1))
 
 
 def test_torn_data_tail_is_cut_and_unlogged_frames_recovered(tmp_path: Path) -> None:
@@ -284,3 +376,56 @@ def test_ledger_packs_persona_ids_and_reads_the_plain_form_too(tmp_path: Path) -
         assert store.counts["results"] == 3002
     finally:
         store.close()
+
+
+def test_data_frames_are_synced_and_the_ledger_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each commit syncs each data shard it wrote once, before its ledger line is written;
+    the ledger (an index of the shards) is never synced."""
+    events: list[str] = []
+    real_write = os.write
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        events.append("write " + os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[1].split("-")[0])
+        return real_write(fd, data)
+
+    monkeypatch.setattr(shards.os, "write", write)
+    monkeypatch.setattr(shards, "_datasync", lambda fd: events.append("sync"))
+    store = open_store(tmp_path)
+    events.clear()
+    store.commit([result(1), result(2, failed=True)])
+    store.close()
+    assert events == ["write results", "sync", "write failures", "sync", "write ledger.zst"]
+
+
+@pytest.mark.parametrize("loss", ["all", "tail", "hole"])
+def test_ledger_lines_lost_to_a_power_cut_are_rebuilt_from_the_shards(
+    tmp_path: Path, loss: str
+) -> None:
+    """The ledger is not synced, so a power cut may take its last lines, all of it, or
+    leave a hole of zeros where a page never reached the disk. Recovery rebuilds what is
+    missing from the shards: every record counted and done exactly once."""
+    store = open_store(tmp_path)
+    for batch in range(4):
+        rs = [result(10 * batch + i, failed=i == 0) for i in range(10)]
+        store.ledger.commit(store.commit(rs))
+    store.close()
+    ledger = tmp_path / "ledger.zst"
+    ends = [end for end, _ in scan_frames(ledger)]
+    with open(ledger, "r+b") as f:
+        if loss == "all":
+            f.truncate(0)
+        elif loss == "tail":
+            f.truncate(ends[1])
+        else:
+            f.seek(ends[0])
+            f.write(b"\0" * (ends[1] - ends[0]))
+    for _ in range(2):
+        store = open_store(tmp_path)
+        assert store.counts == {"results": 36, "failures": 4, "errors": 0}
+        assert store.ledger.committed == 40
+        assert all(store.ledger.is_committed(f"s:{i}:math:0") for i in range(40))
+        store.close()
+    out = read_output(tmp_path)
+    assert sorted(r["source"]["line"] for r in out["results"] + out["failures"]) == list(range(40))
