@@ -4,7 +4,8 @@ back with feedback, and probe ejected endpoints until they answer again.
 The engine takes a *slot* before it spawns an item's task (so memory is bounded by the
 concurrency cap, however large the input) and a *lease* before each attempt (so every attempt,
 retries included, is paced and routed). Waiters queue on one lock, first come first served:
-only the head of the queue polls the flow control, the rest sleep.
+only the head of the queue polls the flow control, the rest sleep; while anyone waits, a
+newcomer queues too.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Gate:
         self._sleep = sleep
         self._slots = asyncio.Semaphore(concurrency)
         self._queue = asyncio.Lock()
+        self._queued = 0
+        """Callers waiting for a lease (in the queue or at its head)."""
         self._changed = asyncio.Event()
         self.waiting_for_endpoint = False
         """True while the head of the queue waits because no endpoint is up."""
@@ -52,28 +55,41 @@ class Gate:
 
     async def lease(self, prompt_estimate: int, max_output: int | None) -> Lease:
         """Wait until an endpoint may take one more attempt of this size; route it there."""
-        async with self._queue:
-            while True:
-                decision = self.flow.try_acquire(self._clock(), prompt_estimate, max_output)
-                if isinstance(decision, Lease):
-                    return decision
-                if not decision.on_release:
-                    # Only time helps (a budget or a pause): sleep through releases instead of
-                    # waking up to recompute on each of them.
-                    await self._sleep(decision.seconds)
-                    continue
-                self._changed.clear()
-                self.waiting_for_endpoint = not self.flow.any_up
-                try:
-                    if math.isinf(decision.seconds):
+        if not self._queued:
+            # Nobody queued: ask at once (the lock costs more than the asking, per attempt).
+            decision = self.flow.try_acquire(self._clock(), prompt_estimate, max_output)
+            if isinstance(decision, Lease):
+                return decision
+        self._queued += 1
+        try:
+            async with self._queue:
+                return await self._wait_for_lease(prompt_estimate, max_output)
+        finally:
+            self._queued -= 1
+
+    async def _wait_for_lease(self, prompt_estimate: int, max_output: int | None) -> Lease:
+        """The head of the queue: ask again whenever the answer may have changed."""
+        while True:
+            decision = self.flow.try_acquire(self._clock(), prompt_estimate, max_output)
+            if isinstance(decision, Lease):
+                return decision
+            if not decision.on_release:
+                # Only time helps (a budget or a pause): sleep through releases instead of
+                # waking up to recompute on each of them.
+                await self._sleep(decision.seconds)
+                continue
+            self._changed.clear()
+            self.waiting_for_endpoint = not self.flow.any_up
+            try:
+                if math.isinf(decision.seconds):
+                    await self._changed.wait()
+                else:
+                    async with asyncio.timeout(decision.seconds):
                         await self._changed.wait()
-                    else:
-                        async with asyncio.timeout(decision.seconds):
-                            await self._changed.wait()
-                except TimeoutError:
-                    pass
-                finally:
-                    self.waiting_for_endpoint = False
+            except TimeoutError:
+                pass
+            finally:
+                self.waiting_for_endpoint = False
 
     def release(self, lease: Lease, feedback: Feedback) -> bool:
         """Return the lease; True if the failure was the endpoint's (see FlowControl.release)."""

@@ -648,3 +648,86 @@ async def test_strict_mode_stops_on_a_duplicate_custom_id(
     async with Engine(config) as engine:
         with pytest.raises(InputError, match=r"b\.jsonl:2: custom_id 'a' appears twice"):
             await engine.run()
+
+
+class _FullReply(Canned):
+    """Every optional part of a reply set, each to a value of its own."""
+
+    def __init__(self) -> None:
+        super().__init__("unused")
+        self._reply = msgspec.json.encode(
+            {
+                "model": "served-model",
+                "choices": [
+                    {
+                        "message": {
+                            "content": "the answer",
+                            "reasoning_content": "the why",
+                            "tool_calls": [
+                                {
+                                    "id": "c1",
+                                    "type": "function",
+                                    "function": {"name": "f", "arguments": "{}"},
+                                }
+                            ],
+                        },
+                        "finish_reason": "length",
+                    }
+                ],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 22, "total_tokens": 33},
+            }
+        )
+
+
+async def test_every_field_of_a_record_holds_its_own_value(tmp_path: Path) -> None:
+    """The engine builds records positionally (for speed): each field must land where it
+    belongs, which values of distinct kinds and sizes pin down."""
+    import hashlib
+
+    assert Result.__struct_fields__[:12] == (
+        "custom_id", "error", "output", "finish_reason", "model", "template", "persona",
+        "source", "attempts", "latency_s", "created", "usage",
+    )  # fmt: skip
+    shard = write_shard(tmp_path / "p.jsonl", [{"persona": "A clockmaker", "idx": 7}])
+    config = JobConfig(
+        inputs=[str(shard)],
+        output=str(tmp_path / "out"),
+        prompt="math",
+        model="asked-model",
+        base_url="http://canned.invalid/v1",
+        check_endpoint=False,
+    )
+    before = time.time()
+    async with Engine(config, transport=_FullReply()) as engine:
+        await engine.run()
+    (record,) = read_output(tmp_path / "out")["results"]
+    assert set(record) == set(Result.__struct_fields__)
+    persona_digest = hashlib.sha256(b"A clockmaker").hexdigest()[:16]
+    expected = {
+        "custom_id": "p:1:math:0",
+        "error": None,
+        "output": "the answer",
+        "finish_reason": "length",
+        "model": "served-model",
+        "template": "math",
+        "persona": "A clockmaker",
+        "source": {"shard": "p", "line": 1},
+        "attempts": 1,
+        "usage": {"prompt_tokens": 11, "completion_tokens": 22, "total_tokens": 33},
+        "meta": {"idx": 7},
+        "reasoning": "the why",
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ],
+        "ttft_s": None,
+        "endpoint": "http://canned.invalid/v1",
+        "persona_sha256": persona_digest,
+        "replaces_failure": False,
+        "parsed": None,
+        "rejected_usage": None,
+    }
+    assert {k: record[k] for k in expected} == expected
+    assert len(record["template_sha256"]) == 16 and record["template_sha256"] != persona_digest
+    assert record["sampling"] and "model" not in record["sampling"]
+    assert before <= record["started"] <= record["created"] <= time.time()
+    assert 0 <= record["latency_s"] < 5 and record["latency_s"] <= record["created"] - before + 1

@@ -245,3 +245,71 @@ def test_slow_start_back_to_the_window_before_ejection() -> None:
             flow.release(x, OK, now + 0.1)
         now += 0.1
     assert flow.endpoint_stats(now)[0].window == 200  # 8 → 16 → 32 → 64 → 128 → 200 (cap)
+
+
+async def test_gate_serves_leases_first_come_first_served() -> None:
+    """With nobody queued a lease is granted without waiting; once someone waits, later
+    arrivals queue behind them instead of taking what a release frees first."""
+    import asyncio
+
+    from asyncgen.gate import Gate
+
+    gate = Gate(FlowControl(["u"], concurrency=1), concurrency=10)
+    first = gate.lease(1, None).__await__()
+    with pytest.raises(StopIteration) as granted:
+        first.send(None)  # no suspension at all
+    held: Lease = granted.value.value
+    order: list[str] = []
+
+    async def take(name: str) -> Lease:
+        lease = await gate.lease(1, None)
+        order.append(name)
+        return lease
+
+    a = asyncio.ensure_future(take("a"))
+    await asyncio.sleep(0)
+    b = asyncio.ensure_future(take("b"))
+    await asyncio.sleep(0)
+    assert not a.done() and not b.done()
+    ok = Feedback(Signal.OK, None)
+    gate.release(held, ok)  # the window is still one: only the head of the queue gets it
+    late = asyncio.ensure_future(take("late"))
+    gate.release(await a, ok)
+    gate.release(await b, ok)
+    gate.release(await late, ok)
+    assert order == ["a", "b", "late"]
+
+
+async def test_a_newcomer_during_the_hand_over_between_waiters_queues_too() -> None:
+    """Between the head leaving the queue and the next waiter waking up, the lock is free
+    but someone is still waiting: a lease asked for in that instant must queue behind."""
+    import asyncio
+
+    from asyncgen.gate import Gate
+
+    gate = Gate(FlowControl(["u"], concurrency=1), concurrency=10)
+    ok = Feedback(Signal.OK, None)
+    held = await gate.lease(1, None)
+    jumped: list[bool] = []
+
+    async def head() -> None:
+        lease = await gate.lease(1, None)  # the lock was just handed on, to `nxt`
+        gate.release(lease, ok)  # capacity is free again, and `nxt` has not run yet
+        newcomer = gate.lease(1, None).__await__()
+        try:
+            newcomer.send(None)
+        except StopIteration as granted:
+            jumped.append(True)
+            gate.release(granted.value, ok)
+        else:
+            jumped.append(False)
+            newcomer.close()
+
+    a = asyncio.ensure_future(head())
+    await asyncio.sleep(0)
+    nxt = asyncio.ensure_future(gate.lease(1, None))
+    await asyncio.sleep(0)
+    gate.release(held, ok)
+    await a
+    gate.release(await nxt, ok)
+    assert jumped == [False]
