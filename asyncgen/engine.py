@@ -685,9 +685,9 @@ class Engine:
             gate.release_slot()
             self._store.ledger.release(item.custom_id)
             return False
-        task = senders.create_task(self._send(item, lease))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # The task takes itself out of _tasks when it ends (see _send): cheaper than a done
+        # callback, which the loop would schedule and call for every item.
+        self._tasks.add(senders.create_task(self._send(item, lease)))
         return True
 
     # --- sending ------------------------------------------------------------------------------
@@ -705,6 +705,7 @@ class Engine:
             raise
         finally:
             self._gate.release_slot()
+            self._tasks.discard(asyncio.current_task(self._loop))
 
     async def _attempts(self, item: WorkItem, first_lease: Lease) -> Result:
         assert self._gate is not None

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from .flow import EndpointStats, Feedback, FlowControl, Lease
 
@@ -47,8 +48,9 @@ class Gate:
         self.waiting_for_endpoint = False
         """True while the head of the queue waits because no endpoint is up."""
 
-    async def acquire_slot(self) -> None:
-        await self._slots.acquire()
+    def acquire_slot(self) -> Coroutine[Any, Any, bool]:
+        """Wait for a free slot (the semaphore's own coroutine: one frame less per item)."""
+        return self._slots.acquire()
 
     def release_slot(self) -> None:
         self._slots.release()

@@ -205,3 +205,32 @@ def test_digest_follows_content_and_template_is_immutable() -> None:
     with pytest.raises(TypeError):
         a.sampling["temperature"] = 1  # type: ignore[index]
     assert "t" in repr(a) and isinstance(a, Template)
+
+
+def test_expanded_items_carry_every_field_in_its_place() -> None:
+    """The expander builds items positionally (for speed): each field must land where it
+    belongs, for every sample, with the overrides applied and counted."""
+    import hashlib
+
+    from asyncgen.items import Expander
+    from asyncgen.records import Source, WorkItem
+    from asyncgen.sources import Line
+
+    template = load_template("math")
+    expander = Expander(template, model="m", samples=2, overrides={"max_tokens": 77})
+    raw = msgspec.json.encode({"persona": "A beekeeper", "idx": 4, "lang": "en"})
+    for lineno in (3, 4):  # the second line reuses what the first one computed
+        items = expander.expand(Line("in.jsonl", "sh", lineno, raw))
+        assert [i.custom_id for i in items] == [f"sh:{lineno}:math:0", f"sh:{lineno}:math:1"]
+        for item in items:
+            assert isinstance(item, WorkItem)
+            assert item.url == "/chat/completions" and item.template == "math"
+            assert item.source == Source("sh", lineno)
+            assert item.persona == "A beekeeper"
+            assert item.persona_sha256 == hashlib.sha256(b"A beekeeper").hexdigest()[:16]
+            assert item.meta == {"idx": 4, "lang": "en"}
+            assert item.body["model"] == "m" and item.body["max_tokens"] == 77
+            assert item.max_output_tokens == 77
+            chars = sum(len(m["content"]) for m in item.body["messages"])
+            assert item.est_prompt_tokens == chars // 4 + 1
+            assert item.sampling == {"temperature": 0.9, "max_tokens": 77}
