@@ -234,3 +234,48 @@ def test_expanded_items_carry_every_field_in_its_place() -> None:
             chars = sum(len(m["content"]) for m in item.body["messages"])
             assert item.est_prompt_tokens == chars // 4 + 1
             assert item.sampling == {"temperature": 0.9, "max_tokens": 77}
+
+
+def _reference_render(text: str, values: dict[str, str]) -> str:
+    """The documented rules, the slow way: {name} substituted, {{ and }} one brace each,
+    any other brace kept as it is."""
+    out: list[str] = []
+    last = 0
+    for match in re.finditer(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}", text):
+        out.append(text[last : match.start()])
+        out.append(values[match.group(1)] if match.group(1) else match.group(0)[0])
+        last = match.end()
+    out.append(text[last:])
+    return "".join(out)
+
+
+def test_rendering_follows_the_brace_rules_on_random_texts() -> None:
+    rng = random.Random(8)
+    atoms = [
+        "{persona}",
+        "{topic}",
+        "{{",
+        "}}",
+        "{",
+        "}",
+        "{ persona }",
+        "{1x}",
+        "ab",
+        " ",
+        "{{persona}}",
+    ]
+    values = {"persona": "P{x}", "topic": "T}"}  # braces in values are never interpreted
+    checked = 0
+    for _ in range(1000):
+        user = "".join(rng.choices(atoms, k=rng.randint(1, 12))) + " {persona}"
+        system = "".join(rng.choices(atoms, k=rng.randint(0, 6)))
+        try:
+            template = Template(name="t", user=user, system=system or None, fields=("topic",))
+        except ConfigError:
+            continue  # the atoms met as an unknown placeholder, such as "{" "ab" "}"
+        checked += 1
+        body = template.render({"persona": values["persona"], "topic": values["topic"]})
+        texts = [m["content"] for m in body["messages"]]
+        expected = [_reference_render(system, values)] if system else []
+        assert texts == [*expected, _reference_render(user, values)], (user, system)
+    assert checked > 300
