@@ -72,6 +72,7 @@ _TIMEOUT = Feedback(Signal.TIMEOUT)
 _ERROR = Feedback(Signal.ERROR)
 _DROPPED = Feedback(Signal.DROPPED)
 _UNREACHABLE = Feedback(Signal.UNREACHABLE)
+_UNCHECKED = Checked(None)
 
 
 def job_spec(cfg: JobConfig, template: Template | None = None) -> dict[str, Any]:
@@ -795,7 +796,7 @@ class Engine:
         fails them still cost tokens, so they are counted here."""
         spec = self._template.output if self._template is not None else None
         if spec is None or item.template is None:
-            return Checked(None)
+            return _UNCHECKED
         choice = c.choices[0]
         text = choice.message.content if choice.message is not None else choice.text
         checked = spec.check(text, choice.finish_reason)

@@ -171,9 +171,11 @@ class FlowControl:
     def try_acquire(self, now: float, prompt_estimate: int, max_output: int | None) -> Lease | Wait:
         """A lease to send now, or how long to wait before asking again."""
         tokens = self.estimate.reserve(prompt_estimate, max_output)
-        wait = _delay(self._rpm, self._tpm, tokens, now)
-        if wait > 0:
-            return Wait(wait, False)
+        rpm, tpm = self._rpm, self._tpm
+        if rpm is not None or tpm is not None:
+            wait = _delay(rpm, tpm, tokens, now)
+            if wait > 0:
+                return Wait(wait, False)
         best: _Endpoint | None = None
         best_index = -1
         wait = math.inf
@@ -182,21 +184,24 @@ class FlowControl:
             if not ep.up or ep.outstanding >= max(1, int(ep.window)):
                 busy = True
                 continue
-            delay = max(ep.paused_until - now, _delay(ep.rpm, ep.tpm, tokens, now))
+            delay = ep.paused_until - now
+            if ep.rpm is not None or ep.tpm is not None:
+                delay = max(delay, _delay(ep.rpm, ep.tpm, tokens, now))
             if delay > 0:
                 wait = min(wait, delay)
             elif best is None or (ep.tokens, ep.outstanding) < (best.tokens, best.outstanding):
                 best, best_index = ep, index
         if best is None:
             return Wait(wait, busy)
-        for bucket, units in (
-            (self._rpm, 1.0),
-            (self._tpm, tokens),
-            (best.rpm, 1.0),
-            (best.tpm, tokens),
-        ):
-            if bucket is not None:
-                bucket.charge(units, now)
+        # (Spelled out: this runs for every attempt, and most jobs set no budget at all.)
+        if rpm is not None:
+            rpm.charge(1.0, now)
+        if tpm is not None:
+            tpm.charge(tokens, now)
+        if best.rpm is not None:
+            best.rpm.charge(1.0, now)
+        if best.tpm is not None:
+            best.tpm.charge(tokens, now)
         best.outstanding += 1
         best.tokens += tokens
         best.requests += 1
