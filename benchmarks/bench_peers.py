@@ -11,8 +11,8 @@ Clients (``--clients``), each a fresh subprocess pinned to its own core:
 * ``floor``          — the bare minimum: N worker coroutines on one aiohttp session, uvloop,
   the same request bytes encoded and the reply decoded with msgspec; no bookkeeping.
 * ``asyncgen-gc``, ``floor-gc`` — the same two after ``asyncgen.tune_gc()`` (what the
-  ``asyncgen`` command does at start: ``gc.freeze()`` and a young-generation threshold of
-  10 000), so that the collector settings are compared like with like.
+  ``asyncgen`` command does at start: ``gc.freeze()`` and a young-generation threshold that
+  adapts from 10 000 up), so that the collector settings are compared like with like.
 * ``openai``         — the official SDK, ``AsyncOpenAI`` with its default httpx transport,
   a semaphore of N around ``chat.completions.create``.
 * ``openai-aiohttp`` — the same SDK on its aiohttp transport (``DefaultAioHttpClient``).
