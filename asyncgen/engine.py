@@ -412,6 +412,8 @@ class Engine:
         if self._stopping:
             return
         self._stopping = True
+        # A sender cancelled before its first step never ran the finally that removes it.
+        self._tasks = {task for task in self._tasks if not task.done()}
         if self._tasks:
             loop = asyncio.get_running_loop()
             self._drain_timer = loop.call_later(self.config.drain_timeout, self._abandon_in_flight)

@@ -42,7 +42,7 @@ from .engine import JobConfig, job_spec
 from .errors import ConfigError, OutputError
 from .jobdir import read_manifest, shards, standing_failures
 from .records import Source
-from .shards import fsync_dir, iter_lines
+from .shards import fsync_path, iter_lines
 from .sources import expand_inputs, shard_name
 from .store import fingerprint, other_job
 
@@ -159,7 +159,7 @@ def convert(job: Path, shard: Path, *, round_: int, samples: int = 1) -> StageRe
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, shard)
-        fsync_dir(shard.parent)
+        fsync_path(shard.parent)
     except OSError as exc:
         raise OutputError(f"cannot write {shard}: {exc.strerror or exc}") from exc
     bad = _count(shards(job, "errors"))

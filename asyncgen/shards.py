@@ -29,7 +29,7 @@ __all__ = [
     "ZSTD_MAGIC",
     "FrameWriter",
     "LinesWriter",
-    "fsync_dir",
+    "fsync_path",
     "iter_lines",
     "repair_tail",
     "scan_frames",
@@ -193,8 +193,9 @@ def iter_lines(path: Path) -> Iterator[bytes]:
         yield from payload.splitlines()
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a created or renamed file) durable."""
+def fsync_path(path: Path) -> None:
+    """Make a file's contents, or a directory's entries (a created or renamed file),
+    durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -248,7 +249,7 @@ class LinesWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             os.replace(self._tmp, self.path)
-            fsync_dir(self.path.parent)
+            fsync_path(self.path.parent)
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
 

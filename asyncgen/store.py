@@ -27,6 +27,7 @@ import json
 import operator
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,7 +37,7 @@ import msgspec
 from .errors import OutputError
 from .ledger import Ledger, bad_line_key, pack_ids
 from .records import BadLine, Result
-from .shards import ZSTD_MAGIC, FrameWriter, fsync_dir, repair_tail, scan_frames
+from .shards import ZSTD_MAGIC, FrameWriter, fsync_path, repair_tail, scan_frames
 
 __all__ = ["KINDS", "Store", "fingerprint", "other_job"]
 
@@ -101,11 +102,10 @@ class Store:
         self.root = root
         self.ledger = Ledger()
         self.counts = dict.fromkeys(KINDS, 0)
-        """Records per kind in the shards."""
+        """Records per kind in the shards, across all runs into this directory."""
         self.replaced = 0
         """Records that supersede an earlier failure: ``counts["failures"] - replaced``
         failures are still standing."""
-        """Records committed per kind, across all runs into this directory."""
         self.recovered_bytes = 0
         """Bytes of torn frames cut off while opening."""
         self._lock_fd = lock_fd
@@ -114,6 +114,9 @@ class Store:
         self._writers: dict[str, FrameWriter] = {}
         self._ledger_writer: FrameWriter | None = None
         self._encoder = msgspec.json.Encoder()
+        # Commits and close take turns: a commit's thread cannot be stopped, so one that a
+        # cancelled caller left running must end before the next commit or close begins.
+        self._lock = threading.Lock()
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -196,7 +199,7 @@ class Store:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            fsync_dir(self.root)
+            fsync_path(self.root)
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
 
@@ -249,6 +252,9 @@ class Store:
                     f"{path} does not continue with a zstd frame at byte {known}, where "
                     f"{_LEDGER} says its last commit ended; was it rewritten outside asyncgen?"
                 )
+            # What lies past the recorded end was written by a process that may have died
+            # before syncing it: sync it now, before ledger lines name it.
+            fsync_path(path)
             end = known
             for end, payload in scan_frames(path, known):
                 views = [
@@ -270,12 +276,13 @@ class Store:
     def commit(self, results: Iterable[Result], bad_lines: Iterable[BadLine] = ()) -> list[str]:
         """Durably append a batch; return its ledger keys (the caller commits them in
         :attr:`ledger`: custom_ids, and :func:`bad_line_key` of bad lines)."""
-        if self._ledger_writer is None:
-            raise OutputError(f"the store for {self.root} is closed")
-        try:
-            return self._commit(results, bad_lines)
-        except OSError as exc:
-            raise OutputError(f"cannot write to {self.root}: {exc.strerror or exc}") from exc
+        with self._lock:
+            if self._ledger_writer is None:
+                raise OutputError(f"the store for {self.root} is closed")
+            try:
+                return self._commit(results, bad_lines)
+            except OSError as exc:
+                raise OutputError(f"cannot write to {self.root}: {exc.strerror or exc}") from exc
 
     def _commit(self, results: Iterable[Result], bad_lines: Iterable[BadLine]) -> list[str]:
         results = results if isinstance(results, list) else list(results)
@@ -328,22 +335,24 @@ class Store:
             path = self.root / f"{kind}-{self._seq:06d}.jsonl.zst"
             try:
                 writer = FrameWriter(path)
-                fsync_dir(self.root)
+                fsync_path(self.root)
             except OSError as exc:
                 raise OutputError(f"cannot create {path}: {exc.strerror}") from exc
             self._writers[kind] = writer
         return writer
 
     def close(self) -> None:
-        for writer in self._writers.values():
-            writer.close()
-        self._writers.clear()
-        if self._ledger_writer is not None:
-            self._ledger_writer.close()
-            self._ledger_writer = None
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        """Close the files (after a commit still running in another thread) and unlock."""
+        with self._lock:
+            for writer in self._writers.values():
+                writer.close()
+            self._writers.clear()
+            if self._ledger_writer is not None:
+                self._ledger_writer.close()
+                self._ledger_writer = None
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
 
     def __repr__(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in self.counts.items())

@@ -731,3 +731,45 @@ async def test_every_field_of_a_record_holds_its_own_value(tmp_path: Path) -> No
     assert record["sampling"] and "model" not in record["sampling"]
     assert before <= record["started"] <= record["created"] <= time.time()
     assert 0 <= record["latency_s"] < 5 and record["latency_s"] <= record["created"] - before + 1
+
+
+async def test_leaving_during_a_slow_commit_waits_for_it_then_resumes_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer leaves while a commit is being synced: the commit's thread cannot be
+    stopped, so the hard stop's own commit and closing the store wait for it instead of
+    writing through the same files at once (which corrupted frames, or hit a closed fd)."""
+    from asyncgen import shards
+
+    real_sync = shards._datasync
+    slow = {"on": True}
+    running: list[int] = []
+    trouble: list[str] = []
+
+    def sync(fd: int) -> None:
+        if running:
+            trouble.append("two commits at once")
+        running.append(fd)
+        try:
+            if slow["on"]:
+                time.sleep(0.4)
+            real_sync(fd)
+        except OSError as exc:
+            trouble.append(repr(exc))  # the store closed under the commit
+        finally:
+            running.remove(fd)
+
+    monkeypatch.setattr(shards, "_datasync", sync)
+    inputs = [write_shard(tmp_path / "p.jsonl.zst", personas(3000))]
+    async with MockServer(MockConfig(latency=0.01)) as server:
+        config = job(tmp_path, server, inputs, flush_interval=0.05)
+        async with Engine(config) as engine:
+            async for _ in engine.results():
+                await asyncio.sleep(0.1)  # the next commit is now inside its slow sync
+                break
+        slow["on"] = False
+        assert trouble == []
+        async with Engine(config) as engine:
+            stats = await engine.run()
+    assert stats.finished
+    assert_exactly_once(tmp_path / "out", ids_for("p", 3000))

@@ -15,6 +15,7 @@ import pytest
 import zstandard
 
 from asyncgen import shards
+from asyncgen import store as store_module
 from asyncgen.errors import OutputError
 from asyncgen.ledger import bad_line_key
 from asyncgen.records import BadLine, ErrorInfo, Result, Source
@@ -429,3 +430,74 @@ def test_ledger_lines_lost_to_a_power_cut_are_rebuilt_from_the_shards(
         store.close()
     out = read_output(tmp_path)
     assert sorted(r["source"]["line"] for r in out["results"] + out["failures"]) == list(range(40))
+
+
+def test_commits_and_close_take_turns_across_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit's thread outlives a cancelled caller: a second commit, or close, from
+    another thread must wait for it rather than share its writers and compressors."""
+    import threading
+
+    real_sync = shards._datasync
+    inside = threading.Event()
+
+    def slow_sync(fd: int) -> None:
+        inside.set()
+        time.sleep(0.2)
+        real_sync(fd)
+
+    monkeypatch.setattr(shards, "_datasync", slow_sync)
+    monkeypatch.setattr(shards, "usable_cpus", lambda: 2)
+    store = open_store(tmp_path)
+    errors: list[BaseException] = []
+
+    def commit(first: int) -> None:
+        try:
+            store.ledger.commit(store.commit([result(i) for i in range(first, first + 800)]))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=commit, args=(k * 800,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    assert inside.wait(5)
+    store.close()  # waits for whatever commit is running; later ones find it closed
+    for t in threads:
+        t.join()
+    assert all(isinstance(e, OutputError) and "closed" in str(e) for e in errors)
+    done = 3 - len(errors)
+    assert done >= 1
+    store = open_store(tmp_path)
+    assert store.counts["results"] == 800 * done and store.recovered_bytes == 0
+    store.close()
+    lines = sorted(r["source"]["line"] for r in read_output(tmp_path)["results"])
+    assert len(lines) == len(set(lines)) == 800 * done
+
+
+def test_recovered_frames_are_synced_before_the_ledger_names_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames past the ledger's end may never have been synced (the writer died between
+    its write and its sync): recovery syncs the shard before it logs them."""
+    store = open_store(tmp_path)
+    store.ledger.commit(store.commit([result(1)]))
+    store.close()
+    shard = next(tmp_path.glob("results-*.jsonl.zst"))
+    with open(shard, "ab") as f:  # written, never synced, no ledger line
+        f.write(zstandard.ZstdCompressor().compress(b'{"custom_id": "s:2:math:0"}\n'))
+    events: list[str] = []
+    real_fsync_path = shards.fsync_path
+    monkeypatch.setattr(
+        store_module, "fsync_path", lambda p: (events.append(f"sync {p.name}"), real_fsync_path(p))
+    )
+    real_log = Store._log
+    monkeypatch.setattr(
+        Store,
+        "_log",
+        lambda self, file, *a: (events.append(f"log {file}"), real_log(self, file, *a)),
+    )
+    store = open_store(tmp_path)
+    assert store.ledger.is_committed("s:2:math:0")
+    store.close()
+    assert events == [f"sync {shard.name}", f"log {shard.name}"]
