@@ -24,13 +24,17 @@ from .conftest import Canned, assert_exactly_once, personas, read_output, write_
 FAST = {"backoff_base": 0.01, "backoff_cap": 0.05, "flush_interval": 0.05}
 
 
-def job(tmp_path: Path, server: MockServer, inputs: list[Path], **kw: Any) -> JobConfig:
+CANNED = Canned.base_url
+
+
+def job(tmp_path: Path, server: MockServer | str, inputs: list[Path], **kw: Any) -> JobConfig:
+    """A job on ``inputs`` against a mock server, or a base URL (a canned transport's)."""
     settings: dict[str, Any] = {
         "inputs": [str(p) for p in inputs],
         "output": str(tmp_path / "out"),
         "prompt": "math",
         "model": "mock-model",
-        "base_url": server.base_url,
+        "base_url": server if isinstance(server, str) else server.base_url,
         "concurrency": 64,
         **FAST,
     }
@@ -371,15 +375,7 @@ async def test_a_transport_that_swallows_the_expiry_leaves_no_cancel_request(
             return await super().post(path, body)
 
     inputs = [write_shard(tmp_path / "p.jsonl", personas(1))]
-    config = JobConfig(
-        inputs=[str(inputs[0])],
-        output=str(tmp_path / "out"),
-        prompt="math",
-        model="m",
-        timeout=0.2,
-        check_endpoint=False,
-        **FAST,
-    )
+    config = job(tmp_path, CANNED, inputs, model="m", timeout=0.2, check_endpoint=False)
     async with Engine(config, transport=Stubborn("late")) as engine:
         stats = await engine.run()
     assert stats.succeeded == 1 and len(tasks) == 1
@@ -569,13 +565,7 @@ async def test_unreachable_endpoint_fails_fast(tmp_path: Path) -> None:
     inputs = [write_shard(tmp_path / "p.jsonl", personas(3))]
     async with MockServer() as server:
         url = server.base_url  # the port is free once the server is gone
-    config = JobConfig(
-        inputs=[str(inputs[0])],
-        output=str(tmp_path / "out"),
-        prompt="math",
-        model="m",
-        base_url=url,
-    )
+    config = job(tmp_path, url, inputs, model="m")
     async with Engine(config) as engine:
         with pytest.raises(ConnectError, match="cannot reach endpoint"):
             await engine.run()
@@ -601,15 +591,15 @@ async def test_bad_api_key_fails_fast(tmp_path: Path) -> None:
 async def test_overrides_and_samples_reach_the_request(tmp_path: Path) -> None:
     recorder = Canned("ok")
     inputs = [write_shard(tmp_path / "p.jsonl", personas(2))]
-    config = JobConfig(
-        inputs=[str(inputs[0])],
-        output=str(tmp_path / "out"),
+    config = job(
+        tmp_path,
+        CANNED,
+        inputs,
         prompt="npc",
         model="m",
         samples=3,
         max_tokens=77,
         extra_body={"top_k": 20, "temperature": 0.1},
-        **FAST,
     )
     async with Engine(config, transport=recorder) as engine:
         stats = await engine.run()
@@ -689,14 +679,7 @@ async def test_every_field_of_a_record_holds_its_own_value(tmp_path: Path) -> No
         "source", "attempts", "latency_s", "created", "usage",
     )  # fmt: skip
     shard = write_shard(tmp_path / "p.jsonl", [{"persona": "A clockmaker", "idx": 7}])
-    config = JobConfig(
-        inputs=[str(shard)],
-        output=str(tmp_path / "out"),
-        prompt="math",
-        model="asked-model",
-        base_url="http://canned.invalid/v1",
-        check_endpoint=False,
-    )
+    config = job(tmp_path, CANNED, [shard], model="asked-model", check_endpoint=False)
     before = time.time()
     async with Engine(config, transport=_FullReply()) as engine:
         await engine.run()
