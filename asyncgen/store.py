@@ -14,9 +14,9 @@ few compressed at once for a large batch) and synced; only then is its ledger li
 and its ids marked done. The ledger is an index of the shards, so it is not synced: what a
 power loss takes from it is rebuilt from the shards. Recovery after a crash: the ledger's torn
 or lost tail is cut; every shard is compared with the end offset the ledger last recorded for
-it; complete frames past that offset (durable, but not, or no longer, in the ledger) are read
-back and added to the ledger; an incomplete frame is cut off. Every
-method blocks: the engine calls them from a thread.
+it; complete frames past that offset (not, or no longer, in the ledger) are synced, read back
+and added to the ledger; an incomplete frame is cut off. Every method blocks: the
+engine calls them from a thread.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class Store:
         self._encoder = msgspec.json.Encoder()
         # Commits and close take turns: a commit's thread cannot be stopped, so one that a
         # cancelled caller left running must end before the next commit or close begins.
-        self._lock = threading.Lock()
+        self._turn = threading.Lock()
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -276,7 +276,7 @@ class Store:
     def commit(self, results: Iterable[Result], bad_lines: Iterable[BadLine] = ()) -> list[str]:
         """Durably append a batch; return its ledger keys (the caller commits them in
         :attr:`ledger`: custom_ids, and :func:`bad_line_key` of bad lines)."""
-        with self._lock:
+        with self._turn:
             if self._ledger_writer is None:
                 raise OutputError(f"the store for {self.root} is closed")
             try:
@@ -343,7 +343,7 @@ class Store:
 
     def close(self) -> None:
         """Close the files (after a commit still running in another thread) and unlock."""
-        with self._lock:
+        with self._turn:
             for writer in self._writers.values():
                 writer.close()
             self._writers.clear()
