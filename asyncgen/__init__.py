@@ -14,10 +14,8 @@ The public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .engine import DEFAULT_BASE_URL, Engine, JobConfig, Statistics
-from .errors import (
+from asyncgen._version import __version__
+from asyncgen.core.errors import (
     AsyncgenError,
     ConfigError,
     ConnectError,
@@ -26,10 +24,11 @@ from .errors import (
     RequestTimeout,
     TransportError,
 )
-from .prompts import Template, available_templates, load_template
-from .records import BadLine, ErrorInfo, Result, Source, Usage, WorkItem
-from .runtime import tune_gc
-from .transport import AiohttpTransport, HttpResponse, Transport
+from asyncgen.core.records import BadLine, ErrorInfo, Result, Source, Usage, WorkItem
+from asyncgen.engine.engine import DEFAULT_BASE_URL, Engine, JobConfig, Statistics
+from asyncgen.engine.runtime import tune_gc
+from asyncgen.engine.transport import AiohttpTransport, HttpResponse, Transport
+from asyncgen.job.prompts import Template, available_templates, load_template
 
 __all__ = [
     "DEFAULT_BASE_URL",

@@ -1,6 +1,6 @@
 """The engine's own floors, without a network: the writer, and resuming a large job.
 
-* ``writer`` — records per second through :meth:`asyncgen.store.Store.commit`: msgspec
+* ``writer`` — records per second through :meth:`asyncgen.storage.store.Store.commit`: msgspec
   encoding, zstd frames (a batch of 512 records or more as one frame per usable core, up to
   four, compressed at once), the data synced (``fdatasync``) and the ledger line, at the
   engine's batch size (1024) and a larger one. Target: ≥ 300 000 records/s. CPU seconds are
@@ -37,8 +37,8 @@ from bench_memory import InstantTransport, make_shard
 
 
 def bench_writer(records: int, batch: int, workdir: Path) -> dict[str, Any]:
-    from asyncgen.records import Result, Source, Usage
-    from asyncgen.store import Store
+    from asyncgen.core.records import Result, Source, Usage
+    from asyncgen.storage.store import Store
 
     out = workdir / f"writer-{os.getpid()}-{batch}"
     shutil.rmtree(out, ignore_errors=True)

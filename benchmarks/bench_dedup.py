@@ -42,7 +42,7 @@ from typing import Any
 import msgspec
 import zstandard
 
-from asyncgen.dedup import Deduplicator, MinHasher, lsh_params, normalise, words
+from asyncgen.personas.dedup import Deduplicator, MinHasher, lsh_params, normalise, words
 
 
 def _list(words: str) -> list[str]:

@@ -44,7 +44,7 @@ def child(kind: str, setting: str, url: str, n: int, concurrency: int, workdir: 
 
     import uvloop
 
-    import asyncgen.cli  # noqa: F401  (imports are start-up, before the clock)
+    import asyncgen.cli.main  # noqa: F401  (imports are start-up, before the clock)
 
     raise_nofile()
     shard = workdir / f"personas-{n}.jsonl.zst"

@@ -42,7 +42,7 @@ class OneTurnTransport(InstantTransport):
     """Answers every request after one turn of the event loop, as a socket read would."""
 
     async def post(self, path: str, body: bytes) -> Any:
-        from asyncgen.transport import HttpResponse
+        from asyncgen.engine.transport import HttpResponse
 
         await asyncio.sleep(0)
         return HttpResponse(200, {}, self._reply)

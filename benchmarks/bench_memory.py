@@ -51,9 +51,9 @@ def make_shard(path: Path, n: int) -> None:
 
 
 def measure_read(shard: Path) -> dict[str, Any]:
-    from asyncgen.items import Expander
-    from asyncgen.prompts import load_template
-    from asyncgen.sources import ShardReader
+    from asyncgen.job.items import Expander
+    from asyncgen.job.prompts import load_template
+    from asyncgen.storage.sources import ShardReader
 
     expander = Expander(load_template("math"), model="m")
     reader = ShardReader(shard)
@@ -76,12 +76,12 @@ class InstantTransport:
     )
 
     async def post(self, path: str, body: bytes) -> Any:
-        from asyncgen.transport import HttpResponse
+        from asyncgen.engine.transport import HttpResponse
 
         return HttpResponse(200, {}, self._reply)
 
     async def get(self, path: str) -> Any:
-        from asyncgen.transport import HttpResponse
+        from asyncgen.engine.transport import HttpResponse
 
         return HttpResponse(200, {}, b"{}")
 

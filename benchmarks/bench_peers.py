@@ -476,7 +476,7 @@ def run_client(args: argparse.Namespace) -> None:
     if kind in SDK_CLIENTS:
         import openai  # noqa: F401
     if kind.startswith("asyncgen"):
-        import asyncgen.cli  # noqa: F401
+        import asyncgen.cli.main  # noqa: F401
     base = kind.removesuffix("-gc")
     if base != kind:
         from asyncgen import tune_gc

@@ -13,8 +13,8 @@ import msgspec
 import pytest
 import zstandard
 
-from asyncgen.mock import MockConfig, MockServer
-from asyncgen.transport import HttpResponse
+from asyncgen.engine.transport import HttpResponse
+from asyncgen.mock.server import MockConfig, MockServer
 
 KINDS = ("results", "failures", "errors")
 

@@ -20,18 +20,18 @@ from typing import Any
 import msgspec
 import pytest
 
-from asyncgen.bench import Bench, BenchConfig, BenchResult, _Workload, arrival_offsets
-from asyncgen.benchstats import (
+from asyncgen.bench.runner import Bench, BenchConfig, BenchResult, _Workload, arrival_offsets
+from asyncgen.bench.stats import (
     RequestRecord,
     distribution,
     format_report,
     percentile,
     summarize,
 )
-from asyncgen.cli import main
-from asyncgen.errors import ConfigError
-from asyncgen.mock import MockConfig, MockServer
-from asyncgen.sse import SSEParser, StreamAssembler
+from asyncgen.cli.main import main
+from asyncgen.core.errors import ConfigError
+from asyncgen.core.sse import SSEParser, StreamAssembler
+from asyncgen.mock.server import MockConfig, MockServer
 
 from .conftest import clean_env, personas, write_shard
 

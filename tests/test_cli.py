@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import asyncgen
-from asyncgen.cli import build_parser, main
-from asyncgen.mock import MockConfig, MockServer
+from asyncgen.cli.main import build_parser, main
+from asyncgen.mock.server import MockConfig, MockServer
 
 from .conftest import assert_exactly_once, clean_env, personas, read_output, write_shard
 

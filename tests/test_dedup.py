@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from datasketch import MinHash, MinHashLSH  # type: ignore[import-untyped]
 
-from asyncgen.dedup import (
+from asyncgen.personas.dedup import (
     Deduplicator,
     MinHasher,
     Verdict,

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from asyncgen import Engine, JobConfig
-from asyncgen.errors import ConfigError, ConnectError
-from asyncgen.mock import MockConfig, MockServer
+from asyncgen.core.errors import ConfigError, ConnectError
+from asyncgen.mock.server import MockConfig, MockServer
 
 from .conftest import assert_exactly_once, personas, write_shard
 

@@ -13,11 +13,11 @@ import msgspec
 import pytest
 
 from asyncgen import Engine, JobConfig
-from asyncgen.errors import ConfigError, ConnectError, InputError, OutputError
-from asyncgen.mock import MockConfig, MockServer
-from asyncgen.records import BadLine, Result
-from asyncgen.sources import Line, ShardReader
-from asyncgen.transport import HttpResponse
+from asyncgen.core.errors import ConfigError, ConnectError, InputError, OutputError
+from asyncgen.core.records import BadLine, Line, Result
+from asyncgen.engine.transport import HttpResponse
+from asyncgen.mock.server import MockConfig, MockServer
+from asyncgen.storage.sources import ShardReader
 
 from .conftest import Canned, assert_exactly_once, personas, read_output, write_shard
 
@@ -722,7 +722,7 @@ async def test_leaving_during_a_slow_commit_waits_for_it_then_resumes_exactly_on
     """A consumer leaves while a commit is being synced: the commit's thread cannot be
     stopped, so the hard stop's own commit and closing the store wait for it instead of
     writing through the same files at once (which corrupted frames, or hit a closed fd)."""
-    from asyncgen import shards
+    from asyncgen.storage import shards
 
     real_sync = shards._datasync
     slow = {"on": True}

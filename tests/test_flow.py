@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from asyncgen.flow import Feedback, FlowControl, Lease, Signal, Wait
-from asyncgen.hints import Budget, RateLimitHints
+from asyncgen.core.flow import Feedback, FlowControl, Lease, Signal, Wait
+from asyncgen.core.hints import Budget, RateLimitHints
 
 OK = Feedback(Signal.OK, prompt_tokens=10, completion_tokens=10)
 
@@ -252,7 +252,7 @@ async def test_gate_serves_leases_first_come_first_served() -> None:
     arrivals queue behind them instead of taking what a release frees first."""
     import asyncio
 
-    from asyncgen.gate import Gate
+    from asyncgen.engine.gate import Gate
 
     gate = Gate(FlowControl(["u"], concurrency=1), concurrency=10)
     first = gate.lease(1, None).__await__()
@@ -285,7 +285,7 @@ async def test_a_newcomer_during_the_hand_over_between_waiters_queues_too() -> N
     but someone is still waiting: a lease asked for in that instant must queue behind."""
     import asyncio
 
-    from asyncgen.gate import Gate
+    from asyncgen.engine.gate import Gate
 
     gate = Gate(FlowControl(["u"], concurrency=1), concurrency=10)
     ok = Feedback(Signal.OK, None)

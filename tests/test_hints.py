@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncgen.hints import Budget, parse_duration, parse_ratelimit
+from asyncgen.core.hints import Budget, parse_duration, parse_ratelimit
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_ratelimit_absent_or_garbage() -> None:
 
 def test_header_names_in_a_plain_dict_are_case_insensitive() -> None:
     """A custom transport may hand over headers as a dict with the server's own spelling."""
-    from asyncgen.hints import parse_retry_after
+    from asyncgen.core.hints import parse_retry_after
 
     headers = {
         "X-RateLimit-Limit-Requests": "600",

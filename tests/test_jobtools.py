@@ -17,15 +17,22 @@ import msgspec
 import pytest
 import zstandard
 
-from asyncgen import Engine, JobConfig, jobdir
-from asyncgen.cli import main
-from asyncgen.jobdir import export, standing_failures, status
-from asyncgen.jobtools import retry_config
-from asyncgen.ledger import Redo
-from asyncgen.mock import MockConfig, MockServer
-from asyncgen.prompts import load_template
+from asyncgen import Engine, JobConfig
+from asyncgen.cli.jobtools import retry_config
+from asyncgen.cli.main import main
+from asyncgen.core.ledger import Redo
+from asyncgen.job.prompts import load_template
+from asyncgen.mock.server import MockConfig, MockServer
+from asyncgen.storage import jobdir
+from asyncgen.storage.jobdir import export, standing_failures, status
 
-from .conftest import assert_exactly_once, assert_logically_once, clean_env, personas, write_shard
+from .conftest import (
+    assert_exactly_once,
+    assert_logically_once,
+    clean_env,
+    personas,
+    write_shard,
+)
 from .test_crash_resume import mock_process, server_requests
 
 FAST = {"backoff_base": 0.01, "backoff_cap": 0.02, "flush_interval": 0.05}
@@ -317,8 +324,8 @@ def test_status_json_and_cost(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_status_throughput_leaves_out_pauses_between_runs(tmp_path: Path) -> None:
     """A retry run a day later must not spread the job's successes over the whole day."""
-    from asyncgen.records import Result, Source
-    from asyncgen.store import Store
+    from asyncgen.core.records import Result, Source
+    from asyncgen.storage.store import Store
 
     def made(i: int, started: float) -> Result:
         return Result(

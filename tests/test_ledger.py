@@ -1,6 +1,6 @@
 import pytest
 
-from asyncgen.ledger import Claim, Ledger, bad_line_key
+from asyncgen.core.ledger import Claim, Ledger, bad_line_key
 
 
 def test_claim_commit_release_cycle() -> None:
@@ -153,7 +153,7 @@ def test_bulk_recover_matches_a_plain_set() -> None:
 def test_pack_ids_round_trips_exactly() -> None:
     import random
 
-    from asyncgen.ledger import pack_ids
+    from asyncgen.core.ledger import pack_ids
 
     rng = random.Random(5)
     ids = [f"s:{n}:math:0" for n in rng.sample(range(1, 5000), 1500)]  # runs with gaps
@@ -180,7 +180,7 @@ def test_pack_ids_round_trips_exactly() -> None:
 def test_pack_ids_of_one_key_with_an_odd_one_out(odd: str) -> None:
     """A batch of one (shard, template, sample) takes a bulk path; one id that int() reads
     but str() never writes must still come back exactly as it was."""
-    from asyncgen.ledger import pack_ids
+    from asyncgen.core.ledger import pack_ids
 
     ids = [f"s:{n}:math:0" for n in range(1, 40)]
     ids.insert(17, odd)
@@ -197,7 +197,7 @@ def test_pack_ids_of_one_key_with_an_odd_one_out(odd: str) -> None:
 def test_id_set_membership_matches_a_plain_set() -> None:
     import random
 
-    from asyncgen.ledger import _IdSet
+    from asyncgen.core.ledger import _IdSet
 
     rng = random.Random(5)
     ids = set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncgen.limits import RateBucket, TokenEstimate
+from asyncgen.core.limits import RateBucket, TokenEstimate
 
 
 def admitted_in(bucket: RateBucket, units: float, seconds: float, step: float = 0.001) -> float:

@@ -19,8 +19,14 @@ import msgspec
 import openai
 import pytest
 
-from asyncgen.mock import MockConfig, MockServer, add_arguments, config_from_args, main_from_args
-from asyncgen.mockbudget import RateBudgets, RunningSlots, format_duration
+from asyncgen.mock.budget import RateBudgets, RunningSlots, format_duration
+from asyncgen.mock.server import (
+    MockConfig,
+    MockServer,
+    add_arguments,
+    config_from_args,
+    main_from_args,
+)
 
 from .conftest import clean_env
 

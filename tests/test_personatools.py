@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import zstandard
 
-from asyncgen.cli import main
-from asyncgen.errors import InputError, OutputError
-from asyncgen.personatools import (
+from asyncgen.cli.main import main
+from asyncgen.core.errors import InputError, OutputError
+from asyncgen.core.records import Line
+from asyncgen.personas.tools import (
     BadLine,
     LinesWriter,
     Persona,
@@ -22,7 +23,6 @@ from asyncgen.personatools import (
     StatsCollector,
     reservoir_sample,
 )
-from asyncgen.sources import Line
 
 BASE = (
     "A retired marine biologist from Maine who volunteers at the aquarium and writes picture "

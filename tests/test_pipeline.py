@@ -17,8 +17,8 @@ import msgspec
 import pytest
 import zstandard
 
-from asyncgen.cli import main
-from asyncgen.pipeline import StageReport, clean_persona, convert
+from asyncgen.cli.main import main
+from asyncgen.personas.pipeline import StageReport, clean_persona, convert
 
 from .conftest import assert_exactly_once, clean_env, read_output, write_shard
 from .test_crash_resume import mock_process, server_requests

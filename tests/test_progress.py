@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from asyncgen.engine import Statistics
-from asyncgen.flow import EndpointStats
-from asyncgen.progress import ProgressReporter, summary
+from asyncgen.cli.progress import ProgressReporter, summary
+from asyncgen.core.flow import EndpointStats
+from asyncgen.engine.engine import Statistics
 
 
 def stats(**kw: Any) -> Statistics:

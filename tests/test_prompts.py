@@ -10,9 +10,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from asyncgen.errors import ConfigError, InputError
-from asyncgen.mockjson import sample_json
-from asyncgen.prompts import Template, available_templates, load_template, parse_template
+from asyncgen.core.errors import ConfigError, InputError
+from asyncgen.job.prompts import Template, available_templates, load_template, parse_template
+from asyncgen.mock.jsonreply import sample_json
 
 REQUIRED = {"math", "reasoning", "instruction", "knowledge", "npc", "tool"}
 PERSONA = "a retired aerospace engineer who restores antique clocks"
@@ -212,9 +212,8 @@ def test_expanded_items_carry_every_field_in_its_place() -> None:
     belongs, for every sample, with the overrides applied and counted."""
     import hashlib
 
-    from asyncgen.items import Expander
-    from asyncgen.records import Source, WorkItem
-    from asyncgen.sources import Line
+    from asyncgen.core.records import Line, Source, WorkItem
+    from asyncgen.job.items import Expander
 
     template = load_template("math")
     expander = Expander(template, model="m", samples=2, overrides={"max_tokens": 77})

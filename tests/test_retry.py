@@ -4,8 +4,8 @@ import random
 import msgspec
 import pytest
 
-from asyncgen.hints import parse_retry_after
-from asyncgen.retry import RetryPolicy, interpret, retryable_status
+from asyncgen.core.hints import parse_retry_after
+from asyncgen.core.retry import RetryPolicy, interpret, retryable_status
 
 OK = msgspec.json.encode(
     {

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from asyncgen.errors import ConfigError, InputError
-from asyncgen.sources import ShardReader, expand_inputs, shard_name
+from asyncgen.core.errors import ConfigError, InputError
+from asyncgen.storage.sources import ShardReader, expand_inputs, shard_name
 
 from .conftest import personas, write_shard
 
@@ -102,7 +102,7 @@ def test_long_lines_span_chunks_and_a_limit_applies(
     lines = ShardReader(path).read_batch(10)
     assert [len(line.raw) for line in lines] == [16, len(long), len(long)]
     assert [line.lineno for line in lines] == [1, 2, 3]
-    monkeypatch.setattr("asyncgen.sources._MAX_LINE", 2 << 20)
+    monkeypatch.setattr("asyncgen.storage.sources._MAX_LINE", 2 << 20)
     reader = ShardReader(path)
     assert [line.lineno for line in reader.read_batch(10)] == [1]
     with pytest.raises(InputError, match="line 2 is longer than 2 MiB"):

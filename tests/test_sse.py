@@ -5,9 +5,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from asyncgen.records import Usage
-from asyncgen.retry import interpret
-from asyncgen.sse import (
+from asyncgen.core.records import Usage
+from asyncgen.core.retry import interpret
+from asyncgen.core.sse import (
     SSEParser,
     StreamAssembler,
     StreamError,

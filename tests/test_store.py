@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from asyncgen import shards
-from asyncgen import store as store_module
-from asyncgen.errors import OutputError
-from asyncgen.ledger import bad_line_key
-from asyncgen.records import BadLine, ErrorInfo, Result, Source
-from asyncgen.shards import FrameWriter, scan_frames
-from asyncgen.store import Store
+from asyncgen.core.errors import OutputError
+from asyncgen.core.ledger import bad_line_key
+from asyncgen.core.records import BadLine, ErrorInfo, Result, Source
+from asyncgen.storage import shards
+from asyncgen.storage import store as store_module
+from asyncgen.storage.shards import FrameWriter, scan_frames
+from asyncgen.storage.store import Store
 
 from .conftest import read_output
 

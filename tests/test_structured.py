@@ -15,10 +15,10 @@ import openai
 import pytest
 
 from asyncgen import Engine, JobConfig
-from asyncgen.errors import ConfigError
-from asyncgen.jobdir import status
-from asyncgen.mock import MockConfig, MockServer, add_arguments, config_from_args
-from asyncgen.prompts import load_template
+from asyncgen.core.errors import ConfigError
+from asyncgen.job.prompts import load_template
+from asyncgen.mock.server import MockConfig, MockServer, add_arguments, config_from_args
+from asyncgen.storage.jobdir import status
 
 from .conftest import (
     Canned,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from asyncgen.errors import ConfigError, ConnectError
-from asyncgen.mock import MockConfig, MockServer
-from asyncgen.transport import AiohttpTransport, redact_url
+from asyncgen.core.errors import ConfigError, ConnectError
+from asyncgen.engine.transport import AiohttpTransport, redact_url
+from asyncgen.mock.server import MockConfig, MockServer
 
 
 async def test_key_in_url_userinfo_never_shows() -> None:

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from asyncgen.errors import ConfigError
-from asyncgen.mockjson import break_json, requested_schema, sample_json
-from asyncgen.prompts import parse_template
-from asyncgen.validate import OutputSpec, parse_output, strip_fences
+from asyncgen.core.errors import ConfigError
+from asyncgen.core.validate import OutputSpec, parse_output, strip_fences
+from asyncgen.job.prompts import parse_template
+from asyncgen.mock.jsonreply import break_json, requested_schema, sample_json
 
 
 def spec(schema: dict[str, Any] | None = None, **table: Any) -> OutputSpec:
@@ -230,7 +230,7 @@ def test_template_errors_name_the_file_and_the_digest_follows_the_spec() -> None
     body = a.render({"persona": "p"})
     assert body["response_format"]["json_schema"]["schema"] == a.output.json_schema
     # Templates built in code get a digest from their parts, the output spec among them.
-    from asyncgen.prompts import Template
+    from asyncgen.job.prompts import Template
 
     plain = Template(name="t", user="{persona}")
     checked = Template(name="t", user="{persona}", output=parse_output({"regex": "x"}))

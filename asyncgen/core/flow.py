@@ -11,7 +11,7 @@ breaker (ejected after consecutive failures, re-admitted by a successful probe).
 a :class:`Wait`: the seconds until a budget or a pause allows one, and whether a release (or
 a re-admitted endpoint) could allow one sooner. :meth:`FlowControl.release` takes the
 :class:`Feedback` of the attempt. No clock and no I/O here: the caller passes ``now``;
-:class:`~asyncgen.gate.Gate` is the async shell.
+:class:`~asyncgen.engine.gate.Gate` is the async shell.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import math
 
 import msgspec
 
-from .hints import RateLimitHints
-from .limits import RateBucket, TokenEstimate
+from asyncgen.core.hints import RateLimitHints
+from asyncgen.core.limits import RateBucket, TokenEstimate
 
 __all__ = ["EndpointStats", "Feedback", "FlowControl", "Lease", "Signal", "Wait"]
 

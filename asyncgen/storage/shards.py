@@ -23,7 +23,7 @@ from typing import IO
 
 import zstandard
 
-from .errors import OutputError
+from asyncgen.core.errors import OutputError
 
 __all__ = [
     "ZSTD_MAGIC",

@@ -13,7 +13,7 @@ import random
 
 import msgspec
 
-from .records import Completion, ErrorInfo
+from asyncgen.core.records import Completion, ErrorInfo
 
 __all__ = ["Outcome", "RetryPolicy", "interpret", "retryable_status"]
 

@@ -1,5 +1,5 @@
 """The ``asyncgen bench`` command line: flags, the run with progress and Ctrl-C, the report
-as a table and as JSON. The benchmark itself is :mod:`asyncgen.bench`."""
+as a table and as JSON. The benchmark itself is :mod:`asyncgen.bench.runner`."""
 
 from __future__ import annotations
 
@@ -18,17 +18,17 @@ from typing import Any
 
 import msgspec
 
-from . import __version__
-from .argtypes import json_object, non_negative_int, positive_float, positive_int, run_async
-from .bench import (
+from asyncgen._version import __version__
+from asyncgen.bench.runner import (
     _DEFAULT_INPUT_LEN,
     Bench,
     BenchConfig,
     BenchResult,
 )
-from .benchstats import SLO_METRICS, format_report
-from .errors import ConfigError
-from .prompts import available_templates
+from asyncgen.bench.stats import SLO_METRICS, format_report
+from asyncgen.cli.args import json_object, non_negative_int, positive_float, positive_int, run_async
+from asyncgen.core.errors import ConfigError
+from asyncgen.job.prompts import available_templates
 
 __all__ = ["add_arguments", "config_from_args", "main_from_args", "result_document", "run_cli"]
 

@@ -12,13 +12,13 @@ import os
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 
-import msgspec
 import zstandard
 
-from .errors import ConfigError, InputError
-from .shards import ZSTD_MAGIC
+from asyncgen.core.errors import ConfigError, InputError
+from asyncgen.core.records import Line
+from asyncgen.storage.shards import ZSTD_MAGIC
 
-__all__ = ["Line", "ShardReader", "bad_utf8", "expand_inputs", "shard_name"]
+__all__ = ["ShardReader", "expand_inputs", "shard_name"]
 
 _CHUNK = 1 << 20
 # Compressed bytes fed to the decoder at a time. Its output is not bounded per call, so the
@@ -26,29 +26,6 @@ _CHUNK = 1 << 20
 _ZSTD_CHUNK = 1 << 14
 _MAX_LINE = 256 << 20
 _SUFFIXES = (".zst", ".zstd", ".jsonl", ".ndjson", ".json")
-
-
-def bad_utf8(raw: bytes, exc: Exception) -> str | None:
-    """For a line that failed to decode as JSON: the reason, if it is invalid UTF-8 (msgspec
-    reports that as a :class:`UnicodeDecodeError` or, in 0.23, as a plain ``DecodeError``);
-    None when the line is text that is not JSON."""
-    if not isinstance(exc, UnicodeDecodeError):
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as bad:
-            exc = bad
-        else:
-            return None
-    return f"not valid UTF-8 at byte {exc.start} ({exc.reason})"
-
-
-class Line(msgspec.Struct, frozen=True, gc=False):
-    """One raw input line (without its newline) and where it came from."""
-
-    path: str
-    shard: str
-    lineno: int
-    raw: bytes
 
 
 def shard_name(path: str | Path) -> str:

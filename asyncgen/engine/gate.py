@@ -1,4 +1,4 @@
-"""The gate, async shell over :class:`~asyncgen.flow.FlowControl`: wait for a lease, give it
+"""The gate, async shell over :class:`~asyncgen.core.flow.FlowControl`: wait for a lease, give it
 back with feedback, and probe ejected endpoints until they answer again.
 
 The engine takes a *slot* before it spawns an item's task (so memory is bounded by the
@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from .flow import EndpointStats, Feedback, FlowControl, Lease
+from asyncgen.core.flow import EndpointStats, Feedback, FlowControl, Lease
 
 __all__ = ["Gate"]
 

@@ -10,11 +10,11 @@ seed, ``usage`` counts whitespace-separated words, and a reply is cut at ``max_t
 vLLM: a role chunk (chat), one chunk per word, a ``finish_reason`` chunk, a usage chunk when
 ``stream_options.include_usage`` is set, then ``data: [DONE]``. A request with a
 ``response_format`` of type ``json_schema`` or ``json_object`` gets JSON that fits it (see
-``asyncgen.mockjson``); ``invalid_json`` makes a share of those replies invalid.
+``asyncgen.mock.jsonreply``); ``invalid_json`` makes a share of those replies invalid.
 
 A generation request goes through, in order:
 
-1. the rate budgets (``rpm_limit``, ``tpm_limit``; see ``asyncgen.mockbudget``): a request
+1. the rate budgets (``rpm_limit``, ``tpm_limit``; see ``asyncgen.mock.budget``): a request
    that does not fit is refused with OpenAI's 429 and ``retry-after-ms``; replies carry
    ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` unless ``ratelimit_headers`` is
    off;
@@ -48,8 +48,8 @@ from typing import Any, NamedTuple
 import msgspec
 from aiohttp import web
 
-from .mockbudget import RateBudgets, RunningSlots
-from .mockjson import break_json, requested_schema, sample_json
+from asyncgen.mock.budget import RateBudgets, RunningSlots
+from asyncgen.mock.jsonreply import break_json, requested_schema, sample_json
 
 __all__ = ["MockConfig", "MockServer", "MockStats", "add_arguments", "main_from_args"]
 

@@ -36,7 +36,7 @@ class _IdSet:
     """A set of custom_ids that costs about one bit per persona item.
 
     Ids of the persona form ``{shard}:{line}:{template}:{sample}`` (canonical decimal line and
-    sample, as :mod:`asyncgen.items` builds them) set one bit in a bitmap per
+    sample, as :mod:`asyncgen.job.items` builds them) set one bit in a bitmap per
     ``(shard, template, sample)``, indexed by line. The mapping is reversible, so any string of
     that form is stored exactly; every other id is kept as a string.
     """

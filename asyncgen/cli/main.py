@@ -22,14 +22,21 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from . import __version__
-from .argtypes import add_inputs, json_object, number, positive_float, positive_int, run_async
-from .engine import Engine, JobConfig, Statistics
-from .errors import AsyncgenError
-from .ledger import Redo
-from .progress import ProgressReporter, summary
-from .prompts import available_templates, load_template
-from .runtime import tune_gc
+from asyncgen._version import __version__
+from asyncgen.cli.args import (
+    add_inputs,
+    json_object,
+    number,
+    positive_float,
+    positive_int,
+    run_async,
+)
+from asyncgen.cli.progress import ProgressReporter, summary
+from asyncgen.core.errors import AsyncgenError
+from asyncgen.core.ledger import Redo
+from asyncgen.engine.engine import Engine, JobConfig, Statistics
+from asyncgen.engine.runtime import tune_gc
+from asyncgen.job.prompts import available_templates, load_template
 
 __all__ = ["main"]
 
@@ -275,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="An OpenAI-compatible server for tests and benchmarks: deterministic "
         "synthetic completions, configurable latency and injected faults.",
     )
-    from . import mock as mock_module
+    from asyncgen.mock import server as mock_module
 
     mock_module.add_arguments(mock)
 
@@ -289,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 finished; 1 no measured request succeeded; 2 usage or "
         "endpoint error; 130 interrupted (the report covers what finished).",
     )
-    from . import benchcli as bench_module
+    from asyncgen.cli import bench as bench_module
 
     bench_module.add_arguments(bench)
 
@@ -302,12 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(dedup).",
     )
     persona_commands = personas.add_subparsers(dest="persona_command", required=True)
-    from . import personatools, pipeline
+    from asyncgen.personas import pipeline
+    from asyncgen.personas import tools as personatools
 
     pipeline.add_commands(persona_commands)
     personatools.add_commands(persona_commands)
 
-    from . import jobtools
+    from asyncgen.cli import jobtools
 
     jobtools.add_commands(sub)
 
@@ -435,16 +443,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name:18} {load_template(name).description}")
             return EXIT_OK
         if args.command == "mock-server":
-            from . import mock as mock_module
+            from asyncgen.mock import server as mock_module
 
             return mock_module.main_from_args(args)
         if args.command == "bench":
-            from . import benchcli as bench_module
+            from asyncgen.cli import bench as bench_module
 
             typed = sys.argv[1:] if argv is None else list(argv)
             return bench_module.main_from_args(args, ["asyncgen", *typed])
         if args.command == "demo":
-            from .demo import run_demo
+            from asyncgen.cli.demo import run_demo
 
             return run_async(run_demo(args.output, personas=args.personas, prompt=args.prompt))
         config = job_config_from_args(args)

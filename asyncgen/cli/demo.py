@@ -9,9 +9,9 @@ from pathlib import Path
 import msgspec
 import zstandard
 
-from .cli import run_job
-from .engine import JobConfig
-from .mock import MockConfig, MockServer
+from asyncgen.cli.main import run_job
+from asyncgen.engine.engine import JobConfig
+from asyncgen.mock.server import MockConfig, MockServer
 
 __all__ = ["make_personas", "run_demo"]
 

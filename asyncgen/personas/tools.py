@@ -3,7 +3,7 @@
 Every command streams its input shards (``.jsonl`` or ``.jsonl.zst``) through
 :class:`PersonaReader`, so memory does not grow with input size: ``sample`` holds its N
 records, ``stats`` a few histograms (and one hash per distinct persona, to count copies),
-``dedup`` what :mod:`asyncgen.dedup` keeps per *kept* persona. Output lines are the input lines
+``dedup`` what :mod:`.dedup` keeps per *kept* persona. Output lines are the input lines
 byte for byte (every field kept), written to a temporary file that is renamed over ``--output``
 only when the command succeeds; a name ending in ``.zst`` is zstd-compressed.
 
@@ -27,10 +27,11 @@ from typing import IO, Any, NamedTuple, TypeVar
 
 import msgspec
 
-from .argtypes import add_inputs, number, positive_int
-from .errors import ConfigError, InputError
-from .shards import LinesWriter
-from .sources import Line, ShardReader, bad_utf8, expand_inputs, shard_name
+from asyncgen.cli.args import add_inputs, number, positive_int
+from asyncgen.core.errors import ConfigError, InputError
+from asyncgen.core.records import Line, bad_utf8
+from asyncgen.storage.shards import LinesWriter
+from asyncgen.storage.sources import ShardReader, expand_inputs, shard_name
 
 __all__ = [
     "BadLine",
@@ -259,7 +260,7 @@ class StatsCollector:
     Misra-Gries counter (exact while the vocabulary stays under ``max_terms``)."""
 
     def __init__(self, *, top: int = 20, max_terms: int = 100_000) -> None:
-        from .dedup import exact_key, normalise
+        from asyncgen.personas.dedup import exact_key, normalise
 
         self._key: Callable[[str], bytes] = lambda text: exact_key(normalise(text))
         self.top = top
@@ -375,7 +376,9 @@ def dedup_files(
     for every other input line (dropped copies and bad lines) to ``report``."""
     started = time.perf_counter()
     report_path = Path(report) if report is not None else default_report_path(output)
-    from .dedup import Deduplicator  # numpy and datasketch load only for the commands using them
+    from asyncgen.personas.dedup import (
+        Deduplicator,  # numpy and datasketch load only for the commands using them
+    )
 
     try:
         dedup = Deduplicator(threshold=threshold, num_perm=num_perm, near=near)

@@ -34,10 +34,10 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from .errors import OutputError
-from .ledger import Ledger, bad_line_key, pack_ids
-from .records import BadLine, Result
-from .shards import ZSTD_MAGIC, FrameWriter, fsync_path, repair_tail, scan_frames
+from asyncgen.core.errors import OutputError
+from asyncgen.core.ledger import Ledger, bad_line_key, pack_ids
+from asyncgen.core.records import BadLine, Result
+from asyncgen.storage.shards import ZSTD_MAGIC, FrameWriter, fsync_path, repair_tail, scan_frames
 
 __all__ = ["KINDS", "Store", "fingerprint", "other_job"]
 
@@ -56,7 +56,7 @@ _replaces_failure = operator.attrgetter("replaces_failure")
 
 class _Entry(msgspec.Struct, array_like=True, omit_defaults=True):
     """One ledger line: ``file`` holds these ids in its bytes before ``end``. Persona ids
-    are mostly packed into ``runs`` (bitmaps; see :func:`asyncgen.ledger.pack_ids`), so a
+    are mostly packed into ``runs`` (bitmaps; see :func:`asyncgen.core.ledger.pack_ids`), so a
     job with a billion results resumes without parsing a billion strings."""
 
     file: str

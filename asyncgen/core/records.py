@@ -15,10 +15,12 @@ __all__ = [
     "BadLine",
     "Completion",
     "ErrorInfo",
+    "Line",
     "Result",
     "Source",
     "Usage",
     "WorkItem",
+    "bad_utf8",
 ]
 
 
@@ -141,3 +143,26 @@ class Completion(msgspec.Struct, gc=False):
     choices: list[_Choice]
     model: str | None = None
     usage: Usage | None = None
+
+
+def bad_utf8(raw: bytes, exc: Exception) -> str | None:
+    """For a line that failed to decode as JSON: the reason, if it is invalid UTF-8 (msgspec
+    reports that as a :class:`UnicodeDecodeError` or, in 0.23, as a plain ``DecodeError``);
+    None when the line is text that is not JSON."""
+    if not isinstance(exc, UnicodeDecodeError):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            exc = bad
+        else:
+            return None
+    return f"not valid UTF-8 at byte {exc.start} ({exc.reason})"
+
+
+class Line(msgspec.Struct, frozen=True, gc=False):
+    """One raw input line (without its newline) and where it came from."""
+
+    path: str
+    shard: str
+    lineno: int
+    raw: bytes

@@ -21,10 +21,10 @@ from typing import Any
 
 import msgspec
 
-from .errors import ConfigError, OutputError
-from .records import ErrorInfo, Result, Usage
-from .shards import LinesWriter, iter_lines
-from .store import SHARD_RE
+from asyncgen.core.errors import ConfigError, OutputError
+from asyncgen.core.records import ErrorInfo, Result, Usage
+from asyncgen.storage.shards import LinesWriter, iter_lines
+from asyncgen.storage.store import SHARD_RE
 
 __all__ = [
     "JobStatus",

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from .engine import Statistics
+from asyncgen.engine.engine import Statistics
 
 __all__ = ["ProgressReporter", "format_duration", "summary"]
 

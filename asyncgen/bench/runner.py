@@ -13,7 +13,7 @@ scheduled the moment a slot frees.
         result = await bench.run()
     print(format_report(result.report))
 
-The statistics are in :mod:`asyncgen.benchstats`; this module builds the workload, keeps the
+The statistics are in :mod:`asyncgen.bench.stats`; this module builds the workload, keeps the
 schedule and times the requests.
 """
 
@@ -28,15 +28,21 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
-from .benchstats import SLO_METRICS, Report, RequestRecord, summarize
-from .errors import AsyncgenError, ConfigError, ConnectError, TransportError
-from .items import Expander
-from .prompts import Template, load_template
-from .records import Completion
-from .retry import interpret
-from .sources import ShardReader, expand_inputs
-from .sse import SSEParser, StreamAssembler, StreamError, StreamIncomplete, StreamServerError
-from .transport import AiohttpTransport, Transport, check_models
+from asyncgen.bench.stats import SLO_METRICS, Report, RequestRecord, summarize
+from asyncgen.core.errors import AsyncgenError, ConfigError, ConnectError, TransportError
+from asyncgen.core.records import Completion
+from asyncgen.core.retry import interpret
+from asyncgen.core.sse import (
+    SSEParser,
+    StreamAssembler,
+    StreamError,
+    StreamIncomplete,
+    StreamServerError,
+)
+from asyncgen.engine.transport import AiohttpTransport, Transport, check_models
+from asyncgen.job.items import Expander
+from asyncgen.job.prompts import Template, load_template
+from asyncgen.storage.sources import ShardReader, expand_inputs
 
 __all__ = [
     "Bench",
@@ -414,7 +420,7 @@ class Bench:
         )
 
     async def check_endpoint(self) -> list[str] | None:
-        """``GET /models`` (see :func:`~asyncgen.transport.check_models`)."""
+        """``GET /models`` (see :func:`~asyncgen.engine.transport.check_models`)."""
         return await check_models(self._transport, self.config.model)
 
     def _spawn(self, tg: asyncio.TaskGroup, coro: Any) -> None:

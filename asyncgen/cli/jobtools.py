@@ -11,17 +11,17 @@ from typing import Any
 
 import msgspec
 
-from . import jobdir
-from .engine import JobConfig
-from .errors import ConfigError, OutputError
-from .ledger import Redo
+from asyncgen.core.errors import ConfigError, OutputError
+from asyncgen.core.ledger import Redo
+from asyncgen.engine.engine import JobConfig
+from asyncgen.storage import jobdir
 
 __all__ = ["add_commands"]
 
 
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Register ``status``, ``export`` and ``retry-failed``."""
-    from .argtypes import positive_float, positive_int
+    from asyncgen.cli.args import positive_float, positive_int
 
     status = sub.add_parser(
         "status",
@@ -174,8 +174,8 @@ def retry_config(root: Path, **overrides: Any) -> JobConfig:
 
 
 def _retry_failed(args: argparse.Namespace) -> int:
-    from .argtypes import run_async
-    from .cli import run_job
+    from asyncgen.cli.args import run_async
+    from asyncgen.cli.main import run_job
 
     root = Path(args.output)
     wanted = set(args.reason or ())

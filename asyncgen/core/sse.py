@@ -23,8 +23,8 @@ import codecs
 
 import msgspec
 
-from .records import Completion, ErrorInfo, Usage, _Choice, _Message
-from .retry import retryable_status
+from asyncgen.core.records import Completion, ErrorInfo, Usage, _Choice, _Message
+from asyncgen.core.retry import retryable_status
 
 __all__ = [
     "SSEParser",

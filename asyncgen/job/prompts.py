@@ -13,7 +13,7 @@ A template file looks like this::
     max_tokens = 1024
 
     [output]                         # optional: what a reply must look like
-    format = "json"                  # sends response_format; see asyncgen.validate
+    format = "json"                  # sends response_format; see asyncgen.core.validate
     schema = { problem = "str", answer = "str" }
 
 Placeholders are ``{identifier}``: ``{persona}`` plus the names listed in ``fields``. Any other
@@ -32,8 +32,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .errors import ConfigError, InputError
-from .validate import OutputSpec, parse_output
+from asyncgen.core.errors import ConfigError, InputError
+from asyncgen.core.validate import OutputSpec, parse_output
 
 __all__ = ["Template", "available_templates", "load_template", "parse_template", "template_dir"]
 
@@ -295,9 +295,9 @@ def parse_template(text: str, *, name: str, path: str | None = None) -> Template
 
 def template_dir() -> Path:
     """Where the shipped templates are: inside the wheel, or ``prompts/`` of a source checkout."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "prompts"
-    return packaged if packaged.is_dir() else here.parent / "prompts"
+    package = Path(__file__).resolve().parent.parent
+    packaged = package / "prompts"
+    return packaged if packaged.is_dir() else package.parent / "prompts"
 
 
 def available_templates() -> list[str]:

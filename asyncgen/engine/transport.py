@@ -1,7 +1,7 @@
 """The network behind one small interface, and its aiohttp implementation.
 
 :class:`Transport` is all the engine needs: POST bytes to a path under the base URL, get the
-status, headers and body back, or a :class:`~asyncgen.errors.TransportError`. Tests and
+status, headers and body back, or a :class:`~asyncgen.core.errors.TransportError`. Tests and
 embedding applications can pass their own.
 """
 
@@ -17,8 +17,14 @@ from typing import Any, NamedTuple, Protocol
 import aiohttp
 import msgspec
 
-from . import __version__
-from .errors import AsyncgenError, ConfigError, ConnectError, RequestTimeout, TransportError
+from asyncgen._version import __version__
+from asyncgen.core.errors import (
+    AsyncgenError,
+    ConfigError,
+    ConnectError,
+    RequestTimeout,
+    TransportError,
+)
 
 __all__ = [
     "AiohttpTransport",

@@ -12,10 +12,9 @@ from typing import Any
 
 import msgspec
 
-from .errors import InputError
-from .prompts import Template
-from .records import Source, WorkItem
-from .sources import Line, bad_utf8
+from asyncgen.core.errors import InputError
+from asyncgen.core.records import Line, Source, WorkItem, bad_utf8
+from asyncgen.job.prompts import Template
 
 __all__ = ["BATCH_URLS", "Expander"]
 
@@ -53,7 +52,7 @@ def _max_output(body: dict[str, Any]) -> int | None:
 
 
 class Expander:
-    """Turns :class:`~asyncgen.sources.Line` objects into :class:`WorkItem` lists."""
+    """Turns :class:`~asyncgen.storage.sources.Line` objects into :class:`WorkItem` lists."""
 
     def __init__(
         self,

@@ -38,13 +38,13 @@ from typing import Any
 import msgspec
 import zstandard
 
-from .engine import JobConfig, job_spec
-from .errors import ConfigError, OutputError
-from .jobdir import read_manifest, shards, standing_failures
-from .records import Source
-from .shards import fsync_path, iter_lines
-from .sources import expand_inputs, shard_name
-from .store import fingerprint, other_job
+from asyncgen.core.errors import ConfigError, OutputError
+from asyncgen.core.records import Source
+from asyncgen.engine.engine import JobConfig, job_spec
+from asyncgen.storage.jobdir import read_manifest, shards, standing_failures
+from asyncgen.storage.shards import fsync_path, iter_lines
+from asyncgen.storage.sources import expand_inputs, shard_name
+from asyncgen.storage.store import fingerprint, other_job
 
 __all__ = ["Persona", "StageReport", "add_commands", "clean_persona", "convert"]
 
@@ -218,8 +218,8 @@ def _run_stage(
     round_: int,
 ) -> StageReport | None:
     """Run or resume one stage; None when it was interrupted."""
-    from .argtypes import run_async
-    from .cli import EXIT_INTERRUPTED, run_job
+    from asyncgen.cli.args import run_async
+    from asyncgen.cli.main import EXIT_INTERRUPTED, run_job
 
     job = Path(config.output)
     if shard.exists():
@@ -260,13 +260,13 @@ def _outcome(r: StageReport) -> str:
 
 
 def _status(reports: list[StageReport]) -> int:
-    from .cli import EXIT_FAILURES, EXIT_OK
+    from asyncgen.cli.main import EXIT_FAILURES, EXIT_OK
 
     return EXIT_FAILURES if any(r.failed or r.bad_lines for r in reports) else EXIT_OK
 
 
 def _from_text(args: argparse.Namespace) -> int:
-    from .cli import EXIT_INTERRUPTED, job_config_from_args
+    from asyncgen.cli.main import EXIT_INTERRUPTED, job_config_from_args
 
     root = Path(args.output)
     config = msgspec.structs.replace(job_config_from_args(args), output=str(root / "job"))
@@ -283,7 +283,7 @@ def _from_text(args: argparse.Namespace) -> int:
 
 
 def _expand(args: argparse.Namespace) -> int:
-    from .cli import EXIT_INTERRUPTED, job_config_from_args
+    from asyncgen.cli.main import EXIT_INTERRUPTED, job_config_from_args
 
     root, rounds = Path(args.output), args.rounds
     names = {f"round-{r}" for r in range(1, rounds)}
@@ -318,7 +318,7 @@ def _expand(args: argparse.Namespace) -> int:
 
 
 def _add_options(p: argparse.ArgumentParser, *, prompt: str) -> None:
-    from .cli import add_request_arguments
+    from asyncgen.cli.main import add_request_arguments
 
     p.add_argument(
         "--output",
@@ -346,7 +346,7 @@ _EPILOG = (
 
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Register this module's ``asyncgen personas`` subcommands."""
-    from .argtypes import add_inputs, positive_int
+    from asyncgen.cli.args import add_inputs, positive_int
 
     p = sub.add_parser(
         "from-text",

@@ -25,27 +25,42 @@ from typing import Any
 
 import msgspec
 
-from . import __version__
-from .errors import (
+from asyncgen._version import __version__
+from asyncgen.core.errors import (
     AsyncgenError,
     ConfigError,
     ConnectError,
     InputError,
     TransportError,
 )
-from .flow import EndpointStats, Feedback, FlowControl, Lease, Signal
-from .gate import Gate
-from .hints import parse_ratelimit, parse_retry_after
-from .items import NOT_SAMPLING, Expander
-from .ledger import Claim, Redo, bad_line_key
-from .prompts import Template, load_template
-from .records import BadLine, Completion, ErrorInfo, Result, Source, Usage, WorkItem
-from .retry import Outcome, RetryPolicy, interpret
-from .sources import Line, ShardReader, expand_inputs
-from .sse import SSEParser, StreamAssembler, StreamError, StreamIncomplete, StreamServerError
-from .store import Store
-from .transport import AiohttpTransport, Transport, check_models, redact_url
-from .validate import Checked
+from asyncgen.core.flow import EndpointStats, Feedback, FlowControl, Lease, Signal
+from asyncgen.core.hints import parse_ratelimit, parse_retry_after
+from asyncgen.core.ledger import Claim, Redo, bad_line_key
+from asyncgen.core.records import (
+    BadLine,
+    Completion,
+    ErrorInfo,
+    Line,
+    Result,
+    Source,
+    Usage,
+    WorkItem,
+)
+from asyncgen.core.retry import Outcome, RetryPolicy, interpret
+from asyncgen.core.sse import (
+    SSEParser,
+    StreamAssembler,
+    StreamError,
+    StreamIncomplete,
+    StreamServerError,
+)
+from asyncgen.core.validate import Checked
+from asyncgen.engine.gate import Gate
+from asyncgen.engine.transport import AiohttpTransport, Transport, check_models, redact_url
+from asyncgen.job.items import NOT_SAMPLING, Expander
+from asyncgen.job.prompts import Template, load_template
+from asyncgen.storage.sources import ShardReader, expand_inputs
+from asyncgen.storage.store import Store
 
 __all__ = ["DEFAULT_BASE_URL", "Engine", "JobConfig", "Statistics"]
 
