@@ -32,3 +32,16 @@ def test_mypy_strict_is_clean() -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_layer_contracts_hold() -> None:
+    """The import-linter contracts in pyproject.toml: layers point down, nothing imports the
+    CLI, the mock imports only the core, the core imports no event loop or network."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "lint-imports")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

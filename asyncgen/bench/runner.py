@@ -41,7 +41,7 @@ from asyncgen.core.sse import (
 )
 from asyncgen.engine.transport import AiohttpTransport, Transport, check_models
 from asyncgen.job.items import Expander
-from asyncgen.job.prompts import Template, load_template
+from asyncgen.job.prompts import RESERVED_BODY, Template, load_template
 from asyncgen.storage.sources import ShardReader, expand_inputs
 
 __all__ = [
@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 _PATHS = {"chat": "/chat/completions", "completions": "/completions"}
-_RESERVED_BODY = frozenset({"model", "messages", "prompt", "stream", "n"})
 _POOL = 10_000
 """Distinct prompts rendered from input files; more requests cycle through them."""
 _MAX_REQUESTS = 10_000_000
@@ -141,7 +140,7 @@ class BenchConfig(msgspec.Struct, kw_only=True, frozen=True):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        reserved = sorted(_RESERVED_BODY & self.extra_body.keys())
+        reserved = sorted(RESERVED_BODY & self.extra_body.keys())
         if reserved:
             raise ConfigError(
                 f"--extra-body may not set {', '.join(reserved)} (use --model, --no-stream)"

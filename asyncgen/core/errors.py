@@ -22,6 +22,7 @@ __all__ = [
     "OutputError",
     "RequestTimeout",
     "TransportError",
+    "job_error",
 ]
 
 
@@ -65,3 +66,27 @@ class ConnectError(TransportError):
 
 class RequestTimeout(TransportError):
     """No complete response arrived within the timeout."""
+
+
+def job_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one error a task group's failure stands for, or None when it stands for several.
+
+    Task groups wrap what stopped a job; callers want the error itself. Several tasks often
+    hit the same job-level error at once (a refused key for every sender): when every
+    ``Exception`` in the group (nested groups flattened; cancellations are not errors) is an
+    :class:`AsyncgenError`, or there is just one, the first is the answer. Anything else
+    keeps the whole group, so that no bug is hidden behind another error."""
+    leaves = _leaves(group)
+    if len(leaves) == 1 or (leaves and all(isinstance(e, AsyncgenError) for e in leaves)):
+        return leaves[0]
+    return None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves.extend(_leaves(exc))
+        elif isinstance(exc, Exception):  # not a cancellation (nor an interrupt)
+            leaves.append(exc)
+    return leaves

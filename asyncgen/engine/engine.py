@@ -58,7 +58,7 @@ from asyncgen.core.validate import Checked
 from asyncgen.engine.gate import Gate
 from asyncgen.engine.transport import AiohttpTransport, Transport, check_models, redact_url
 from asyncgen.job.items import NOT_SAMPLING, Expander
-from asyncgen.job.prompts import Template, load_template
+from asyncgen.job.prompts import RESERVED_BODY, Template, load_template
 from asyncgen.storage.sources import ShardReader, expand_inputs
 from asyncgen.storage.store import Store
 
@@ -127,9 +127,6 @@ def _signal(status: int) -> Signal:
     if status >= 500 or status in (200, 409):
         return Signal.ERROR  # a 200 here is a broken reply
     return Signal.REJECTED
-
-
-_RESERVED_BODY = frozenset({"model", "messages", "prompt", "stream", "n"})
 
 
 class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -208,7 +205,7 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
                 raise ConfigError(message)
         if self.prompt is not None and self.model is None:
             raise ConfigError("a --model is required with --prompt")
-        reserved = sorted(_RESERVED_BODY & self.extra_body.keys())
+        reserved = sorted(RESERVED_BODY & self.extra_body.keys())
         if reserved:
             raise ConfigError(
                 f"extra body may not set {', '.join(reserved)}: the template and --model "

@@ -35,13 +35,22 @@ from typing import Any
 from asyncgen.core.errors import ConfigError, InputError
 from asyncgen.core.validate import OutputSpec, parse_output
 
-__all__ = ["Template", "available_templates", "load_template", "parse_template", "template_dir"]
+__all__ = [
+    "RESERVED_BODY",
+    "Template",
+    "available_templates",
+    "load_template",
+    "parse_template",
+    "template_dir",
+]
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ENDPOINTS = {"chat": "/chat/completions", "completions": "/completions"}
 _KEYS = {"description", "endpoint", "fields", "system", "user", "sampling", "output"}
-# Set by the engine (model), by the template itself (messages, prompt), or unsupported (stream).
-_RESERVED_SAMPLING = {"model", "messages", "prompt", "stream", "n"}
+RESERVED_BODY = frozenset({"model", "messages", "prompt", "stream", "n"})
+"""Request fields that neither a template's ``[sampling]`` nor ``extra_body`` may set: the
+model is the job's, the prompt the template's, ``stream`` the job's ``--stream``, and ``n``
+would ask for choices of which one is kept per request."""
 
 
 def _placeholders(text: str) -> set[str]:
@@ -163,7 +172,7 @@ class Template:
         if "persona" not in _placeholders(user) | _placeholders(system or "") and not fields:
             raise ConfigError(f"{where}: the template uses no placeholder; add {{persona}}")
         sampling = dict(sampling or {})
-        reserved = sorted(_RESERVED_SAMPLING & sampling.keys())
+        reserved = sorted(RESERVED_BODY & sampling.keys())
         if reserved:
             raise ConfigError(f"{where}: [sampling] may not set {', '.join(reserved)}")
         response_format = output.response_format(name) if output is not None else None

@@ -1,0 +1,35 @@
+"""The one way the CLI talks to a person: messages on stderr, reports on stdout.
+
+Every message is one line prefixed with the command (``asyncgen: ...``,
+``asyncgen bench: error: ...``). A closed or broken stderr never changes a command's outcome,
+and a reader that stops early (``asyncgen prompts | head``) ends the command quietly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+__all__ = ["error", "out", "say", "warn"]
+
+
+def say(message: str, *, command: str = "asyncgen") -> None:
+    """``command: message`` on stderr."""
+    with contextlib.suppress(OSError):  # a closed stderr does not change the outcome
+        print(f"{command}: {message}", file=sys.stderr, flush=True)
+
+
+def warn(message: str, *, command: str = "asyncgen") -> None:
+    """``command: warning: message`` on stderr."""
+    say(f"warning: {message}", command=command)
+
+
+def error(message: str, *, command: str = "asyncgen") -> None:
+    """``command: error: message`` on stderr."""
+    say(f"error: {message}", command=command)
+
+
+def out(text: str) -> None:
+    """A line of a command's output proper, on stdout. A reader that goes away (a closed
+    pipe) raises ``BrokenPipeError``, which :func:`asyncgen.cli.main.main` ends quietly."""
+    print(text, flush=True)
