@@ -27,10 +27,26 @@ def test_rpm_is_paced_not_burst() -> None:
 
 
 def test_no_burst_at_a_minute_boundary() -> None:
-    bucket = RateBucket(600, now=0.0)
-    admitted_in(bucket, 1, 60.0)
-    # right after "the minute" there is no fresh minute's worth of budget
-    assert bucket.delay(1, 60.0) > 0 or bucket.level(60.0) < bucket.capacity
+    """Asked as often as possible for two minutes, a 600/min bucket admits 10 a second
+    (plus its half-second of burst once), in every second alike: a fixed window would admit
+    a minute's worth at 0 s and again at 60 s."""
+    bucket = RateBucket(600, now=0.0)  # 10/s, capacity 5
+    admitted: list[float] = []
+    now = 0.0
+    while now < 120.0:
+        if bucket.delay(1, now) == 0:
+            bucket.charge(1, now)
+            admitted.append(now)
+        else:
+            now += 0.001
+    assert 1_200 <= len(admitted) <= 1_200 + bucket.capacity + 1
+    for start in (0.0, 30.0, 59.5, 59.9, 60.0, 119.0):
+        window = [t for t in admitted if start <= t < start + 1.0]
+        assert len(window) <= 10 + bucket.capacity + 1, (start, len(window))
+    # after the start, every second has its 10, none more
+    for second in range(1, 120):
+        in_second = sum(1 for t in admitted if second <= t < second + 1)
+        assert 9 <= in_second <= 11, (second, in_second)
 
 
 def test_a_charge_larger_than_the_bucket_is_paid_in_full() -> None:
