@@ -12,7 +12,7 @@ from asyncgen.core.sse.errors import StreamError, StreamIncomplete, StreamServer
 __all__ = ["StreamAssembler"]
 
 
-# gc=False: these views live for one chunk and cannot form cycles, and untracked structs
+# Views that decode only what the Completion keeps. gc=False: they live for one chunk and cannot form cycles, and untracked structs
 # decode faster.
 
 
