@@ -12,8 +12,8 @@ from asyncgen.core.sse.errors import StreamError, StreamIncomplete, StreamServer
 __all__ = ["StreamAssembler"]
 
 
-# Views that decode only what the Completion keeps. gc=False: they live for one chunk and cannot form cycles, and untracked structs
-# decode faster.
+# Views that decode only what the Completion keeps. gc=False: they live for one chunk and
+# cannot form cycles, and untracked structs decode faster.
 
 
 class _FunctionDelta(msgspec.Struct, gc=False):
