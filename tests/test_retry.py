@@ -5,7 +5,7 @@ import msgspec
 import pytest
 
 from asyncgen.core.hints import parse_retry_after
-from asyncgen.core.retry import RetryPolicy, interpret, retryable_status
+from asyncgen.core.retry import RetryPolicy, Stop, interpret, retryable_status
 
 OK = msgspec.json.encode(
     {
@@ -135,3 +135,60 @@ def test_real_server_reply_shapes_are_accepted() -> None:
     reasoning = interpret(200, msgspec.json.encode(vllm_reasoning)).completion
     assert reasoning is not None and reasoning.choices[0].message is not None
     assert reasoning.choices[0].message.reasoning_content == "think"
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        # OpenAI: billing or spend limit, with the 429 status that otherwise means "later"
+        (
+            429,
+            b'{"error": {"message": "You exceeded your current quota, please check your plan '
+            b'and billing details.", "type": "insufficient_quota", "param": null, '
+            b'"code": "insufficient_quota"}}',
+        ),
+        # a gateway that rewrote the code but kept the type
+        (429, b'{"error": {"message": "quota", "type": "insufficient_quota", "code": "429"}}'),
+        # one that kept the code and dropped the type, under another status
+        (403, b'{"error": {"message": "no credits left", "code": "insufficient_quota"}}'),
+    ],
+)
+def test_a_used_up_quota_stops_the_job_and_is_not_retried(status: int, body: bytes) -> None:
+    outcome = interpret(status, body)
+    assert outcome.stop is Stop.QUOTA
+    assert not outcome.retryable
+    assert outcome.error is not None and outcome.error.code == "insufficient_quota"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "stop"),
+    [
+        (401, b'{"error": {"message": "Incorrect API key", "code": "invalid_api_key"}}', Stop.KEY),
+        (403, b'{"error": {"message": "forbidden"}}', Stop.KEY),
+        (
+            404,
+            b'{"error": {"message": "The model `gpt-9` does not exist or you do not have access '
+            b'to it.", "type": "invalid_request_error", "code": "model_not_found"}}',
+            Stop.MODEL,
+        ),
+        # vLLM's flat shape
+        (
+            404,
+            b'{"object": "error", "message": "The model `x` does not exist.", "code": 404}',
+            Stop.MODEL,
+        ),
+        # LiteLLM's proxy: a 400 for a model it does not serve
+        (
+            400,
+            b'{"error": {"message": "{\'error\': \'/chat/completions: Invalid model name passed '
+            b"in model=gpt-9. Call `/v1/models` to view available models for your key.'}\", "
+            b'"type": "None", "param": "None", "code": "400"}}',
+            Stop.MODEL,
+        ),
+        (400, b'{"error": {"message": "max_tokens is too large", "code": null}}', None),
+        (429, b'{"error": {"message": "Rate limit reached for requests"}}', None),
+        (500, b"Internal Server Error", None),
+    ],
+)
+def test_answers_every_request_would_get(status: int, body: bytes, stop: Stop | None) -> None:
+    assert interpret(status, body).stop is stop

@@ -1,7 +1,12 @@
 """Failure classification and backoff, sans-IO: decisions only, no sleeping, no clock.
 
 What is retried: connection errors, timeouts, HTTP 408/409/429/5xx, and 200 responses whose
-body is empty, truncated or not a completion. Every other 4xx is permanent. Delays are
+body is empty, truncated or not a completion. Every other 4xx is permanent. Some answers are
+the same for every request of a job, whatever the status says: a used-up quota or billing
+limit (``insufficient_quota`` as the error's ``type`` or ``code``: OpenAI sends it with a 429,
+which is otherwise retried), a refused key (401, 403), an unknown model (404, or a 400 whose
+message says the model does not exist, as LiteLLM's proxy answers); :attr:`Outcome.stop`
+names them so the job can stop instead of failing or retrying every item. Delays are
 exponential with full jitter and a cap; a server hint (``retry-after-ms``, ``retry-after`` in
 seconds or as an HTTP date) replaces the computed delay. Bounded by attempts and by a total
 per-item deadline.
@@ -9,13 +14,15 @@ per-item deadline.
 
 from __future__ import annotations
 
+import enum
 import random
+import re
 
 import msgspec
 
 from asyncgen.core.records import Completion, ErrorInfo
 
-__all__ = ["Outcome", "RetryPolicy", "interpret", "retryable_status"]
+__all__ = ["Outcome", "RetryPolicy", "Stop", "interpret", "retryable_status"]
 
 _completion_decoder = msgspec.json.Decoder(Completion)
 
@@ -29,6 +36,7 @@ class _ErrorBody(msgspec.Struct):
 class _ErrorEnvelope(msgspec.Struct):
     error: _ErrorBody | str | None = None
     message: str | None = None  # vLLM's older flat error shape
+    type: str | None = None
 
 
 _error_decoder = msgspec.json.Decoder(_ErrorEnvelope)
@@ -38,12 +46,31 @@ def retryable_status(status: int) -> bool:
     return status in (408, 409, 429) or status >= 500
 
 
+class Stop(enum.Enum):
+    """Why every request of the job would get the same answer."""
+
+    QUOTA = "quota"  # credits or the spend limit used up: retrying cannot help
+    KEY = "key"  # the API key is refused
+    MODEL = "model"  # the model (or the URL) does not exist there
+
+
 class Outcome(msgspec.Struct, frozen=True, gc=False):
-    """What one attempt produced: a completion, or an error and whether to try again."""
+    """What one attempt produced: a completion, or an error and whether to try again;
+    ``stop`` when the answer says the job itself cannot go on."""
 
     completion: Completion | None
     error: ErrorInfo | None
     retryable: bool
+    stop: Stop | None = None
+
+
+_QUOTA = "insufficient_quota"
+# "The model `x` does not exist", "model 'x' not found", "Invalid model name passed in
+# model=x" (LiteLLM), "model_not_found", "Unknown model".
+_NO_MODEL = re.compile(
+    r"(?i)\bmodel\b.{0,200}?\b(does not exist|doesn't exist|not found|is not available)"
+    r"|invalid model name|model_not_found|unknown model"
+)
 
 
 def interpret(status: int, body: bytes) -> Outcome:
@@ -59,12 +86,28 @@ def interpret(status: int, body: bytes) -> Outcome:
         if not completion.choices:
             return Outcome(None, ErrorInfo("malformed_response", "200 with no choices", 200), True)
         return Outcome(completion, None, False)
-    return Outcome(None, _error_info(status, body), retryable_status(status))
+    error = _error_info(status, body)
+    stop = _stop(status, error)
+    retryable = retryable_status(status) and stop is not Stop.QUOTA
+    return Outcome(None, error, retryable, stop)
+
+
+def _stop(status: int, error: ErrorInfo) -> Stop | None:
+    if error.code == _QUOTA:
+        return Stop.QUOTA
+    if status in (401, 403):
+        return Stop.KEY
+    if status == 404 or (status == 400 and _NO_MODEL.search(f"{error.code} {error.message}")):
+        return Stop.MODEL
+    return None
 
 
 def _error_info(status: int, body: bytes) -> ErrorInfo:
+    """The error a response body describes (a used-up quota as code ``insufficient_quota``,
+    whichever of ``type`` and ``code`` says so)."""
     message = ""
     code: str | None = None
+    kind: str | None = None
     try:
         envelope = _error_decoder.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError):
@@ -72,12 +115,16 @@ def _error_info(status: int, body: bytes) -> ErrorInfo:
     else:
         if isinstance(envelope.error, _ErrorBody):
             message = envelope.error.message or ""
+            kind = envelope.error.type
             if envelope.error.code is not None:
                 code = str(envelope.error.code)
         elif isinstance(envelope.error, str):
             message = envelope.error
         message = message or envelope.message or ""
-    if not code or code.isdigit():
+        kind = kind or envelope.type
+    if _QUOTA in (code, kind):
+        code = _QUOTA  # a gateway may rewrite the code ("429") but keep the type, or not
+    elif not code or code.isdigit():
         code = f"http_{status}"
     return ErrorInfo(code, message or f"HTTP {status}", status)
 
