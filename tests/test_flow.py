@@ -131,24 +131,26 @@ def test_ejected_after_consecutive_errors_only() -> None:
 def test_which_failures_count_against_the_item() -> None:
     flow = FlowControl(["a"], concurrency=16)
     dropped = Feedback(Signal.DROPPED)
-    assert not flow.release(lease(flow), Feedback(Signal.ERROR), 0.0), "a 500 counts"
+    assert not flow.release(lease(flow), Feedback(Signal.ERROR), 0.0).excused, "a 500 counts"
     flow.release(lease(flow), OK, 0.0)
     # One dropped connection among successes: maybe this request's fault, it counts.
-    assert not flow.release(lease(flow), dropped, 0.0)
+    assert not flow.release(lease(flow), dropped, 0.0).excused
     flow.release(lease(flow), OK, 0.0)
-    assert not flow.release(lease(flow), dropped, 0.0)
+    assert not flow.release(lease(flow), dropped, 0.0).excused
     flow.release(lease(flow), OK, 0.0)
     # A server going away drops everything in flight: from the second on, the endpoint's fault.
     storm = [lease(flow) for _ in range(8)]
-    assert [flow.release(x, dropped, 0.0) for x in storm] == [False] + [True] * 7
+    assert [flow.release(x, dropped, 0.0).excused for x in storm] == [False] + [True] * 7
     assert not flow.any_up
     # Rate limits and unreachable endpoints never count.
     flow.probe_result(0, True, 1.0)
-    assert flow.release(lease(flow, 1.0), Feedback(Signal.THROTTLED, retry_after=0.1), 1.0)
-    assert flow.release(lease(flow, 2.0), Feedback(Signal.UNREACHABLE), 2.0)
+    assert flow.release(lease(flow, 1.0), Feedback(Signal.THROTTLED, retry_after=0.1), 1.0).excused
+    assert flow.release(lease(flow, 2.0), Feedback(Signal.UNREACHABLE), 2.0).excused
     assert not flow.any_up
     other = FlowControl(["b"], concurrency=4)
-    assert not other.release(lease(other), Feedback(Signal.TIMEOUT), 0.0), "a timeout counts"
+    assert not other.release(lease(other), Feedback(Signal.TIMEOUT), 0.0).excused, (
+        "a timeout counts"
+    )
 
 
 def test_rejected_requests_do_not_hurt_the_endpoint() -> None:
@@ -313,3 +315,130 @@ async def test_a_newcomer_during_the_hand_over_between_waiters_queues_too() -> N
     await a
     gate.release(await nxt, ok)
     assert jumped == [False]
+
+
+def _warm(flow: FlowControl, n: int = 200, now: float = 0.0) -> float:
+    """``n`` successes of 0.1 s each, one at a time; the time after them."""
+    for _ in range(n):
+        x = lease(flow, now)
+        now += 0.1
+        flow.release(x, OK, now)
+    return now
+
+
+@pytest.mark.parametrize("signal", [Signal.THROTTLED, Signal.OVERLOADED])
+def test_a_refusal_among_successes_is_the_items_alone(signal: Signal) -> None:
+    """A gateway refusing a request at random: that item waits the server's Retry-After
+    on its own; the endpoint neither pauses nor shrinks its window."""
+    flow = FlowControl(["a"], concurrency=64)
+    now = _warm(flow)
+    window = flow.endpoint_stats(now)[0].window
+    released = flow.release(lease(flow, now), Feedback(signal, retry_after=1.0), now)
+    assert released.excused and released.wait == 1.0
+    bare = flow.release(lease(flow, now), Feedback(signal), now)
+    assert bare.excused is (signal is Signal.THROTTLED), "a 503 without retry-after counts"
+    stats = flow.endpoint_stats(now)[0]
+    assert stats.paused_for == 0 and stats.window == window
+    assert isinstance(flow.try_acquire(now, 10, 32), Lease)
+
+
+def test_random_refusals_of_thirty_percent_never_pause_the_endpoint() -> None:
+    import random
+
+    rng = random.Random(5)
+    flow = FlowControl(["a"], concurrency=200)
+    now = 0.0
+    paused = 0
+    for _ in range(20_000):
+        x = lease(flow, now)
+        now += 0.001
+        refused = rng.random() < 0.3
+        feedback = Feedback(Signal.THROTTLED, retry_after=1.0) if refused else OK
+        released = flow.release(x, feedback, now)
+        assert released.excused == refused
+        if refused and released.wait is None:
+            paused += 1
+    stats = flow.endpoint_stats(now)[0]
+    assert paused == 0 and stats.paused_for == 0 and stats.window == 200
+    assert 0.2 < stats.refused_share < 0.4
+
+
+def test_mostly_refused_means_the_budget_is_spent() -> None:
+    flow = FlowControl(["a"], concurrency=64)
+    now = _warm(flow, 100)
+    leases = [lease(flow, now) for _ in range(64)]
+    outcomes = [flow.release(x, Feedback(Signal.THROTTLED, retry_after=2.0), now) for x in leases]
+    # The first refusals look sporadic; once most recent replies are refusals, the endpoint
+    # pauses for the Retry-After and the window shrinks (no budget is known to pace it).
+    assert outcomes[0].wait == 2.0 and outcomes[-1].wait is None
+    assert sum(o.wait is not None for o in outcomes) < 64
+    stats = flow.endpoint_stats(now)[0]
+    assert stats.paused_for == pytest.approx(2.0) and stats.window < 64
+    assert isinstance(flow.try_acquire(now, 10, 32), Wait)
+
+
+def test_a_successful_probe_does_not_cut_a_retry_after_short() -> None:
+    flow = FlowControl(["a"], concurrency=8)
+    flow.release(lease(flow), Feedback(Signal.THROTTLED, retry_after=5.0), 0.0)
+    for _ in range(5):  # then 500s eject it
+        x = flow.try_acquire(0.0, 10, 32)
+        if isinstance(x, Lease):
+            flow.release(x, Feedback(Signal.ERROR), 0.0)
+    flow.mark_down(0, 0.0)
+    flow.probe_result(0, True, 0.5)
+    assert flow.any_up
+    wait = flow.try_acquire(0.5, 10, 32)
+    assert isinstance(wait, Wait) and wait.seconds == pytest.approx(4.5)
+    assert isinstance(flow.try_acquire(5.0, 10, 32), Lease)
+
+
+def _replies(flow: FlowControl, seconds: float, n: int, now: float) -> float:
+    """``n`` replies of ``seconds`` each, a full window at a time."""
+    done = 0
+    while done < n:
+        batch = [lease(flow, now) for _ in range(flow.endpoint_stats(now)[0].window)]
+        now += seconds
+        for x in batch:
+            flow.release(x, Feedback(Signal.OK, prompt_tokens=10, completion_tokens=1), now)
+        done += len(batch)
+    return now
+
+
+def test_a_server_that_queues_gets_a_smaller_window() -> None:
+    """vLLM past its capacity refuses nothing: replies slow down. Three times the unloaded
+    latency shrinks the window; back near it, the window grows again."""
+    flow = FlowControl(["a"], concurrency=512)
+    now = _replies(flow, 0.5, 2_000, 0.0)
+    assert flow.endpoint_stats(now)[0].window == 512
+    now = _replies(flow, 1.5, 2_000, now)
+    shrunk = flow.endpoint_stats(now)[0].window
+    assert shrunk < 200
+    now = _replies(flow, 0.6, 3_000, now)
+    assert flow.endpoint_stats(now)[0].window > shrunk
+
+
+def test_a_little_slower_neither_shrinks_nor_is_noise_mistaken_for_a_queue() -> None:
+    flow = FlowControl(["a"], concurrency=64)
+    now = _replies(flow, 0.5, 500, 0.0)
+    now = _replies(flow, 0.7, 500, now)  # 1.4 times: no shrinking
+    assert flow.endpoint_stats(now)[0].window == 64
+    fast = FlowControl(["b"], concurrency=64)
+    now = _replies(fast, 0.001, 500, 0.0)
+    now = _replies(fast, 0.02, 500, now)  # 20 times, but 19 ms: a client's loop, not a queue
+    assert fast.endpoint_stats(now)[0].window == 64
+
+
+def test_tokens_are_charged_up_front_once_a_429_says_they_ran_out() -> None:
+    flow = FlowControl(["a"], concurrency=64, tpm=60_000)  # 1 000 tokens/s, bucket 500
+    x = lease(flow, prompt=100)
+    assert x.tokens == 132  # the expected output: min(256, 32)
+    flow.release(x, Feedback(Signal.THROTTLED, retry_after=0.1, tokens_ran_out=True), 0.0)
+    assert flow.estimate.upfront
+    y = flow.try_acquire(10.0, 100, 1_000)
+    assert isinstance(y, Lease) and y.tokens == 100 + 1_000  # max_tokens in full
+    # The reply's usage refunds what it did not use: 150 tokens stay charged, not 1 100.
+    flow.release(y, Feedback(Signal.OK, prompt_tokens=100, completion_tokens=50), 10.0)
+    wait = flow.try_acquire(10.0, 100, 1_000)
+    assert isinstance(wait, Wait) and wait.seconds == pytest.approx(0.15, abs=0.01)
+    known = FlowControl(["b"], concurrency=8, tpm=60_000, upfront=True)
+    assert lease(known, prompt=10).tokens == 10 + 32

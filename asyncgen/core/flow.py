@@ -1,11 +1,25 @@
 """Flow control, sans-IO: which endpoint gets the next request, and when.
 
 :class:`FlowControl` holds the job's own RPM/TPM budgets and, per endpoint, what that endpoint
-has told us: budgets announced in ``x-ratelimit-*`` headers, pauses asked for by 429/503 and
-``retry-after``, a concurrency window that adapts (additive increase per success, slow start
-back to the last good window after a re-admission; multiplicative decrease on 503s, timeouts
-and, when no budget paces the endpoint, 429s, at most once per round trip), and a circuit
-breaker (ejected after consecutive failures, re-admitted by a successful probe).
+has told us: budgets announced in ``x-ratelimit-*`` headers, refusals (429, 503), a
+concurrency window that adapts, and a circuit breaker (ejected after consecutive failures,
+re-admitted by a successful probe).
+
+Refusals are told apart by the evidence there is (:class:`Refusals`). When most recent
+replies of an endpoint were refusals, its budget is spent or it is overloaded: the endpoint
+pauses for the server's ``retry-after`` (or a backoff), and its window shrinks (a 429 only
+when no budget paces the endpoint). A refusal among mostly successes is this request's: the
+endpoint goes on, and :meth:`FlowControl.release` tells the caller to let that one item wait
+the ``retry-after`` on its own (a gateway that refuses a share of requests at random would
+otherwise pause every sender and halve the window on each refusal). A server's
+``retry-after`` is never shortened, by a probe or anything else.
+
+The window grows by about one per window of successes (slow start back to the last good
+window after a re-admission) and halves, at most once per round trip, on timeouts and on a
+high refused share. It also follows latency (:class:`Latency`, in the spirit of the gradient
+limiters): a server that queues instead of refusing (vLLM past its batch capacity) shows it
+by replies slowing well beyond their unloaded pace; the window then stops growing and, when
+they take more than twice as long, shrinks in proportion.
 
 :meth:`FlowControl.try_acquire` answers with a :class:`Lease` (send now, to this endpoint) or
 a :class:`Wait`: the seconds until a budget or a pause allows one, and whether a release (or
@@ -16,71 +30,33 @@ a re-admitted endpoint) could allow one sooner. :meth:`FlowControl.release` take
 
 from __future__ import annotations
 
-import enum
 import math
 
-import msgspec
-
+from asyncgen.core.evidence import Latency, Refusals
 from asyncgen.core.hints import RateLimitHints
+from asyncgen.core.leases import (
+    EXCUSED,
+    NOT_EXCUSED,
+    EndpointStats,
+    Feedback,
+    Lease,
+    Released,
+    Signal,
+    Wait,
+)
 from asyncgen.core.limits import RateBucket, TokenEstimate
 
-__all__ = ["EndpointStats", "Feedback", "FlowControl", "Lease", "Signal", "Wait"]
-
-
-class Signal(enum.Enum):
-    """What an attempt says about the endpoint that served it."""
-
-    OK = "ok"
-    THROTTLED = "throttled"  # 429: over the budget
-    OVERLOADED = "overloaded"  # 503: busy, come back later
-    TIMEOUT = "timeout"
-    UNREACHABLE = "unreachable"  # no connection: the request never reached the server
-    DROPPED = "dropped"  # the connection was lost before a complete reply
-    ERROR = "error"  # 5xx or a broken reply
-    REJECTED = "rejected"  # a 4xx about the request itself: the endpoint is fine
-    CANCELLED = "cancelled"  # the lease was not used, or the attempt was abandoned
-
-
-class Feedback(msgspec.Struct, frozen=True, gc=False):
-    signal: Signal
-    hints: RateLimitHints | None = None
-    retry_after: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
-class Wait(msgspec.Struct, frozen=True, gc=False):
-    """No lease now: ask again after ``seconds`` (``math.inf``: not before a change), or as
-    soon as an attempt is released or an endpoint re-admitted, if ``on_release``."""
-
-    seconds: float
-    on_release: bool
-
-
-class Lease(msgspec.Struct, frozen=True, gc=False):
-    """Permission to send one attempt to endpoint ``endpoint``."""
-
-    endpoint: int
-    tokens: float
-    """Tokens reserved against TPM budgets (corrected on release)."""
-    prompt_estimate: int
-    started: float
-
-
-class EndpointStats(msgspec.Struct, frozen=True):
-    url: str
-    up: bool
-    window: int
-    outstanding: int
-    paused_for: float
-    requests: int
-    succeeded: int
-    throttled: int
-    failed: int
-    ejections: int
-    rpm_limit: float | None
-    """The requests-per-minute budget the endpoint announced, if it did."""
-    tpm_limit: float | None
+__all__ = [
+    "EndpointStats",
+    "Feedback",
+    "FlowControl",
+    "Latency",
+    "Lease",
+    "Refusals",
+    "Released",
+    "Signal",
+    "Wait",
+]
 
 
 def _delay(rpm: RateBucket | None, tpm: RateBucket | None, tokens: float, now: float) -> float:
@@ -99,8 +75,10 @@ class _Endpoint:
         "latency",
         "next_probe",
         "outstanding",
+        "pace",
         "paused_until",
         "probe_delay",
+        "refusals",
         "requests",
         "rpm",
         "ssthresh",
@@ -128,6 +106,8 @@ class _Endpoint:
         self.throttle_streak = 0
         self.last_decrease = -math.inf
         self.latency = 1.0
+        self.pace = Latency()
+        self.refusals = Refusals()
         self.next_probe = 0.0
         self.probe_delay = 0.0
         self.down_since = 0.0
@@ -144,6 +124,9 @@ class FlowControl:
     PROBE_MAX = 2.0
     """Probe intervals double from the first to the second; a probe is one small GET, and a
     replica that comes back should not sit idle for long."""
+    GROW_BELOW = 1.5
+    """The window grows only while replies take less than this many times their unloaded
+    pace (and shrinks past :attr:`Latency.TOLERANCE`)."""
 
     def __init__(
         self,
@@ -154,6 +137,7 @@ class FlowControl:
         rpm: float | None = None,
         tpm: float | None = None,
         now: float = 0.0,
+        upfront: bool = False,
     ) -> None:
         if not urls:
             raise ValueError("at least one endpoint is needed")
@@ -164,7 +148,10 @@ class FlowControl:
         self._endpoints = [_Endpoint(url, self.cap) for url in urls]
         self._rpm = RateBucket(rpm, now=now) if rpm else None
         self._tpm = RateBucket(tpm, now=now) if tpm else None
-        self.estimate = TokenEstimate()
+        self.estimate = TokenEstimate(upfront=upfront)
+        """``upfront``: reserve ``max_tokens`` in full (see :class:`TokenEstimate`); set
+        from the start for servers known to charge so, and on the first 429 that says the
+        tokens ran out."""
 
     # --- acquiring ----------------------------------------------------------------------------
 
@@ -209,14 +196,15 @@ class FlowControl:
 
     # --- feedback -----------------------------------------------------------------------------
 
-    def release(self, lease: Lease, feedback: Feedback, now: float) -> bool:
-        """Account for a finished attempt and adapt to what it says.
+    def release(self, lease: Lease, feedback: Feedback, now: float) -> Released:
+        """Account for a finished attempt, adapt to what it says, and say what it means for
+        the item (see :class:`Released`).
 
-        Returns True when the failure is the endpoint's, not the item's, so it should not
-        count against the item's attempts: a rate-limit rejection, no connection at all, or a
-        dropped connection while other requests to the endpoint are failing too (a server
-        going away cuts everything in flight; one request that kills its connection alone
-        still counts, so a request that crashes the server cannot be retried forever).
+        Excused (not counted against the item's attempts) are failures that are the
+        endpoint's: a refusal (a 429, or a 503 with ``retry-after``), no connection at all,
+        or a dropped connection while other requests to the endpoint are failing too (a
+        server going away cuts everything in flight; one request that kills its connection
+        alone still counts, so a request that crashes the server cannot be retried forever).
         """
         ep = self._endpoints[lease.endpoint]
         ep.outstanding -= 1
@@ -225,48 +213,80 @@ class FlowControl:
         self._correct_tokens(ep, lease, feedback, now)
         if signal is Signal.CANCELLED:
             ep.requests -= 1
-            return False
-        if feedback.hints is not None:
-            self._apply_hints(ep, feedback.hints, lease.tokens, now)
+            return NOT_EXCUSED
+        exhausted = feedback.hints is not None and self._apply_hints(
+            ep, feedback.hints, lease.tokens, now
+        )
+        if signal is Signal.THROTTLED or signal is Signal.OVERLOADED:
+            return self._refused(ep, feedback, exhausted, now)
+        if signal is not Signal.UNREACHABLE:
+            ep.refusals.observe(False)
         if signal is Signal.OK:
-            ep.succeeded += 1
-            ep.failures = ep.throttle_streak = 0
-            ep.latency += 0.1 * ((now - lease.started) - ep.latency)
-            # Below the last known good window, grow fast (doubling per round trip, as TCP's
-            # slow start does after a restart); above it, about one slot per window of
-            # successes.
-            step = 1.0 if ep.window < ep.ssthresh else 1.0 / max(ep.window, 1.0)
-            ep.window = min(self.cap, ep.window + step)
+            self._succeeded(ep, now - lease.started, feedback.completion_tokens, now)
         elif signal is Signal.REJECTED:
             ep.failures = 0
-        elif signal is Signal.THROTTLED:
-            ep.throttled += 1
-            ep.throttle_streak += 1
-            wait = feedback.retry_after
-            if wait is None:
-                wait = min(30.0, 0.5 * 2.0 ** min(ep.throttle_streak - 1, 6))
-            ep.paused_until = max(ep.paused_until, now + wait)
-            if not self._paced(ep):
-                # Without a known budget the window is the only lever against a rate limit.
-                # With one, the pause and the pacing handle it, and shrinking the window
-                # would cap throughput at window / latency for a long time.
-                self._decrease(ep, now)
-            return True
         else:
             ep.failed += 1
-            if signal is Signal.OVERLOADED or signal is Signal.TIMEOUT:
+            if signal is Signal.TIMEOUT:
                 self._decrease(ep, now)
-                if feedback.retry_after is not None:
-                    ep.paused_until = max(ep.paused_until, now + feedback.retry_after)
             was_up = ep.up
             ep.failures += self.EJECT_AFTER if signal is Signal.UNREACHABLE else 1
             if ep.failures >= self.EJECT_AFTER and ep.up:
                 self._eject(ep, now)
             if signal is Signal.UNREACHABLE:
-                return True
-            if signal is Signal.DROPPED:
-                return ep.failures >= 2 or not was_up
-        return False
+                return EXCUSED
+            if signal is Signal.DROPPED and (ep.failures >= 2 or not was_up):
+                return EXCUSED
+        return NOT_EXCUSED
+
+    def _succeeded(self, ep: _Endpoint, seconds: float, tokens: int | None, now: float) -> None:
+        ep.succeeded += 1
+        ep.failures = ep.throttle_streak = 0
+        ep.latency += 0.1 * (seconds - ep.latency)
+        ep.pace.observe(seconds, tokens, now)
+        slowdown = ep.pace.slowdown(tokens)
+        if slowdown >= Latency.TOLERANCE:
+            # Replies take more than TOLERANCE times their unloaded pace: the server queues.
+            # Shrink in proportion, so the queue drains and the pace comes back.
+            self._decrease(ep, now, max(0.5, Latency.TOLERANCE / slowdown))
+        elif slowdown < self.GROW_BELOW:
+            # Below the last known good window, grow fast (doubling per round trip, as TCP's
+            # slow start does after a restart); above it, about one slot per window of
+            # successes. Not while replies are already well slower than unloaded.
+            step = 1.0 if ep.window < ep.ssthresh else 1.0 / max(ep.window, 1.0)
+            ep.window = min(self.cap, ep.window + step)
+
+    def _refused(self, ep: _Endpoint, feedback: Feedback, exhausted: bool, now: float) -> Released:
+        """A 429 or 503: the endpoint's budget is spent, or this request was unlucky."""
+        if feedback.signal is Signal.THROTTLED:
+            ep.throttled += 1
+            if feedback.tokens_ran_out:
+                self.estimate.upfront = True
+        else:
+            ep.failed += 1
+        share = ep.refusals.observe(True)
+        spent = exhausted or share >= Refusals.SPENT
+        if feedback.signal is Signal.OVERLOADED and feedback.retry_after is None:
+            # A bare 503 is a failure of the server's, which the item's own attempts and
+            # backoff bound; many of them say it is overloaded.
+            if spent:
+                self._decrease(ep, now)
+            return NOT_EXCUSED
+        # A 429, or a 503 that says when to come back: the server pacing us.
+        if not spent:
+            # One refusal among mostly successes: this item waits, the others go on.
+            return Released(True, feedback.retry_after)
+        ep.throttle_streak += 1
+        wait = feedback.retry_after
+        if wait is None:
+            wait = min(30.0, 0.5 * 2.0 ** min(ep.throttle_streak - 1, 6))
+        ep.paused_until = max(ep.paused_until, now + wait)
+        if feedback.signal is Signal.OVERLOADED or not self._paced(ep):
+            # Without a known budget the window is the only lever against a rate limit.
+            # With one, the pause and the pacing handle it, and shrinking the window
+            # would cap throughput at window / latency for a long time.
+            self._decrease(ep, now)
+        return EXCUSED
 
     def _correct_tokens(self, ep: _Endpoint, lease: Lease, feedback: Feedback, now: float) -> None:
         prompt, completion = feedback.prompt_tokens, feedback.completion_tokens
@@ -281,7 +301,9 @@ class FlowControl:
             if bucket is not None:
                 bucket.adjust(delta, now)
 
-    def _apply_hints(self, ep: _Endpoint, hints: RateLimitHints, tokens: float, now: float) -> None:
+    def _apply_hints(self, ep: _Endpoint, hints: RateLimitHints, tokens: float, now: float) -> bool:
+        """Learn the announced budgets; pause the endpoint (and say so) when what remains
+        is less than the next request needs."""
         pause = 0.0
         if hints.requests is not None:
             ep.rpm = self._learn(ep.rpm, hints.requests.limit, now)
@@ -291,6 +313,7 @@ class FlowControl:
             pause = max(pause, hints.tokens.wait_for(tokens))
         if pause > 0:
             ep.paused_until = max(ep.paused_until, now + min(pause, 60.0))
+        return pause > 0
 
     @staticmethod
     def _learn(bucket: RateBucket | None, per_minute: float, now: float) -> RateBucket:
@@ -300,13 +323,13 @@ class FlowControl:
             bucket.set_rate(per_minute, now=now)
         return bucket
 
-    def _decrease(self, ep: _Endpoint, now: float) -> None:
+    def _decrease(self, ep: _Endpoint, now: float, factor: float = 0.5) -> None:
         # One congestion event per round trip: the other replies of the same burst carry no
-        # new news, and halving for each would collapse the window to the floor.
+        # new news, and shrinking for each would collapse the window to the floor.
         if now - ep.last_decrease < max(ep.latency, 0.1):
             return
         ep.last_decrease = now
-        ep.window = max(self.floor, min(ep.window, ep.outstanding + 1.0) * 0.5)
+        ep.window = max(self.floor, min(ep.window, ep.outstanding + 1.0) * factor)
         ep.ssthresh = ep.window
 
     def _paced(self, ep: _Endpoint) -> bool:
@@ -339,7 +362,7 @@ class FlowControl:
             ep.failures = 0
             ep.ssthresh = max(ep.window, self.floor)
             ep.window = max(self.floor, min(self.cap, 8.0))
-            ep.paused_until = 0.0
+            # A pause the server asked for stands: answering GET /models is no permission.
         else:
             ep.probe_delay = min(self.PROBE_MAX, ep.probe_delay * 2.0)
             ep.next_probe = now + ep.probe_delay
@@ -371,6 +394,7 @@ class FlowControl:
                 ejections=ep.ejections,
                 rpm_limit=None if ep.rpm is None else ep.rpm.per_minute,
                 tpm_limit=None if ep.tpm is None else ep.tpm.per_minute,
+                refused_share=round(ep.refusals.share, 3),
             )
             for ep in self._endpoints
         ]

@@ -73,19 +73,28 @@ class RateBucket:
 
 class TokenEstimate:
     """What a request will cost in tokens before its reply says: prompt characters scaled by
-    what replies reported, plus expected output (a running mean, at most ``max_tokens``)."""
+    what replies reported, plus expected output (a running mean, at most ``max_tokens``).
 
-    __slots__ = ("_output", "_prompt_scale", "samples")
+    With :attr:`upfront`, the output part is ``max_tokens`` itself: servers that charge it in
+    full when a request arrives (OpenAI's rate limiter does, by its own guide) refuse a
+    reservation of the expected output as soon as the budget is tight; the reply's ``usage``
+    then refunds the difference."""
+
+    __slots__ = ("_output", "_prompt_scale", "samples", "upfront")
 
     _ALPHA = 0.05
 
-    def __init__(self, initial_output: float = 256.0) -> None:
+    def __init__(self, initial_output: float = 256.0, *, upfront: bool = False) -> None:
         self._prompt_scale = 1.0
         self._output = initial_output
         self.samples = 0
+        self.upfront = upfront
 
     def reserve(self, prompt_estimate: int, max_output: int | None) -> float:
-        output = self._output if max_output is None else min(self._output, max_output)
+        if max_output is None:
+            output = self._output
+        else:
+            output = max_output if self.upfront else min(self._output, max_output)
         return prompt_estimate * self._prompt_scale + output
 
     def observe(self, prompt_estimate: int, prompt_tokens: int, completion_tokens: int) -> None:
@@ -98,4 +107,8 @@ class TokenEstimate:
         self.samples += 1
 
     def __repr__(self) -> str:
-        return f"<TokenEstimate output={self._output:.0f} prompt_scale={self._prompt_scale:.2f}>"
+        upfront = " upfront" if self.upfront else ""
+        return (
+            f"<TokenEstimate output={self._output:.0f} prompt_scale={self._prompt_scale:.2f}"
+            f"{upfront}>"
+        )

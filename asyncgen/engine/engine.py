@@ -745,7 +745,7 @@ class Engine:
                 self._in_flight -= 1
                 # The endpoint's failures (429s, outages) do not use up the item's attempts;
                 # the retry deadline bounds them.
-                excused += gate.release(lease, feedback)
+                excused += gate.release(lease, feedback).excused
                 lease = None
             elapsed = self._clock() - first
             if outcome.completion is not None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from asyncgen.core.flow import EndpointStats, Feedback, FlowControl, Lease
+from asyncgen.core.flow import EndpointStats, Feedback, FlowControl, Lease, Released
 
 __all__ = ["Gate"]
 
@@ -93,8 +93,8 @@ class Gate:
             finally:
                 self.waiting_for_endpoint = False
 
-    def release(self, lease: Lease, feedback: Feedback) -> bool:
-        """Return the lease; True if the failure was the endpoint's (see FlowControl.release)."""
+    def release(self, lease: Lease, feedback: Feedback) -> Released:
+        """Return the lease; what the attempt means for its item (see FlowControl.release)."""
         excused = self.flow.release(lease, feedback, self._clock())
         self._changed.set()
         return excused

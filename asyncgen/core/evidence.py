@@ -1,0 +1,88 @@
+"""What an endpoint's replies show, sans-IO: how many were refused, and whether it queues.
+
+:class:`Refusals` tells a budget that is spent from a request that was unlucky; :class:`Latency`
+tells a server that queues (vLLM past its capacity sends no refusal, its replies slow down)
+from one that keeps up. The flow control decides what to do about either.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["Latency", "Refusals"]
+
+
+class Refusals:
+    """The share of an endpoint's recent replies that were refusals (429, 503).
+
+    An exponentially weighted mean over about :attr:`SPAN` replies; the first replies count
+    fully (the first reply, refused, is all the evidence there is). Sans-IO, no clock.
+    """
+
+    __slots__ = ("replies", "share")
+
+    SPAN = 64
+    SPENT = 0.5
+    """A share at or above this means the budget is spent (or the server overloaded), not
+    that a request was unlucky: sporadic refusal rates far above a few per cent are rare,
+    and at 30 % the mean over 64 replies stays below 0.5 by more than four deviations."""
+
+    def __init__(self) -> None:
+        self.replies = 0
+        self.share = 0.0
+
+    def observe(self, refused: bool) -> float:
+        self.replies += 1
+        alpha = max(1.0 / self.replies, 1.0 / self.SPAN)
+        self.share += alpha * (float(refused) - self.share)
+        return self.share
+
+    @property
+    def spent(self) -> bool:
+        return self.share >= self.SPENT
+
+
+class Latency:
+    """Is the endpoint queueing? Replies' pace (seconds per output token, or per reply when
+    usage is unknown) against the fastest pace seen lately.
+
+    ``pace`` is a short mean (about ten replies); ``base`` the minimum over the last one to
+    two :attr:`PERIOD` s, so a lasting change of the workload is learned within a minute.
+    :meth:`slowdown` is ``pace / base``: past :attr:`TOLERANCE` the endpoint queues.
+    """
+
+    __slots__ = ("_current", "_period_end", "_previous", "pace")
+
+    PERIOD = 30.0
+    TOLERANCE = 2.0
+    MIN_EXCESS = 0.05
+    """Seconds a reply must be slower than its unloaded pace before it counts as queueing:
+    a client's own event loop adds milliseconds under load, which is not the server's queue."""
+
+    def __init__(self) -> None:
+        self.pace = 0.0
+        self._current = self._previous = math.inf
+        self._period_end = -math.inf
+
+    def observe(self, seconds: float, tokens: int | None, now: float) -> None:
+        pace = seconds / tokens if tokens and tokens > 1 else seconds
+        if now >= self._period_end:
+            self._previous, self._current = self._current, math.inf
+            self._period_end = now + self.PERIOD
+        self._current = min(self._current, pace)
+        self.pace = pace if self.pace == 0.0 else self.pace + 0.1 * (pace - self.pace)
+
+    @property
+    def base(self) -> float:
+        return min(self._current, self._previous)
+
+    def slowdown(self, tokens: int | None) -> float:
+        """How many times slower than unloaded replies are now (1.0 when too little slower
+        to tell a queue from noise, or before there is a base)."""
+        base = self.base
+        if not math.isfinite(base) or base <= 0.0 or self.pace <= 0.0:
+            return 1.0
+        scale = tokens if tokens and tokens > 1 else 1
+        if (self.pace - base) * scale < self.MIN_EXCESS:
+            return 1.0
+        return self.pace / base
