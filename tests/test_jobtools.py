@@ -23,8 +23,10 @@ from asyncgen.cli.main import main
 from asyncgen.core.ledger import Redo
 from asyncgen.job.prompts import load_template
 from asyncgen.mock.server import MockConfig, MockServer
-from asyncgen.storage import jobdir
-from asyncgen.storage.jobdir import export, standing_failures, status
+from asyncgen.storage import export as export_module
+from asyncgen.storage.export import export
+from asyncgen.storage.status import status
+from asyncgen.storage.view import standing_failures
 
 from .conftest import (
     assert_exactly_once,
@@ -289,7 +291,7 @@ async def test_export_formats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     # Parquet, in batches smaller than the data: a column all null in the first batch
     # (error_code, before the first failure) must take values in later ones.
     pq = pytest.importorskip("pyarrow.parquet")
-    monkeypatch.setattr(jobdir, "_PARQUET_BATCH", 3)
+    monkeypatch.setattr(export_module, "_PARQUET_BATCH", 3)
     everything = tmp_path / "all.parquet"
     assert export(out, everything, "parquet", failures=True) == 50
     codes = pq.read_table(everything).column("error_code").to_pylist()

@@ -17,7 +17,7 @@ import zstandard
 from asyncgen.core.errors import OutputError
 from asyncgen.core.ledger import bad_line_key
 from asyncgen.core.records import BadLine, ErrorInfo, Result, Source
-from asyncgen.storage import shards
+from asyncgen.storage import files, shards
 from asyncgen.storage import store as store_module
 from asyncgen.storage.shards import FrameWriter, scan_frames
 from asyncgen.storage.store import Store
@@ -487,7 +487,7 @@ def test_recovered_frames_are_synced_before_the_ledger_names_them(
     with open(shard, "ab") as f:  # written, never synced, no ledger line
         f.write(zstandard.ZstdCompressor().compress(b'{"custom_id": "s:2:math:0"}\n'))
     events: list[str] = []
-    real_fsync_path = shards.fsync_path
+    real_fsync_path = files.fsync_path
     monkeypatch.setattr(
         store_module, "fsync_path", lambda p: (events.append(f"sync {p.name}"), real_fsync_path(p))
     )
