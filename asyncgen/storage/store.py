@@ -140,7 +140,7 @@ class Store:
         self, spec: Mapping[str, Any], version: str, job: Mapping[str, Any] | None
     ) -> None:
         if (self.root / MANIFEST_NAME).exists():
-            old = read_manifest(self.root, dict)
+            old = read_manifest(self.root, dict)  # the job settings are not the store's concern
             if old.fingerprint != fingerprint(spec) and self._holds_records():
                 raise OutputError(other_job(self.root, old.spec, spec))
             # A job that stopped before committing anything (a typo in the model, say) leaves
