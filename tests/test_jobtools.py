@@ -23,8 +23,10 @@ from asyncgen.cli.main import main
 from asyncgen.core.ledger import Redo
 from asyncgen.job.prompts import load_template
 from asyncgen.mock.server import MockConfig, MockServer
-from asyncgen.storage import jobdir
-from asyncgen.storage.jobdir import export, standing_failures, status
+from asyncgen.storage import export as export_module
+from asyncgen.storage.export import export
+from asyncgen.storage.status import status
+from asyncgen.storage.view import standing_failures
 
 from .conftest import (
     assert_exactly_once,
@@ -127,6 +129,73 @@ async def test_retry_failed_replaces_failures_exactly_once(tmp_path: Path) -> No
             stats = await engine.run()
         assert again.stats().requests == 0
     assert (stats.succeeded_total, stats.failed_total, stats.skipped) == (200, 0, 200)
+
+
+def _old_manifest(out: Path, inputs: list[str], url: str) -> None:
+    """Replace the manifest of ``out`` with the one asyncgen 0.1 (commit f5fa499) wrote for
+    the same job: its layout and settings as they were, written as that version wrote them."""
+    new = json.loads((out / "manifest.json").read_text())
+    job = {
+        "backoff_base": 0.01,
+        "backoff_cap": 0.02,
+        "base_url": [url],
+        "check_endpoint": True,
+        "concurrency": 16,
+        "deadline": 3600.0,
+        "drain_timeout": 30.0,
+        "extra_body": {},
+        "flush_interval": 0.05,
+        "flush_records": 1024,
+        "idle_timeout": 60.0,
+        "inputs": [str(Path(p).resolve()) for p in inputs],
+        "max_attempts": 1,
+        "max_invalid": 3,
+        "max_tokens": None,
+        "min_concurrency": 1,
+        "model": "mock-model",
+        "output": str(out.resolve()),
+        "persona_field": "persona",
+        "prompt": "math",
+        "rpm": None,
+        "samples": 1,
+        "stream": False,
+        "strict": False,
+        "template_endpoint": "chat",
+        "timeout": 600.0,
+        "tpm": None,
+    }
+    old = {"format": 1, "asyncgen": "0.1.0", "fingerprint": new["fingerprint"], "job": job}
+    with open(out / "manifest.json", "w", encoding="utf-8") as f:
+        json.dump({**old, "spec": new["spec"]}, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+async def test_previous_versions_output_reports_retries_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    async with MockServer(MockConfig(fail_500=0.5, seed=4)) as server:
+        config = await run_job(tmp_path, server.base_url, 40)
+    failed = set(standing_failures(out))
+    assert failed
+    _old_manifest(out, config.inputs, server.base_url)
+    s = status(out)
+    assert (s.succeeded, s.failed, s.model, s.template) == (
+        40 - len(failed),
+        len(failed),
+        "mock-model",
+        "math",
+    )
+    async with MockServer(MockConfig(seed=5)) as healthy:
+        config = retry_config(out, base_url=healthy.base_url)
+        assert config.concurrency == 16 and config.max_attempts == 1
+        redo = Redo((i, "p", int(i.split(":")[1])) for i in failed)
+        async with Engine(config, redo=redo) as engine:
+            stats = await engine.run()
+        assert healthy.stats().requests == len(failed)
+    assert stats.succeeded_total == 40 and status(out).failed == 0
+    assert_logically_once(out, ids(40))
+    async with MockServer() as again:
+        await run_job(tmp_path, again.base_url, 40)
+        assert again.stats().requests == 0
 
 
 async def test_failing_again_keeps_one_standing_failure(tmp_path: Path) -> None:
@@ -289,7 +358,7 @@ async def test_export_formats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     # Parquet, in batches smaller than the data: a column all null in the first batch
     # (error_code, before the first failure) must take values in later ones.
     pq = pytest.importorskip("pyarrow.parquet")
-    monkeypatch.setattr(jobdir, "_PARQUET_BATCH", 3)
+    monkeypatch.setattr(export_module, "_PARQUET_BATCH", 3)
     everything = tmp_path / "all.parquet"
     assert export(out, everything, "parquet", failures=True) == 50
     codes = pq.read_table(everything).column("error_code").to_pylist()

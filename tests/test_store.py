@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import time
@@ -17,9 +18,11 @@ import zstandard
 from asyncgen.core.errors import OutputError
 from asyncgen.core.ledger import bad_line_key
 from asyncgen.core.records import BadLine, ErrorInfo, Result, Source
-from asyncgen.storage import shards
+from asyncgen.storage import files, shards
 from asyncgen.storage import store as store_module
+from asyncgen.storage.manifest import fingerprint, read_manifest
 from asyncgen.storage.shards import FrameWriter, scan_frames
+from asyncgen.storage.status import status
 from asyncgen.storage.store import Store
 
 from .conftest import read_output
@@ -265,6 +268,53 @@ def test_shards_without_manifest_are_refused(tmp_path: Path) -> None:
         open_store(tmp_path)
 
 
+def write_old_manifest(root: Path, spec: dict[str, object], job: object) -> None:
+    """``manifest.json`` exactly as asyncgen 0.1 (commit f5fa499) wrote it."""
+    manifest = {
+        "format": 1,
+        "asyncgen": "0.1.0",
+        "fingerprint": fingerprint(spec),
+        "spec": spec,
+        "job": job,
+    }
+    with open(root / "manifest.json", "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+@pytest.mark.parametrize("job", [None, {"inputs": ["/in/s.jsonl"], "output": "/out"}])
+def test_a_directory_written_by_the_previous_version_resumes(tmp_path: Path, job: object) -> None:
+    store = open_store(tmp_path)
+    store.ledger.commit(store.commit([result(1), result(2, failed=True)]))
+    store.close()
+    write_old_manifest(tmp_path, SPEC, job)
+    assert read_manifest(tmp_path).fingerprint == fingerprint(SPEC)
+    assert (status(tmp_path).succeeded, status(tmp_path).failed) == (1, 1)
+    store = open_store(tmp_path)
+    try:
+        assert store.ledger.is_committed("s:1:math:0") and store.ledger.is_committed("s:2:math:0")
+        assert store.counts == {"results": 1, "failures": 1, "errors": 0}
+    finally:
+        store.close()
+    # Reopening rewrote it in this version's layout, with the same content.
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["spec"] == SPEC and manifest["asyncgen"] == "test" and manifest["format"] == 1
+    with pytest.raises(OutputError, match=r"different job.*model"):
+        Store.open(tmp_path, {**SPEC, "model": "other"}, version="test")
+
+
+@pytest.mark.parametrize(
+    "content", [b"{not json", b"[1, 2]", b'{"spec": {}}', b'{"fingerprint": 1, "spec": {}}']
+)
+def test_a_corrupt_or_foreign_manifest_is_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "manifest.json"
+    path.write_bytes(content)
+    for read in (open_store, status, read_manifest):
+        with pytest.raises(OutputError, match=re.escape(f"{path} is not an asyncgen manifest")):
+            read(tmp_path)
+    assert path.read_bytes() == content  # left as it was
+
+
 def test_second_writer_is_locked_out(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     try:
@@ -487,7 +537,7 @@ def test_recovered_frames_are_synced_before_the_ledger_names_them(
     with open(shard, "ab") as f:  # written, never synced, no ledger line
         f.write(zstandard.ZstdCompressor().compress(b'{"custom_id": "s:2:math:0"}\n'))
     events: list[str] = []
-    real_fsync_path = shards.fsync_path
+    real_fsync_path = files.fsync_path
     monkeypatch.setattr(
         store_module, "fsync_path", lambda p: (events.append(f"sync {p.name}"), real_fsync_path(p))
     )

@@ -18,7 +18,7 @@ from asyncgen import Engine, JobConfig
 from asyncgen.core.errors import ConfigError
 from asyncgen.job.prompts import load_template
 from asyncgen.mock.server import MockConfig, MockServer, add_arguments, config_from_args
-from asyncgen.storage.jobdir import status
+from asyncgen.storage.status import status
 
 from .conftest import (
     Canned,

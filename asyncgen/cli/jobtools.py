@@ -14,7 +14,10 @@ import msgspec
 from asyncgen.core.errors import ConfigError, OutputError
 from asyncgen.core.ledger import Redo
 from asyncgen.engine.engine import JobConfig
-from asyncgen.storage import jobdir
+from asyncgen.storage.export import EXPORT_FORMATS, export
+from asyncgen.storage.manifest import read_manifest
+from asyncgen.storage.status import status as job_status
+from asyncgen.storage.view import iter_standing_failures
 
 __all__ = ["add_commands"]
 
@@ -59,7 +62,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     )
     export.add_argument(
         "--format",
-        choices=jobdir.EXPORT_FORMATS,
+        choices=EXPORT_FORMATS,
         default="jsonl",
         help="jsonl: records as stored; batch: OpenAI Batch output lines; parquet: one "
         "column per field (needs pyarrow) (default: %(default)s)",
@@ -111,7 +114,7 @@ def _when(t: float | None) -> str:
 
 def _status(args: argparse.Namespace) -> int:
     root = Path(args.output)
-    s = jobdir.status(root, price_input=args.price_input, price_output=args.price_output)
+    s = job_status(root, price_input=args.price_input, price_output=args.price_output)
     if args.json:
         sys.stdout.write(msgspec.json.encode(s).decode() + "\n")
         return 0
@@ -142,35 +145,29 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    n = jobdir.export(Path(args.output), Path(args.to), args.format, failures=args.failures)
+    n = export(Path(args.output), Path(args.to), args.format, failures=args.failures)
     print(f"asyncgen: wrote {n:,} records to {args.to}", file=sys.stderr)
     return 0
 
 
 def retry_config(root: Path, **overrides: Any) -> JobConfig:
     """The job of ``root`` as its manifest records it, with ``overrides`` (None: keep)."""
-    manifest = jobdir.read_manifest(root)
-    job = manifest.get("job")
-    if not isinstance(job, dict):
+    job = read_manifest(root, JobConfig).job
+    if job is None:
         raise OutputError(
             f"{root / 'manifest.json'} does not record the job's settings (written by an "
             "older asyncgen); rerun the original 'asyncgen run' command once to record them"
         )
-    settings = {k: v for k, v in job.items() if k in JobConfig.__struct_fields__}
-    settings["output"] = str(root)
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    urls = settings.get("base_url")
-    if isinstance(urls, list) and any("***@" in u for u in urls) and "base_url" not in overrides:
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    urls = job.base_urls
+    if "base_url" not in changes and any("***@" in u for u in urls):
         raise ConfigError(
             "the job's base URL carried credentials, which the manifest does not keep; "
             "give --base-url again"
         )
-    if isinstance(urls, list) and len(urls) == 1:
-        settings["base_url"] = urls[0]
-    try:
-        return msgspec.convert(settings, JobConfig)
-    except msgspec.ValidationError as exc:
-        raise OutputError(f"the manifest of {root} records unusable settings: {exc}") from exc
+    if len(urls) == 1:
+        changes.setdefault("base_url", urls[0])
+    return msgspec.structs.replace(job, output=str(root), **changes)
 
 
 def _retry_failed(args: argparse.Namespace) -> int:
@@ -181,7 +178,7 @@ def _retry_failed(args: argparse.Namespace) -> int:
     wanted = set(args.reason or ())
     chosen = [
         (r.custom_id, r.source.shard, r.source.line)
-        for _, r in jobdir.iter_standing_failures(root)
+        for _, r in iter_standing_failures(root)
         if not wanted or (r.error.code if r.error else "unknown") in wanted
     ]
     if not chosen:

@@ -41,10 +41,11 @@ import zstandard
 from asyncgen.core.errors import ConfigError, OutputError
 from asyncgen.core.records import Source
 from asyncgen.engine.engine import JobConfig, job_spec
-from asyncgen.storage.jobdir import read_manifest, shards, standing_failures
-from asyncgen.storage.shards import fsync_path, iter_lines
+from asyncgen.storage.files import fsync_path
+from asyncgen.storage.manifest import fingerprint, other_job, read_manifest
+from asyncgen.storage.shards import iter_lines
 from asyncgen.storage.sources import expand_inputs, shard_name
-from asyncgen.storage.store import fingerprint, other_job
+from asyncgen.storage.view import shards, standing_failures
 
 __all__ = ["Persona", "StageReport", "add_commands", "clean_persona", "convert"]
 
@@ -226,8 +227,8 @@ def _run_stage(
         # Done earlier, but by the same job? Another model or template must not pass for it.
         spec = job_spec(config)
         old = read_manifest(job)
-        if old.get("fingerprint") != fingerprint(spec):
-            raise OutputError(other_job(job, old.get("spec", {}), spec))
+        if old.fingerprint != fingerprint(spec):
+            raise OutputError(other_job(job, old.spec, spec))
         report = _done_earlier(job, shard)
         _say(f"{label}: done earlier → {_outcome(report)} → {shard}")
         return report

@@ -13,10 +13,8 @@ place. All functions here block: call them from a thread.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -24,12 +22,12 @@ from typing import IO
 import zstandard
 
 from asyncgen.core.errors import OutputError
+from asyncgen.storage.files import AtomicFile
 
 __all__ = [
     "ZSTD_MAGIC",
     "FrameWriter",
     "LinesWriter",
-    "fsync_path",
     "iter_lines",
     "repair_tail",
     "scan_frames",
@@ -193,40 +191,22 @@ def iter_lines(path: Path) -> Iterator[bytes]:
         yield from payload.splitlines()
 
 
-def fsync_path(path: Path) -> None:
-    """Make a file's contents, or a directory's entries (a created or renamed file),
-    durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LinesWriter:
-    """Writes lines to a temporary file beside ``path``; :meth:`commit` renames it into place.
+    """Writes lines to a new version of ``path``: complete at :meth:`commit`, or not at all.
 
     zstd-compressed (one frame, with checksum) when the name ends in ``.zst`` or ``.zstd``.
-    Used as a context manager it commits on success and removes the temporary file on error.
+    Used as a context manager it commits on success and discards the new version on error;
+    the temporary file, sync and rename are :class:`~asyncgen.storage.files.AtomicFile`'s.
     Failures to write raise :class:`OutputError`.
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(
-                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-            )
-        except OSError as exc:
-            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
-        os.fchmod(fd, 0o644)
-        self._tmp = Path(tmp)
-        self._file = os.fdopen(fd, "wb")
-        self._out: IO[bytes] = self._file
+        self._atomic = AtomicFile(path)
+        self.path = self._atomic.path
+        self._out: IO[bytes] = self._atomic.file
         if self.path.suffix in (".zst", ".zstd"):
             cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
-            self._out = cctx.stream_writer(self._file, closefd=False)
+            self._out = cctx.stream_writer(self._atomic.file, closefd=False)
         self._buffer: list[bytes] = []
         self._buffered = 0
         self.lines = 0
@@ -241,32 +221,27 @@ class LinesWriter:
 
     def commit(self) -> None:
         """Finish the file, make it durable and move it over ``path`` in one step."""
-        try:
-            self._flush()
-            if self._out is not self._file:
-                self._out.close()  # ends the zstd frame; the file stays open
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._tmp, self.path)
-            fsync_path(self.path.parent)
-        except OSError as exc:
-            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        self._flush()
+        if self._out is not self._atomic.file:
+            self._write(self._out.close)  # ends the zstd frame; the file stays open
+        self._atomic.commit()
 
     def discard(self) -> None:
         """Remove the temporary file; ``path`` is left as it was."""
-        with contextlib.suppress(OSError):
-            self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        self._atomic.discard()
 
     def _flush(self) -> None:
         if self._buffer:
             self._buffer.append(b"")
-            try:
-                self._out.write(b"\n".join(self._buffer))
-            except OSError as exc:
-                raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+            data = b"\n".join(self._buffer)
+            self._write(lambda: self._out.write(data))
             self._buffer, self._buffered = [], 0
+
+    def _write(self, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
 
     def __enter__(self) -> LinesWriter:
         return self

@@ -21,11 +21,7 @@ engine calls them from a thread.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import operator
-import os
 import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,16 +33,22 @@ import msgspec
 from asyncgen.core.errors import OutputError
 from asyncgen.core.ledger import Ledger, bad_line_key, pack_ids
 from asyncgen.core.records import BadLine, Result
-from asyncgen.storage.shards import ZSTD_MAGIC, FrameWriter, fsync_path, repair_tail, scan_frames
+from asyncgen.storage.files import DirLock, fsync_path
+from asyncgen.storage.manifest import (
+    MANIFEST_NAME,
+    fingerprint,
+    other_job,
+    read_manifest,
+    write_manifest,
+)
+from asyncgen.storage.shards import ZSTD_MAGIC, FrameWriter, repair_tail, scan_frames
 
-__all__ = ["KINDS", "Store", "fingerprint", "other_job"]
+__all__ = ["KINDS", "SHARD_RE", "Store"]
 
 KINDS = ("results", "failures", "errors")
 SHARD_RE = re.compile(r"^(results|failures|errors)-(\d{6})\.jsonl\.zst$")
 """The name of a result, failure or error shard: kind and sequence number."""
-_MANIFEST = "manifest.json"
 _LEDGER = "ledger.zst"
-_FORMAT = 1
 DEFAULT_SHARD_BYTES = 512 << 20
 _PIECE_RECORDS = 256
 """Fewest records in a frame of a batch spread over several frames (one per thread)."""
@@ -80,25 +82,10 @@ _entry_decoder = msgspec.json.Decoder(_Entry)
 _id_decoder = msgspec.json.Decoder(_IdView)
 
 
-def other_job(root: Path, old_spec: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
-    """The message refusing ``spec`` for ``root``, whose records were made for ``old_spec``."""
-    changed = sorted(k for k in set(old_spec) | set(spec) if old_spec.get(k) != spec.get(k))
-    return (
-        f"output directory {root} belongs to a different job "
-        f"(changed: {', '.join(changed) or 'spec'}); "
-        "use a new --output directory, or rerun with the original settings"
-    )
-
-
-def fingerprint(spec: Mapping[str, Any]) -> str:
-    """A stable hash of the parts of a job spec that decide what each item's result means."""
-    return hashlib.sha256(msgspec.json.encode(spec, order="sorted")).hexdigest()
-
-
 class Store:
     """An open output directory. Use :meth:`open`; :meth:`close` releases the lock."""
 
-    def __init__(self, root: Path, lock_fd: int, max_shard_bytes: int) -> None:
+    def __init__(self, root: Path, lock: DirLock, max_shard_bytes: int) -> None:
         self.root = root
         self.ledger = Ledger()
         self.counts = dict.fromkeys(KINDS, 0)
@@ -108,7 +95,7 @@ class Store:
         failures are still standing."""
         self.recovered_bytes = 0
         """Bytes of torn frames cut off while opening."""
-        self._lock_fd = lock_fd
+        self._lock = lock
         self._max_shard_bytes = max_shard_bytes
         self._seq = 0
         self._writers: dict[str, FrameWriter] = {}
@@ -134,19 +121,7 @@ class Store:
 
         ``job`` (the settings of this run, without secrets) is recorded in the manifest next
         to the spec, so that tools (``asyncgen retry-failed``) can run the job again."""
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise OutputError(f"cannot use output directory {root}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(lock_fd)
-            raise OutputError(
-                f"output directory {root} is in use by another asyncgen process"
-            ) from exc
-        store = cls(root, lock_fd, max_shard_bytes)
+        store = cls(root, DirLock(root), max_shard_bytes)
         try:
             store._check_manifest(spec, version, job)
             store._recover()
@@ -164,44 +139,17 @@ class Store:
     def _check_manifest(
         self, spec: Mapping[str, Any], version: str, job: Mapping[str, Any] | None
     ) -> None:
-        path = self.root / _MANIFEST
-        digest = fingerprint(spec)
-        if path.exists():
-            try:
-                old = json.loads(path.read_text(encoding="utf-8"))
-                old_digest = old["fingerprint"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise OutputError(
-                    f"{path} is unreadable; is {self.root} an asyncgen output?"
-                ) from exc
-            if old_digest != digest and self._holds_records():
-                raise OutputError(other_job(self.root, old.get("spec", {}), spec))
-            if old_digest == digest and old.get("job") == job and old.get("asyncgen") == version:
-                return
+        if (self.root / MANIFEST_NAME).exists():
+            old = read_manifest(self.root, dict)  # the job settings are not the store's concern
+            if old.fingerprint != fingerprint(spec) and self._holds_records():
+                raise OutputError(other_job(self.root, old.spec, spec))
             # A job that stopped before committing anything (a typo in the model, say) leaves
             # a manifest but no records: the directory is free for the corrected job.
         elif any(SHARD_RE.match(p.name) for p in self.root.iterdir()):
             raise OutputError(
-                f"{self.root} holds result shards but no {_MANIFEST}; refusing to mix"
+                f"{self.root} holds result shards but no {MANIFEST_NAME}; refusing to mix"
             )
-        manifest = {
-            "format": _FORMAT,
-            "asyncgen": version,
-            "fingerprint": digest,
-            "spec": spec,
-            "job": job,
-        }
-        tmp = path.with_suffix(".tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(manifest, f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_path(self.root)
-        except OSError as exc:
-            raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
+        write_manifest(self.root, spec, version=version, job=job)
 
     def _recover(self) -> None:
         ledger_path = self.root / _LEDGER
@@ -350,9 +298,7 @@ class Store:
             if self._ledger_writer is not None:
                 self._ledger_writer.close()
                 self._ledger_writer = None
-            if self._lock_fd >= 0:
-                os.close(self._lock_fd)
-                self._lock_fd = -1
+            self._lock.release()
 
     def __repr__(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in self.counts.items())
