@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from asyncgen.bench.runner import Bench, BenchConfig, BenchResult, _Workload, arrival_offsets
+from asyncgen.bench.runner import Bench, BenchConfig, BenchResult
 from asyncgen.bench.stats import (
     RequestRecord,
     distribution,
@@ -28,6 +28,7 @@ from asyncgen.bench.stats import (
     percentile,
     summarize,
 )
+from asyncgen.bench.workload import Workload, arrival_offsets
 from asyncgen.cli.main import main
 from asyncgen.core.errors import ConfigError
 from asyncgen.core.sse import SSEParser, StreamAssembler
@@ -188,7 +189,7 @@ def test_workload_renders_templates_cycling_inputs_and_synthetic_prompts(tmp_pat
     config = BenchConfig(
         base_url="http://x/v1", model="m", prompt="math", inputs=[str(shard)], max_tokens=64
     )
-    workload = _Workload(config, "m", 7)
+    workload = Workload(config, "m", 7)
     bodies = [msgspec.json.decode(workload.body(i)) for i in range(7)]
     assert workload.path == "/chat/completions" and workload.skipped == 1
     users = [b["messages"][-1]["content"] for b in bodies]
@@ -203,7 +204,7 @@ def test_workload_renders_templates_cycling_inputs_and_synthetic_prompts(tmp_pat
         endpoint="chat",
     )
     with pytest.raises(ConfigError, match="completions endpoint, not chat"):
-        _Workload(mismatched, "m", 1)
+        Workload(mismatched, "m", 1)
 
     synthetic = BenchConfig(
         base_url="http://x/v1",
@@ -216,12 +217,12 @@ def test_workload_renders_templates_cycling_inputs_and_synthetic_prompts(tmp_pat
         extra_body={"temperature": 0},
         seed=3,
     )
-    workload = _Workload(synthetic, "m", None)
+    workload = Workload(synthetic, "m", None)
     body = msgspec.json.decode(workload.body(5))
     assert workload.path == "/completions" and len(body["prompt"].split()) == 50
     assert body["max_tokens"] == 7 and body["ignore_eos"] is True and body["temperature"] == 0
     assert "stream" not in body
-    assert workload.body(5) == _Workload(synthetic, "m", None).body(5)  # seeded
+    assert workload.body(5) == Workload(synthetic, "m", None).body(5)  # seeded
     assert workload.body(5) != workload.body(6)  # and distinct, so no prefix-cache hits
 
 
@@ -273,7 +274,7 @@ async def test_queueing_behind_a_concurrency_cap_counts_in_latency() -> None:
     # queue grows. Latency from the scheduled time shows it; the service time does not.
     async with MockServer(MockConfig(latency=0.1, output_tokens=5)) as server:
         result = await bench(server, rate=50.0, concurrency=2, num_requests=30, stream=False)
-        assert server.stats().max_running_seen <= 2
+        assert server.statistics().max_running_seen <= 2
     records = ok(result)
     report = result.report
     assert report.completed == 30
@@ -293,7 +294,7 @@ async def test_queueing_behind_a_concurrency_cap_counts_in_latency() -> None:
 async def test_closed_loop_schedules_when_a_slot_frees() -> None:
     async with MockServer(MockConfig(latency=0.05, output_tokens=4)) as server:
         result = await bench(server, concurrency=4, num_requests=20)
-        assert server.stats().max_running_seen == 4
+        assert server.statistics().max_running_seen == 4
         timed = await bench(server, concurrency=2, duration=0.4)
     report = result.report
     assert report.completed == 20
@@ -319,7 +320,7 @@ async def test_failures_are_counted_by_kind_and_kept_out_of_latencies() -> None:
     )
     async with MockServer(mock) as server:
         result = await bench(server, rate=200.0, num_requests=80, timeout=0.5)
-        stats = server.stats()
+        stats = server.statistics()
     seen = stats.by_outcome
     hanging = stats.requests - sum(seen.values())  # a hang has no outcome until it ends
     report = result.report
@@ -453,7 +454,7 @@ async def test_cli_report_json_and_requests(tmp_path: Path) -> None:
         result = await asyncio.to_thread(run_cli, *args, env={"BENCH_KEY": secret})
         assert result.returncode == 0, result.stderr
         refused = await asyncio.to_thread(run_cli, "--base-url", server.base_url)
-        assert server.stats().requests == 12
+        assert server.statistics().requests == 12
     assert refused.returncode == 2 and "refused the API key" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     out = result.stdout

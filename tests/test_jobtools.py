@@ -110,7 +110,7 @@ async def test_retry_failed_replaces_failures_exactly_once(tmp_path: Path) -> No
         redo = Redo((i, "p", int(i.split(":")[1])) for i in failed)
         async with Engine(config, redo=redo) as engine:
             stats = await engine.run()
-        sent = healthy.stats().requests
+        sent = healthy.statistics().requests
     assert sent == len(failed), "only the failures are sent again"
     assert stats.succeeded == len(failed) and stats.skipped == 200 - len(failed)
     assert stats.succeeded_total == 200 and stats.failed_total == 0
@@ -125,7 +125,7 @@ async def test_retry_failed_replaces_failures_exactly_once(tmp_path: Path) -> No
         config = retry_config(out, base_url=again.base_url)
         async with Engine(config) as engine:
             stats = await engine.run()
-        assert again.stats().requests == 0
+        assert again.statistics().requests == 0
     assert (stats.succeeded_total, stats.failed_total, stats.skipped) == (200, 0, 200)
 
 
@@ -176,7 +176,7 @@ async def test_retry_only_the_reasons_asked_for(tmp_path: Path) -> None:
     assert set(by_reason) == {"http_500", "malformed_response"}, by_reason
     async with MockServer() as healthy:
         assert await _retry_cli(out, healthy.base_url, "--reason", "http_500") == 0
-        assert healthy.stats().requests == by_reason["http_500"]
+        assert healthy.statistics().requests == by_reason["http_500"]
     assert status(out).failed_by_reason == {"malformed_response": by_reason["malformed_response"]}
     assert_logically_once(out, ids(100))
 
