@@ -11,6 +11,8 @@ import asyncio
 import itertools
 import json
 import random
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from asyncgen.bench.stats import (
     summarize,
 )
 from asyncgen.bench.workload import Workload, arrival_offsets
+from asyncgen.cli import bench as bench_command
 from asyncgen.cli.main import main
 from asyncgen.core.errors import ConfigError
 from asyncgen.core.sse import SSEParser, StreamAssembler
@@ -492,3 +495,39 @@ def test_cli_unreachable_endpoint_is_one_clear_line() -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("asyncgen: error: cannot reach endpoint")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_second_signal_cancels_a_hung_start_and_still_reports() -> None:
+    # An endpoint that takes the connection and never answers: the run hangs in GET /models,
+    # so the first signal's stop cannot end it; the second cancels it, and the report (of
+    # nothing) and exit 130 still follow, with no traceback.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        command = [sys.executable, "-m", "asyncgen", "bench", "--base-url", url, "-m", "m"]
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()
+        ) as proc:
+            assert proc.stderr is not None
+            connection, _ = listener.accept()  # the signal handlers are in place by now
+            with connection:
+                proc.send_signal(signal.SIGINT)
+                first = proc.stderr.readline()
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=30)
+    assert first == "asyncgen bench: interrupted; reporting what has finished\n"
+    assert proc.returncode == 130, err
+    assert "asyncgen bench: m at http://127.0.0.1:" in out and "0 completed, 0 failed" in out
+    assert err == ""
+
+
+async def test_cli_run_cancelled_from_elsewhere_is_not_swallowed() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # never answers
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        config = BenchConfig(base_url=url, model="m")
+        task = asyncio.create_task(bench_command.run_cli(config, api_key=None, quiet=True))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert task.cancelled()

@@ -247,6 +247,7 @@ def test_mock_server_command_serves_and_stops_on_sigterm() -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
+    assert err == "asyncgen mock server: 0 requests, outcomes {}\n"
     assert "sk-command-line" not in err
 
 

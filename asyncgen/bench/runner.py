@@ -111,6 +111,7 @@ class Bench:
             await self._transport.aclose()
 
     def statistics(self) -> BenchProgress:
+        """Where the run stands now."""
         elapsed = 0.0 if self._t0 is None else self._now()
         return BenchProgress(elapsed, len(self._records), self._failed, self._in_flight)
 
