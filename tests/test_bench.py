@@ -11,6 +11,8 @@ import asyncio
 import itertools
 import json
 import random
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from asyncgen.bench.runner import Bench, BenchConfig, BenchResult, _Workload, arrival_offsets
+from asyncgen.bench.runner import Bench, BenchConfig, BenchResult
 from asyncgen.bench.stats import (
     RequestRecord,
     distribution,
@@ -28,6 +30,8 @@ from asyncgen.bench.stats import (
     percentile,
     summarize,
 )
+from asyncgen.bench.workload import Workload, arrival_offsets
+from asyncgen.cli import bench as bench_command
 from asyncgen.cli.main import main
 from asyncgen.core.errors import ConfigError
 from asyncgen.core.sse import SSEParser, StreamAssembler
@@ -188,7 +192,7 @@ def test_workload_renders_templates_cycling_inputs_and_synthetic_prompts(tmp_pat
     config = BenchConfig(
         base_url="http://x/v1", model="m", prompt="math", inputs=[str(shard)], max_tokens=64
     )
-    workload = _Workload(config, "m", 7)
+    workload = Workload(config, "m", 7)
     bodies = [msgspec.json.decode(workload.body(i)) for i in range(7)]
     assert workload.path == "/chat/completions" and workload.skipped == 1
     users = [b["messages"][-1]["content"] for b in bodies]
@@ -203,7 +207,7 @@ def test_workload_renders_templates_cycling_inputs_and_synthetic_prompts(tmp_pat
         endpoint="chat",
     )
     with pytest.raises(ConfigError, match="completions endpoint, not chat"):
-        _Workload(mismatched, "m", 1)
+        Workload(mismatched, "m", 1)
 
     synthetic = BenchConfig(
         base_url="http://x/v1",
@@ -216,12 +220,12 @@ def test_workload_renders_templates_cycling_inputs_and_synthetic_prompts(tmp_pat
         extra_body={"temperature": 0},
         seed=3,
     )
-    workload = _Workload(synthetic, "m", None)
+    workload = Workload(synthetic, "m", None)
     body = msgspec.json.decode(workload.body(5))
     assert workload.path == "/completions" and len(body["prompt"].split()) == 50
     assert body["max_tokens"] == 7 and body["ignore_eos"] is True and body["temperature"] == 0
     assert "stream" not in body
-    assert workload.body(5) == _Workload(synthetic, "m", None).body(5)  # seeded
+    assert workload.body(5) == Workload(synthetic, "m", None).body(5)  # seeded
     assert workload.body(5) != workload.body(6)  # and distinct, so no prefix-cache hits
 
 
@@ -273,7 +277,7 @@ async def test_queueing_behind_a_concurrency_cap_counts_in_latency() -> None:
     # queue grows. Latency from the scheduled time shows it; the service time does not.
     async with MockServer(MockConfig(latency=0.1, output_tokens=5)) as server:
         result = await bench(server, rate=50.0, concurrency=2, num_requests=30, stream=False)
-        assert server.stats().max_running_seen <= 2
+        assert server.statistics().max_running_seen <= 2
     records = ok(result)
     report = result.report
     assert report.completed == 30
@@ -293,7 +297,7 @@ async def test_queueing_behind_a_concurrency_cap_counts_in_latency() -> None:
 async def test_closed_loop_schedules_when_a_slot_frees() -> None:
     async with MockServer(MockConfig(latency=0.05, output_tokens=4)) as server:
         result = await bench(server, concurrency=4, num_requests=20)
-        assert server.stats().max_running_seen == 4
+        assert server.statistics().max_running_seen == 4
         timed = await bench(server, concurrency=2, duration=0.4)
     report = result.report
     assert report.completed == 20
@@ -319,7 +323,7 @@ async def test_failures_are_counted_by_kind_and_kept_out_of_latencies() -> None:
     )
     async with MockServer(mock) as server:
         result = await bench(server, rate=200.0, num_requests=80, timeout=0.5)
-        stats = server.stats()
+        stats = server.statistics()
     seen = stats.by_outcome
     hanging = stats.requests - sum(seen.values())  # a hang has no outcome until it ends
     report = result.report
@@ -453,7 +457,7 @@ async def test_cli_report_json_and_requests(tmp_path: Path) -> None:
         result = await asyncio.to_thread(run_cli, *args, env={"BENCH_KEY": secret})
         assert result.returncode == 0, result.stderr
         refused = await asyncio.to_thread(run_cli, "--base-url", server.base_url)
-        assert server.stats().requests == 12
+        assert server.statistics().requests == 12
     assert refused.returncode == 2 and "refused the API key" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     out = result.stdout
@@ -491,3 +495,39 @@ def test_cli_unreachable_endpoint_is_one_clear_line() -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("asyncgen: error: cannot reach endpoint")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_second_signal_cancels_a_hung_start_and_still_reports() -> None:
+    # An endpoint that takes the connection and never answers: the run hangs in GET /models,
+    # so the first signal's stop cannot end it; the second cancels it, and the report (of
+    # nothing) and exit 130 still follow, with no traceback.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        command = [sys.executable, "-m", "asyncgen", "bench", "--base-url", url, "-m", "m"]
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()
+        ) as proc:
+            assert proc.stderr is not None
+            connection, _ = listener.accept()  # the signal handlers are in place by now
+            with connection:
+                proc.send_signal(signal.SIGINT)
+                first = proc.stderr.readline()
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=30)
+    assert first == "asyncgen bench: interrupted; reporting what has finished\n"
+    assert proc.returncode == 130, err
+    assert "asyncgen bench: m at http://127.0.0.1:" in out and "0 completed, 0 failed" in out
+    assert err == ""
+
+
+async def test_cli_run_cancelled_from_elsewhere_is_not_swallowed() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # never answers
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        config = BenchConfig(base_url=url, model="m")
+        task = asyncio.create_task(bench_command.run_cli(config, api_key=None, quiet=True))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert task.cancelled()

@@ -250,7 +250,7 @@ async def test_several_base_urls_and_streaming(tmp_path: Path) -> None:
             "--output",
             str(tmp_path / "o"),
         )
-        served = (a.stats().requests, b.stats().requests)
+        served = (a.statistics().requests, b.statistics().requests)
     assert result.returncode == 0, result.stderr
     assert "60 succeeded" in result.stderr
     assert sum(served) == 60 and min(served) > 0, served

@@ -53,7 +53,7 @@ async def test_three_endpoints_share_the_load(tmp_path: Path) -> None:
         config = job(tmp_path, [s.base_url for s in servers], [shard])
         async with Engine(config) as engine:
             stats = await engine.run()
-        counts = [s.stats().requests for s in servers]
+        counts = [s.statistics().requests for s in servers]
     finally:
         for s in servers:
             await s.aclose()
@@ -87,7 +87,7 @@ async def test_endpoint_killed_and_restarted_gets_traffic_again(tmp_path: Path) 
     assert down == [True, False, True]
     found = assert_exactly_once(tmp_path / "out", ids_for("p", 1500))
     assert len(found["results"]) == 1500, "no item may fail because an endpoint died"
-    assert restarted.stats().requests > 0, "the restarted endpoint must get traffic again"
+    assert restarted.statistics().requests > 0, "the restarted endpoint must get traffic again"
     assert stats.endpoints[1].ejections >= 1 and stats.endpoints[1].up
 
 
@@ -137,7 +137,7 @@ async def test_unreachable_endpoint_at_start_joins_later(tmp_path: Path) -> None
             await late.start()
             await run
         await late.aclose()
-    assert late.stats().requests > 0
+    assert late.statistics().requests > 0
     assert_exactly_once(tmp_path / "out", ids_for("p", 400))
 
 
@@ -172,7 +172,7 @@ async def test_announced_budget_is_followed_without_being_configured(tmp_path: P
         config = job(tmp_path, server.base_url, [shard], concurrency=64, max_attempts=2)
         async with Engine(config) as engine:
             stats = await engine.run()
-        mock = server.stats()
+        mock = server.statistics()
     assert stats.failed == 0 and stats.succeeded == 120
     assert stats.endpoints[0].rpm_limit == 3000
     # The first burst finds the budget; after that, pacing keeps 429s rare.
@@ -185,7 +185,7 @@ async def test_configured_budget_avoids_429s(tmp_path: Path) -> None:
         config = job(tmp_path, server.base_url, [shard], concurrency=64, rpm=3000)
         async with Engine(config) as engine:
             stats = await engine.run()
-        mock = server.stats()
+        mock = server.statistics()
     assert stats.succeeded == 150
     assert mock.rate_limited <= 2, mock
 
@@ -197,7 +197,7 @@ async def test_streaming_with_cuts_completes_exactly_once(tmp_path: Path) -> Non
         config = job(tmp_path, server.base_url, [shard], stream=True, max_attempts=8)
         async with Engine(config) as engine:
             stats = await engine.run()
-        mock = server.stats()
+        mock = server.statistics()
     found = assert_exactly_once(tmp_path / "out", ids_for("p", 400))
     assert len(found["results"]) == 400
     assert mock.by_outcome.get("stream_cut", 0) > 0
@@ -232,7 +232,7 @@ async def test_stalled_stream_is_retried_after_idle_timeout(tmp_path: Path) -> N
         config = job(tmp_path, server.base_url, [shard], stream=True, idle_timeout=0.3)
         async with Engine(config) as engine:
             stats = await engine.run()
-        mock = server.stats()
+        mock = server.statistics()
     assert stats.succeeded == 30 and stats.failed == 0
     stalled = mock.requests - 30  # the mock never finishes a stall the client gave up on
     assert stalled >= 1
@@ -252,7 +252,7 @@ async def test_a_429_sends_the_item_to_another_endpoint_at_once(tmp_path: Path) 
         async with Engine(config) as engine:
             async with asyncio.timeout(15):
                 stats = await engine.run()
-        refused = limited.stats().by_outcome.get("429", 0)
+        refused = limited.statistics().by_outcome.get("429", 0)
     assert_exactly_once(tmp_path / "out", ids_for("p", 100))
     assert stats.succeeded == 100 and stats.throttled == refused >= 1
     assert stats.endpoints[1].succeeded == 100

@@ -61,7 +61,7 @@ async def test_thousands_of_items_with_faults_exactly_once(tmp_path: Path) -> No
         config = job(tmp_path, server, inputs, concurrency=128, max_attempts=10)
         async with Engine(config, rng=random.Random(5)) as engine:
             stats = await engine.run()
-        requests = server.stats().requests
+        requests = server.statistics().requests
     expected = ids_for("p1", 1500) | ids_for("p2", 1500)
     found = assert_exactly_once(tmp_path / "out", expected)
     assert len(found["results"]) == 3000 and not found["failures"] and not found["errors"]
@@ -84,10 +84,10 @@ async def test_rerun_of_finished_job_sends_nothing(tmp_path: Path, mock_server: 
     async with Engine(config) as engine:
         first = await engine.run()
     assert first.succeeded == 400
-    before = mock_server.stats().requests
+    before = mock_server.statistics().requests
     async with Engine(config) as engine:
         second = await engine.run()
-    assert mock_server.stats().requests == before, "a finished job sends zero requests"
+    assert mock_server.statistics().requests == before, "a finished job sends zero requests"
     assert second.requests == 0 and second.skipped == 400 and second.finished
     assert second.succeeded_total == 400
     assert_exactly_once(tmp_path / "out", ids_for("p", 200, samples=2))
@@ -122,10 +122,10 @@ async def test_stopping_early_from_the_consumer_then_resuming(tmp_path: Path) ->
         # The generator was left suspended, not closed: leaving the block still stops the job.
         assert not [t for t in asyncio.all_tasks() if "Engine." in repr(t.get_coro())]
         assert engine.statistics().in_flight == 0
-        sent = server.stats().requests
+        sent = server.statistics().requests
         files = {p.name: p.stat().st_size for p in (tmp_path / "out").iterdir()}
         await asyncio.sleep(0.3)
-        assert server.stats().requests == sent, "no request after the block was left"
+        assert server.statistics().requests == sent, "no request after the block was left"
         assert {p.name: p.stat().st_size for p in (tmp_path / "out").iterdir()} == files
         found = read_output(tmp_path / "out")
         assert 5 <= len(found["results"]) < 2000
@@ -212,7 +212,7 @@ async def test_graceful_stop_drains_in_flight(tmp_path: Path) -> None:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(stop_soon())
                 stats = await engine.run()
-        sent = server.stats().requests
+        sent = server.statistics().requests
     assert stats.stopped and not stats.finished
     assert stats.in_flight == 0
     # Everything that was sent came back and was committed: nothing in flight was dropped.
@@ -221,7 +221,7 @@ async def test_graceful_stop_drains_in_flight(tmp_path: Path) -> None:
         config = job(tmp_path, server, inputs, concurrency=32)
         async with Engine(config) as engine:
             await engine.run()
-        assert server.stats().requests == 3000 - sent
+        assert server.statistics().requests == 3000 - sent
     assert_exactly_once(tmp_path / "out", ids_for("p", 3000))
 
 
@@ -252,7 +252,7 @@ async def test_permanent_errors_are_recorded_not_retried(
     config = job(tmp_path, mock_server, inputs, prompt=None, model=None, max_attempts=5)
     async with Engine(config) as engine:
         stats = await engine.run()
-    assert mock_server.stats().requests == 20, "a 400 is not retried"
+    assert mock_server.statistics().requests == 20, "a 400 is not retried"
     found = assert_exactly_once(tmp_path / "out", {f"r{i}" for i in range(20)})
     assert stats.failed == 2 and {r["custom_id"] for r in found["failures"]} == {"r3", "r7"}
     error = found["failures"][0]["error"]
@@ -269,12 +269,12 @@ async def test_wrong_model_or_url_stops_the_job_instead_of_failing_every_item(
         async with Engine(config) as engine:
             with pytest.raises(ConfigError, match=r"'typo-model' is not served.*real-model"):
                 await engine.run()
-        assert server.stats().requests == 0
+        assert server.statistics().requests == 0
         unchecked = msgspec.structs.replace(config, check_endpoint=False, concurrency=8)
         async with Engine(unchecked) as engine:
             with pytest.raises(ConfigError, match=r"answered HTTP 404.*typo-model"):
                 await engine.run()
-        assert 1 <= server.stats().requests <= 8
+        assert 1 <= server.statistics().requests <= 8
         no_v1 = msgspec.structs.replace(config, base_url=server.base_url.removesuffix("/v1"))
         async with Engine(no_v1) as engine:
             with pytest.raises(ConfigError, match=r"no /models.*base URL"):
@@ -292,7 +292,7 @@ async def test_exhausted_retries_become_failures(tmp_path: Path) -> None:
         config = job(tmp_path, server, inputs, max_attempts=3)
         async with Engine(config) as engine:
             stats = await engine.run()
-        assert server.stats().requests == 30
+        assert server.statistics().requests == 30
     found = read_output(tmp_path / "out")
     assert stats.failed == 10 and len(found["failures"]) == 10
     error = found["failures"][0]["error"]
@@ -305,7 +305,7 @@ async def test_a_429_storm_does_not_use_up_attempts(tmp_path: Path) -> None:
         config = job(tmp_path, server, inputs, max_attempts=2)
         async with Engine(config) as engine:
             stats = await engine.run()
-        assert server.stats().by_outcome["429"] > 200
+        assert server.statistics().by_outcome["429"] > 200
     assert stats.succeeded == 200 and stats.failed == 0
 
 

@@ -112,7 +112,7 @@ async def test_retry_failed_replaces_failures_exactly_once(tmp_path: Path) -> No
         redo = Redo((i, "p", int(i.split(":")[1])) for i in failed)
         async with Engine(config, redo=redo) as engine:
             stats = await engine.run()
-        sent = healthy.stats().requests
+        sent = healthy.statistics().requests
     assert sent == len(failed), "only the failures are sent again"
     assert stats.succeeded == len(failed) and stats.skipped == 200 - len(failed)
     assert stats.succeeded_total == 200 and stats.failed_total == 0
@@ -127,7 +127,7 @@ async def test_retry_failed_replaces_failures_exactly_once(tmp_path: Path) -> No
         config = retry_config(out, base_url=again.base_url)
         async with Engine(config) as engine:
             stats = await engine.run()
-        assert again.stats().requests == 0
+        assert again.statistics().requests == 0
     assert (stats.succeeded_total, stats.failed_total, stats.skipped) == (200, 0, 200)
 
 
@@ -190,12 +190,12 @@ async def test_previous_versions_output_reports_retries_and_resumes(tmp_path: Pa
         redo = Redo((i, "p", int(i.split(":")[1])) for i in failed)
         async with Engine(config, redo=redo) as engine:
             stats = await engine.run()
-        assert healthy.stats().requests == len(failed)
+        assert healthy.statistics().requests == len(failed)
     assert stats.succeeded_total == 40 and status(out).failed == 0
     assert_logically_once(out, ids(40))
     async with MockServer() as again:
         await run_job(tmp_path, again.base_url, 40)
-        assert again.stats().requests == 0
+        assert again.statistics().requests == 0
 
 
 async def test_failing_again_keeps_one_standing_failure(tmp_path: Path) -> None:
@@ -245,7 +245,7 @@ async def test_retry_only_the_reasons_asked_for(tmp_path: Path) -> None:
     assert set(by_reason) == {"http_500", "malformed_response"}, by_reason
     async with MockServer() as healthy:
         assert await _retry_cli(out, healthy.base_url, "--reason", "http_500") == 0
-        assert healthy.stats().requests == by_reason["http_500"]
+        assert healthy.statistics().requests == by_reason["http_500"]
     assert status(out).failed_by_reason == {"malformed_response": by_reason["malformed_response"]}
     assert_logically_once(out, ids(100))
 

@@ -19,14 +19,9 @@ import msgspec
 import openai
 import pytest
 
+from asyncgen.cli.mock_server import add_arguments, config_from_args, main_from_args
 from asyncgen.mock.budget import RateBudgets, RunningSlots, format_duration
-from asyncgen.mock.server import (
-    MockConfig,
-    MockServer,
-    add_arguments,
-    config_from_args,
-    main_from_args,
-)
+from asyncgen.mock.server import MockConfig, MockServer
 
 from .conftest import clean_env
 
@@ -67,8 +62,8 @@ async def test_official_sdk_chat_completions_and_models() -> None:
     assert again.choices[0].message.content == choice.message.content, "deterministic"
     assert other.choices[0].message.content != choice.message.content
     assert [m.id for m in models.data] == ["mock-model"]
-    assert server.stats().requests == 3
-    assert server.stats().by_route == {"/v1/chat/completions": 3, "/v1/models": 1}
+    assert server.statistics().requests == 3
+    assert server.statistics().by_route == {"/v1/chat/completions": 3, "/v1/models": 1}
 
 
 async def test_official_sdk_completions_with_max_tokens_and_n() -> None:
@@ -120,7 +115,7 @@ async def test_official_sdk_retries_429_using_retry_after_ms() -> None:
                     model="m", messages=[{"role": "user", "content": "hi"}]
                 )
                 assert reply.choices[0].message.content
-        assert server.stats().by_outcome["429"] >= 3
+        assert server.statistics().by_outcome["429"] >= 3
 
 
 async def call(
@@ -156,7 +151,7 @@ CHAT = msgspec.json.encode({"model": "m", "messages": [{"role": "user", "content
 async def test_injected_error_statuses(config: MockConfig, status: int, outcome: str) -> None:
     async with MockServer(config) as server:
         got, body = await post(server, CHAT)
-        assert server.stats().by_outcome == {outcome: 1}
+        assert server.statistics().by_outcome == {outcome: 1}
     assert got == status
     decoded = json.loads(body)
     message = decoded["error"]["message"] if "error" in decoded else decoded["message"]
@@ -183,7 +178,7 @@ async def test_dropped_connection_and_hang() -> None:
     async with MockServer(MockConfig(drop=1.0)) as server:
         with pytest.raises(aiohttp.ClientError):
             await post(server, CHAT)
-        assert server.stats().by_outcome == {"drop": 1}
+        assert server.statistics().by_outcome == {"drop": 1}
     async with MockServer(MockConfig(hang=1.0, hang_seconds=60)) as server:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.3):
@@ -199,7 +194,7 @@ async def test_request_validation() -> None:
         assert (await post(server, no_model))[0] == 400
         bad_limit = msgspec.json.encode({"model": "m", "prompt": "x", "max_tokens": 0})
         assert (await post(server, bad_limit, "/completions"))[0] == 400
-        assert server.stats().by_outcome == {"400": 4}
+        assert server.statistics().by_outcome == {"400": 4}
 
 
 async def test_latency_is_applied() -> None:
@@ -252,6 +247,7 @@ def test_mock_server_command_serves_and_stops_on_sigterm() -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
+    assert err == "asyncgen mock server: 0 requests, outcomes {}\n"
     assert "sk-command-line" not in err
 
 
@@ -346,7 +342,7 @@ async def test_requests_budget_refuses_a_burst_and_announces_itself() -> None:
         assert headers["retry-after"] == "5"
         burst = await asyncio.gather(*(call(server, CHAT) for _ in range(10)))
         assert [status for status, _, _ in burst] == [429] * 10
-        stats = server.stats()
+        stats = server.statistics()
         assert stats.rate_limited == 11
         assert stats.by_outcome == {"ok": 3, "rate_limited": 11}
         async with aiohttp.ClientSession() as session:
@@ -373,7 +369,7 @@ async def test_retry_after_ms_is_long_enough() -> None:
                 await client.chat.completions.create(
                     model="m", messages=[{"role": "user", "content": "hi"}]
                 )
-        assert server.stats().by_outcome["ok"] == 5
+        assert server.statistics().by_outcome["ok"] == 5
 
 
 def chat_body(prompt: str, **extra: object) -> bytes:
@@ -396,7 +392,7 @@ async def test_tokens_budget_charges_prompt_and_completion_of_admitted_requests(
         # Had the refusal been charged, this 6-token request would wait 21 s, not 6 s.
         status, headers, _ = await call(server, chat_body("a b c d e", max_tokens=1))
         assert status == 429 and 5_000 < int(headers["retry-after-ms"]) <= 6_000
-        stats = server.stats()
+        stats = server.statistics()
     assert (stats.prompt_tokens, stats.completion_tokens, stats.rate_limited) == (10, 20, 2)
 
 
@@ -414,7 +410,9 @@ async def test_random_429_announces_the_budget_only_when_one_is_enforced() -> No
         _, plain, _ = await call(server, CHAT)
     async with MockServer(MockConfig(fail_429=1.0, rpm_limit=600)) as server:
         status, headers, _ = await call(server, CHAT)
-        assert server.stats().by_outcome == {"429": 1} and server.stats().rate_limited == 0
+        assert (
+            server.statistics().by_outcome == {"429": 1} and server.statistics().rate_limited == 0
+        )
     assert not [name for name in plain if name.startswith("x-ratelimit")]
     assert status == 429 and headers["x-ratelimit-limit-requests"] == "600"
 
@@ -454,7 +452,7 @@ async def test_max_running_queues_requests_and_their_wait_adds_to_latency() -> N
             return loop.time() - start
 
         durations = await asyncio.gather(*(timed() for _ in range(6)))
-        stats = server.stats()
+        stats = server.statistics()
     assert stats.max_running_seen == 2
     assert min(durations) >= 0.09 and max(durations) >= 0.25  # three waves of 0.1 s
 
@@ -469,7 +467,7 @@ async def test_token_latency_paces_replies_and_slows_under_load() -> None:
         start = loop.time()
         await asyncio.gather(*(post(server, CHAT) for _ in range(4)))
         together = loop.time() - start
-        assert server.stats().max_running_seen == 4
+        assert server.statistics().max_running_seen == 4
     assert alone >= 0.09  # 20 tokens at 5 ms
     assert together >= 0.25  # four at once: each token takes up to 20 ms
 
@@ -489,7 +487,7 @@ async def test_official_sdk_streams_chat_exactly_like_the_plain_reply() -> None:
             model="m", messages=messages, stream=True, max_tokens=3
         )
         short_chunks = [chunk async for chunk in short]
-        stats = server.stats()
+        stats = server.statistics()
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[0].choices[0].delta.content == ""
     assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
@@ -592,7 +590,7 @@ async def test_stream_cut_closes_without_done() -> None:
         pieces, eof = await raw_stream(
             server, chat_body("x", stream=True), version=aiohttp.HttpVersion10
         )
-        stats = server.stats()
+        stats = server.statistics()
     assert isinstance(error, aiohttp.ClientPayloadError) and eof is None
     assert stats.by_outcome == {"stream_cut": 2} and stats.completion_tokens == 0
     sent = events(b"".join(piece for _, piece in pieces))
@@ -607,7 +605,7 @@ async def test_stream_stall_pauses_then_finishes() -> None:
     config = MockConfig(stream_stall=1.0, hang_seconds=0.3, output_tokens=5)
     async with MockServer(config) as server:
         pieces, error = await raw_stream(server, chat_body("x", stream=True))
-        assert server.stats().by_outcome == {"stream_stalled": 1}
+        assert server.statistics().by_outcome == {"stream_stalled": 1}
     assert error is None
     assert events(b"".join(piece for _, piece in pieces))[-1] == "[DONE]"
     gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(pieces)]

@@ -15,9 +15,10 @@ import openai
 import pytest
 
 from asyncgen import Engine, JobConfig
+from asyncgen.cli.mock_server import add_arguments, config_from_args
 from asyncgen.core.errors import ConfigError
 from asyncgen.job.prompts import load_template
-from asyncgen.mock.server import MockConfig, MockServer, add_arguments, config_from_args
+from asyncgen.mock.server import MockConfig, MockServer
 from asyncgen.storage.status import status
 
 from .conftest import (
@@ -62,7 +63,7 @@ async def test_invalid_replies_are_retried_and_every_item_ends_once(
         )
         async with Engine(config) as engine:
             stats = await engine.run()
-        mock = server.stats()
+        mock = server.statistics()
     found = assert_exactly_once(tmp_path / "out", ids_for("p", 200))
     assert not found["failures"] and stats.succeeded == 200
     assert mock.invalid_json > 20 and mock.requests == 200 + mock.invalid_json
@@ -92,7 +93,7 @@ async def test_always_invalid_fails_after_max_invalid_attempts(tmp_path: Path) -
         config = job(tmp_path, server.base_url, inputs, max_invalid=3, max_attempts=2)
         async with Engine(config) as engine:
             stats = await engine.run()
-        mock = server.stats()
+        mock = server.statistics()
     found = assert_exactly_once(tmp_path / "out", ids_for("p", 30))
     assert not found["results"] and stats.failed == 30
     assert mock.requests == mock.invalid_json == 90
@@ -110,7 +111,7 @@ async def test_always_invalid_fails_after_max_invalid_attempts(tmp_path: Path) -
     async with MockServer() as server:  # a rerun: failures are final for the directory
         async with Engine(job(tmp_path, server.base_url, inputs)) as engine:
             again = await engine.run()
-        assert server.stats().requests == 0 and again.skipped == 30
+        assert server.statistics().requests == 0 and again.skipped == 30
 
 
 async def test_truncated_reply_says_so_and_the_request_asks_for_the_schema(
@@ -220,7 +221,7 @@ async def test_cli_run_with_max_invalid(tmp_path: Path) -> None:
             env=clean_env(),
             timeout=120,
         )
-        assert server.stats().requests == 16
+        assert server.statistics().requests == 16
     assert result.returncode == 1, result.stderr
     found = assert_exactly_once(tmp_path / "o", ids_for("p", 8))
     assert {f["error"]["code"] for f in found["failures"]} == {"invalid_output"}

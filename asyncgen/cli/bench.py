@@ -1,5 +1,11 @@
 """The ``asyncgen bench`` command line: flags, the run with progress and Ctrl-C, the report
-as a table and as JSON. The benchmark itself is :mod:`asyncgen.bench.runner`."""
+as a table and as JSON. The benchmark itself is :mod:`asyncgen.bench.runner`.
+
+The first Ctrl-C or SIGTERM stops the run (nothing more is sent, the requests in flight are
+abandoned) and the report covers what finished; a second one cancels the run where it is
+(say, in a start-up check that hangs) and still reports what finished. Either way the exit
+status is 130.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +13,53 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import shlex
-import signal
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from asyncgen._version import __version__
-from asyncgen.bench.runner import (
-    _DEFAULT_INPUT_LEN,
-    Bench,
-    BenchConfig,
-    BenchResult,
-)
+from asyncgen.bench.config import DEFAULT_INPUT_LEN, BenchConfig
+from asyncgen.bench.runner import Bench, BenchResult
 from asyncgen.bench.stats import SLO_METRICS, format_report
 from asyncgen.cli.args import json_object, non_negative_int, positive_float, positive_int, run_async
+from asyncgen.cli.console import out, say
+from asyncgen.cli.exits import Exit
+from asyncgen.cli.signals import StopSignals
 from asyncgen.core.errors import ConfigError
+from asyncgen.core.redact import redact_text
 from asyncgen.job.prompts import available_templates
 
-__all__ = ["add_arguments", "config_from_args", "main_from_args", "result_document", "run_cli"]
+__all__ = [
+    "add_arguments",
+    "add_command",
+    "config_from_args",
+    "main_from_args",
+    "result_document",
+    "run_cli",
+]
 
+_COMMAND = "asyncgen bench"
 _encode = msgspec.json.encode
+
+
+def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The ``bench`` subcommand, handled by :func:`main_from_args`."""
+    parser = sub.add_parser(
+        "bench",
+        help="benchmark a serving deployment: latency (TTFT, TPOT, ITL), throughput, goodput",
+        description="Send a workload at a fixed or Poisson rate, or in a closed loop, to an "
+        "OpenAI-compatible endpoint (vllm serve, OpenAI, a gateway) and report throughput, "
+        "goodput and latency percentiles. Latencies count from each request's scheduled "
+        "send time, so waiting in the client is included (no coordinated omission).",
+        epilog="Exit status: 0 finished; 1 no measured request succeeded; 2 usage or "
+        "endpoint error; 130 interrupted (the report covers what finished).",
+    )
+    add_arguments(parser)
+    parser.set_defaults(handler=main_from_args)
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -244,13 +271,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
-_USERINFO = re.compile(r"(?i)\b(https?://)[^/@\s]*@")
-
-
-def _redact(text: str) -> str:
-    return _USERINFO.sub(r"\1***@", text)
-
-
 def _writable(path: str | None, flag: str) -> None:
     if path is not None and not Path(path).resolve().parent.is_dir():
         raise ConfigError(f"{flag} {path}: the directory does not exist")
@@ -261,7 +281,7 @@ def result_document(result: BenchResult, config: BenchConfig, argv: Sequence[str
     settings = msgspec.to_builtins(config)
     # The values in effect, defaults resolved, so runs compare without knowing the defaults.
     settings.update(
-        base_url=_redact(config.base_url),
+        base_url=redact_text(config.base_url),
         model=result.model,
         endpoint=result.endpoint,
         concurrency=config.max_in_flight,
@@ -269,8 +289,8 @@ def result_document(result: BenchResult, config: BenchConfig, argv: Sequence[str
         max_tokens=config.max_tokens_sent,
     )
     if config.prompt is None:
-        settings["input_len"] = config.input_len or _DEFAULT_INPUT_LEN
-    command = [_redact(arg) for arg in argv]
+        settings["input_len"] = config.input_len or DEFAULT_INPUT_LEN
+    command = [redact_text(arg) for arg in argv]
     return {
         "asyncgen_version": __version__,
         "command": command,
@@ -290,48 +310,53 @@ async def run_cli(
     quiet: bool = False,
 ) -> BenchResult:
     """Run the benchmark with progress lines on stderr; Ctrl-C or SIGTERM ends it early with
-    what has finished (a second one at once)."""
-    err = sys.stderr
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
+    what has finished (a second one at once). A cancellation from elsewhere goes on."""
     async with Bench(config, api_key=api_key) as bench:
 
-        def on_signal() -> None:
-            if bench.stopping:
-                main_task.cancel()
-                return
-            err.write("asyncgen bench: interrupted; reporting what has finished\n")
+        def graceful(_signal: object) -> None:
+            say("interrupted; reporting what has finished", command=_COMMAND)
             bench.stop()
 
-        async def report_progress() -> None:
-            while True:
-                await asyncio.sleep(progress_interval)
-                p = bench.progress()
-                rate = p.done / p.elapsed if p.elapsed else 0.0
-                err.write(
-                    f"asyncgen bench: {p.elapsed:.1f}s  {p.done} done ({p.failed} failed)  "
-                    f"{p.in_flight} in flight  {rate:.1f} req/s\n"
-                )
-                err.flush()
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal)
-        progress = None if quiet else asyncio.create_task(report_progress())
-        try:
-            return await bench.run()
-        finally:
-            if progress is not None:
-                progress.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await progress
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
+        with StopSignals(graceful) as signals:
+            try:
+                async with _progress_lines(bench, None if quiet else progress_interval):
+                    return await bench.run()
+            except asyncio.CancelledError:
+                if not signals.absorb():
+                    raise
+    return bench.result()
 
 
-def main_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """``asyncgen bench``: the report on stdout; ``argv`` is the command line as typed, kept
-    in the JSON. Exit status 0, or 1 when no measured request succeeded, or 130 when
+@contextlib.asynccontextmanager
+async def _progress_lines(bench: Bench, interval: float | None) -> AsyncIterator[None]:
+    """A progress line on stderr every ``interval`` seconds (None: none) while inside."""
+    if interval is None:
+        yield
+        return
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            p = bench.statistics()
+            rate = p.done / p.elapsed if p.elapsed else 0.0
+            say(
+                f"{p.elapsed:.1f}s  {p.done} done ({p.failed} failed)  "
+                f"{p.in_flight} in flight  {rate:.1f} req/s",
+                command=_COMMAND,
+            )
+
+    task = asyncio.create_task(report())
+    try:
+        yield
+    finally:
+        task.cancel()
+        # wait(), unlike awaiting the task, raises only for a cancellation of our own.
+        await asyncio.wait([task])
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    """``asyncgen bench``: the report on stdout; ``args.argv``, the command line as typed, is
+    kept in the JSON. Exit status 0, or 1 when no measured request succeeded, or 130 when
     interrupted (the report covers what finished)."""
     config = config_from_args(args)
     _writable(args.json, "--json")
@@ -344,16 +369,16 @@ def main_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     result = run_async(coro)
     if result.skipped_inputs:
-        print(f"asyncgen bench: skipped {result.skipped_inputs} bad input lines", file=sys.stderr)
-    title = f"asyncgen bench: {result.model} at {_redact(config.base_url)}"
-    print(format_report(result.report, title=title), flush=True)
+        say(f"skipped {result.skipped_inputs} bad input lines", command=_COMMAND)
+    title = f"asyncgen bench: {result.model} at {redact_text(config.base_url)}"
+    out(format_report(result.report, title=title))
     if args.json is not None:
-        document = result_document(result, config, argv)
+        document = result_document(result, config, args.argv)
         Path(args.json).write_bytes(msgspec.json.format(_encode(document)) + b"\n")
     if args.save_requests is not None:
         with open(args.save_requests, "wb") as f:
             for record in result.records:
                 f.write(_encode(record) + b"\n")
     if result.interrupted:
-        return 130
-    return 0 if result.report.completed or not result.report.requests else 1
+        return Exit.INTERRUPTED
+    return Exit.OK if result.report.completed or not result.report.requests else Exit.FAILURES

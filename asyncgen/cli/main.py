@@ -276,29 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="template (default: %(default)s)",
     )
 
-    mock = sub.add_parser(
-        "mock-server",
-        help="serve an OpenAI/vLLM-compatible mock API with latency and fault injection",
-        description="An OpenAI-compatible server for tests and benchmarks: deterministic "
-        "synthetic completions, configurable latency and injected faults.",
-    )
-    from asyncgen.mock import server as mock_module
-
-    mock_module.add_arguments(mock)
-
-    bench = sub.add_parser(
-        "bench",
-        help="benchmark a serving deployment: latency (TTFT, TPOT, ITL), throughput, goodput",
-        description="Send a workload at a fixed or Poisson rate, or in a closed loop, to an "
-        "OpenAI-compatible endpoint (vllm serve, OpenAI, a gateway) and report throughput, "
-        "goodput and latency percentiles. Latencies count from each request's scheduled "
-        "send time, so waiting in the client is included (no coordinated omission).",
-        epilog="Exit status: 0 finished; 1 no measured request succeeded; 2 usage or "
-        "endpoint error; 130 interrupted (the report covers what finished).",
-    )
     from asyncgen.cli import bench as bench_module
+    from asyncgen.cli import mock_server
 
-    bench_module.add_arguments(bench)
+    mock_server.add_command(sub)
+    bench_module.add_command(sub)
 
     personas = sub.add_parser(
         "personas",
@@ -437,20 +419,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = getattr(args, "handler", None)
         if handler is not None:
             # Subcommands registered by their own modules: handler(args) -> exit status.
+            args.argv = ["asyncgen", *(sys.argv[1:] if argv is None else argv)]
             return int(handler(args))
         if args.command == "prompts":
             for name in available_templates():
                 print(f"{name:18} {load_template(name).description}")
             return EXIT_OK
-        if args.command == "mock-server":
-            from asyncgen.mock import server as mock_module
-
-            return mock_module.main_from_args(args)
-        if args.command == "bench":
-            from asyncgen.cli import bench as bench_module
-
-            typed = sys.argv[1:] if argv is None else list(argv)
-            return bench_module.main_from_args(args, ["asyncgen", *typed])
         if args.command == "demo":
             from asyncgen.cli.demo import run_demo
 

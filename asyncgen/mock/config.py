@@ -1,0 +1,102 @@
+"""How the mock behaves: :class:`MockConfig`, every knob of latency, load, budgets and faults,
+checked when it is made."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+__all__ = ["MockConfig"]
+
+_PROBABILITIES = (
+    "fail_429",
+    "fail_500",
+    "fail_503",
+    "drop",
+    "hang",
+    "malformed",
+    "stream_cut",
+    "stream_stall",
+    "invalid_json",
+)
+_NON_NEGATIVE = (
+    "latency",
+    "latency_jitter",
+    "retry_after",
+    "hang_seconds",
+    "token_latency",
+    "load_slowdown",
+)
+
+
+class MockConfig(msgspec.Struct, kw_only=True):
+    """How the mock behaves. Probabilities are per generation request, in [0, 1]."""
+
+    latency: float = 0.0
+    """Seconds before a reply (or a stream's first token), on average."""
+    latency_jitter: float = 0.0
+    """Latency is drawn uniformly from ``latency ± latency_jitter`` (never below 0)."""
+    seed: int = 0
+    output_tokens: int = 32
+    """Words in a reply that is not cut short by ``max_tokens``."""
+    models: list[str] = msgspec.field(default_factory=list)
+    """Models served; when empty, any model name is accepted (``/models`` lists ``mock-model``)."""
+    api_key: str | None = None
+    """When set, requests must carry ``Authorization: Bearer <api_key>``."""
+    fail_429: float = 0.0
+    retry_after: float = 1.0
+    """Seconds announced by a 429 in ``retry-after-ms`` (and rounded up in ``retry-after``)."""
+    fail_500: float = 0.0
+    fail_503: float = 0.0
+    drop: float = 0.0
+    """Close the connection without a reply."""
+    hang: float = 0.0
+    """Wait ``hang_seconds`` before replying."""
+    hang_seconds: float = 3600.0
+    malformed: float = 0.0
+    """Reply 200 with an empty, truncated or non-JSON body."""
+    rpm_limit: float | None = None
+    """Requests per minute admitted (a leaky bucket); beyond it, 429 ``rate_limit_exceeded``."""
+    tpm_limit: float | None = None
+    """Tokens (prompt + completion) per minute admitted, like ``rpm_limit``."""
+    limit_burst: float = 1.0
+    """Seconds of budget each bucket holds (at least one request, and any one request's tokens)."""
+    ratelimit_headers: bool = True
+    """Announce the budgets in ``x-ratelimit-*`` headers (off: a gateway that hides them)."""
+    max_running: int | None = None
+    """At most this many requests generate at once; the rest wait in FIFO order."""
+    token_latency: float = 0.0
+    """Seconds per output token, after ``latency``."""
+    load_slowdown: float = 0.0
+    """Per-token time grows by this fraction for each other request generating at once."""
+    stream_comments: bool = False
+    """Streams also carry SSE comments and blank lines, and split events across writes."""
+    stream_cut: float = 0.0
+    """Close a stream abruptly after some content (no finish chunk, no ``[DONE]``)."""
+    stream_stall: float = 0.0
+    """Pause a stream for ``hang_seconds`` after some content, then finish it."""
+    invalid_json: float = 0.0
+    """Share of structured replies (``response_format`` JSON) that are invalid: cut short
+    (``finish_reason`` "length") or missing a field."""
+
+    def __post_init__(self) -> None:
+        for name in _PROBABILITIES:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        for name in _NON_NEGATIVE:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.output_tokens < 1:
+            raise ValueError("output_tokens must be at least 1")
+        for name in ("rpm_limit", "tpm_limit"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        if not 0 < self.limit_burst < math.inf:
+            raise ValueError(
+                f"limit_burst must be a positive number of seconds, got {self.limit_burst}"
+            )
+        if self.max_running is not None and self.max_running < 1:
+            raise ValueError(f"max_running must be at least 1, got {self.max_running}")
