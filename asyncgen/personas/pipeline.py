@@ -12,10 +12,10 @@ Each stage is an ordinary job in its own output directory, so the exactly-once b
 
 A stage whose shard exists is done. Otherwise its job runs (a finished job sends nothing) and,
 once every item is committed, its results are written with
-:class:`~asyncgen.storage.files.AtomicFile`: a crash leaves no shard or a complete one, never
-a partial one. That matters because the next
-round's ids are this shard's line numbers: once it exists, it never changes. Rounds get shard
-names of their own for the same reason (a ``custom_id`` starts with its input's shard name).
+:func:`~asyncgen.storage.files.atomic_write`: a crash leaves no shard or a complete one, never
+a partial one. That matters because the next round's ids are this shard's line numbers: once
+it exists, it never changes. Rounds get shard names of their own for the same reason (a
+``custom_id`` starts with its input's shard name).
 
 Every persona line carries its provenance: ``id`` (the ``custom_id`` of the result it is),
 ``round``, ``template``, ``model``, and ``source`` (from text: the text shard and line) or
