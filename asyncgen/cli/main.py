@@ -9,10 +9,9 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
 
 from asyncgen._version import __version__
-from asyncgen.cli import bench, demo, jobtools, personas, prompts, run
+from asyncgen.cli import bench, demo, jobtools, mock_server, personas, prompts, run
 from asyncgen.cli.console import error, say
 from asyncgen.cli.exits import Exit
 from asyncgen.core.errors import AsyncgenError
@@ -33,37 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run.add_command(sub)
     demo.add_command(sub)
-    _interim_mock_and_bench(sub)
+    mock_server.add_command(sub)
+    bench.add_command(sub)
     personas.add_command(sub)
     jobtools.add_commands(sub)
     prompts.add_command(sub)
     return parser
-
-
-def _interim_mock_and_bench(sub: argparse._SubParsersAction[Any]) -> None:
-    # Until asyncgen.cli.mock_server and bench register themselves (add_command).
-    from asyncgen.mock import server as mock_module
-
-    mock = sub.add_parser(
-        "mock-server",
-        help="serve an OpenAI/vLLM-compatible mock API with latency and fault injection",
-        description="An OpenAI-compatible server for tests and benchmarks: deterministic "
-        "synthetic completions, configurable latency and injected faults.",
-    )
-    mock_module.add_arguments(mock)
-    mock.set_defaults(handler=mock_module.main_from_args)
-    b = sub.add_parser(
-        "bench",
-        help="benchmark a serving deployment: latency (TTFT, TPOT, ITL), throughput, goodput",
-        description="Send a workload at a fixed or Poisson rate, or in a closed loop, to an "
-        "OpenAI-compatible endpoint (vllm serve, OpenAI, a gateway) and report throughput, "
-        "goodput and latency percentiles. Latencies count from each request's scheduled "
-        "send time, so waiting in the client is included (no coordinated omission).",
-        epilog="Exit status: 0 finished; 1 no measured request succeeded; 2 usage or "
-        "endpoint error; 130 interrupted (the report covers what finished).",
-    )
-    bench.add_arguments(b)
-    b.set_defaults(handler=lambda args: bench.main_from_args(args, args.argv))
 
 
 def entry() -> int:
