@@ -1,5 +1,5 @@
 import sys
 
-from asyncgen.cli.main import entry
+from asyncgen.cli import entry
 
 sys.exit(entry())

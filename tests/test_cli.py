@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +12,10 @@ from pathlib import Path
 import pytest
 
 import asyncgen
+from asyncgen.cli.exits import Exit
 from asyncgen.cli.main import build_parser, main
+from asyncgen.cli.run import exit_status, run_job
+from asyncgen.engine.engine import JobConfig
 from asyncgen.mock.server import MockConfig, MockServer
 
 from .conftest import assert_exactly_once, clean_env, personas, read_output, write_shard
@@ -304,3 +310,76 @@ def test_tune_gc_adapts_the_young_threshold_to_what_collections_find() -> None:
     # checked before anything changes, so safe in this process
     with pytest.raises(ValueError, match="threshold <= ceiling"):
         asyncgen.tune_gc(20_000, ceiling=10_000)
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """``asyncgen prompts | head -1``: stdout's pipe is closed before the output is written."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "asyncgen", "prompts"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert result.returncode == 0 and result.stderr == ""
+
+
+def _slow_job(tmp_path: Path, base_url: str) -> JobConfig:
+    shard = write_shard(tmp_path / "p.jsonl", personas(20))
+    return JobConfig(
+        inputs=[str(shard)],
+        output=str(tmp_path / "o"),
+        prompt="math",
+        model="mock-model",
+        base_url=base_url,
+        drain_timeout=60,
+    )
+
+
+async def _until_requests(server: MockServer) -> None:
+    async with asyncio.timeout(30):
+        while not server.statistics().requests:  # noqa: ASYNC110  (the mock has no event for it)
+            await asyncio.sleep(0.01)
+
+
+async def test_a_cancel_from_the_caller_propagates_out_of_run_job(tmp_path: Path) -> None:
+    """Only run_job's own second signal ends in a report; a cancellation from whoever awaits
+    it (a timeout, a failing sibling in a task group) goes on."""
+    async with MockServer(MockConfig(latency=60)) as server:
+        task = asyncio.create_task(
+            run_job(_slow_job(tmp_path, server.base_url), api_key=None, quiet=True)
+        )
+        await _until_requests(server)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+
+
+async def test_second_signal_stops_at_once_and_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first SIGINT drains (up to a minute here), the second stops now: run_job returns
+    what finished, the command would exit 130."""
+    async with MockServer(MockConfig(latency=60)) as server:
+        loop = asyncio.get_running_loop()
+        job = asyncio.ensure_future(
+            run_job(_slow_job(tmp_path, server.base_url), api_key=None, quiet=True)
+        )
+        await _until_requests(server)
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(0.2)
+        assert not job.done()
+        loop.call_soon(os.kill, os.getpid(), signal.SIGINT)
+        stats = await job
+    assert not stats.finished and exit_status(stats) == Exit.INTERRUPTED
+    err = capsys.readouterr().err
+    assert "asyncgen: SIGINT: no new requests; waiting up to 60s" in err
+    assert "asyncgen: stopping now; flushing what has come back" in err
+    assert "stopped early (rerun the same command to resume)" in err

@@ -14,15 +14,10 @@ import zstandard
 from asyncgen.cli.main import main
 from asyncgen.core.errors import InputError, OutputError
 from asyncgen.core.records import Line
-from asyncgen.personas.tools import (
-    BadLine,
-    LinesWriter,
-    Persona,
-    PersonaFilter,
-    PersonaReader,
-    StatsCollector,
-    reservoir_sample,
-)
+from asyncgen.personas.reader import BadLine, Persona, PersonaReader
+from asyncgen.personas.select import PersonaFilter, reservoir_sample
+from asyncgen.personas.stats import StatsCollector
+from asyncgen.storage.shards import LinesWriter
 
 BASE = (
     "A retired marine biologist from Maine who volunteers at the aquarium and writes picture "

@@ -287,7 +287,7 @@ def test_an_interrupted_conversion_is_redone(
     assert [len(read_shard(p)) for p in made] == [30, 30, 30]
     for path in made[0], made[2]:  # round 1 stays: only the missing one is redone
         path.unlink()
-        path.with_name(path.name + ".tmp").write_bytes(first[0][:100])  # torn and stale
+        path.with_name(f".{path.name}.x1y2z3.tmp").write_bytes(first[0][:100])  # torn, stale
     before = server_requests(slow_url)
     code, err = run(capsys, *from_text)
     assert code == 0 and "0 requests" in err, err

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
-__all__ = ["error", "out", "say", "warn"]
+__all__ = ["error", "out", "report", "say", "warn"]
 
 
 def say(message: str, *, command: str = "asyncgen") -> None:
@@ -27,6 +27,12 @@ def warn(message: str, *, command: str = "asyncgen") -> None:
 def error(message: str, *, command: str = "asyncgen") -> None:
     """``command: error: message`` on stderr."""
     say(f"error: {message}", command=command)
+
+
+def report(text: str) -> None:
+    """A command's closing report on stderr, as it is: its lines follow the prefixed ones."""
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr, flush=True)
 
 
 def out(text: str) -> None:

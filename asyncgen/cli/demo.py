@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import random
-import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import zstandard
 
-from asyncgen.cli.main import run_job
+from asyncgen.cli.args import positive_int, run_async
+from asyncgen.cli.console import out, say
+from asyncgen.cli.exits import Exit
+from asyncgen.cli.run import exit_status, run_job
 from asyncgen.engine.engine import JobConfig
 from asyncgen.mock.server import MockConfig, MockServer
+from asyncgen.storage.files import atomic_write
 
-__all__ = ["make_personas", "run_demo"]
+__all__ = ["add_command", "make_personas", "run_demo"]
 
 _AGES = ["retired", "young", "mid-career", "semi-retired", "newly qualified", "veteran"]
 _ROLES = [
@@ -65,6 +70,42 @@ _PLACES = [
 ]
 
 
+def add_command(sub: argparse._SubParsersAction[Any]) -> None:
+    """Register ``asyncgen demo``."""
+    demo = sub.add_parser(
+        "demo",
+        help="run a small job end to end against the built-in mock server (no key, no network)",
+        description="Generate a small persona shard, start the built-in mock server on "
+        "127.0.0.1, run a real job through it, and show where the results are.",
+    )
+    demo.add_argument(
+        "--output",
+        "-o",
+        default="asyncgen-demo",
+        metavar="DIR",
+        help="directory for the demo's input and results (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--personas",
+        type=positive_int,
+        default=500,
+        metavar="N",
+        help="how many personas to generate (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--prompt",
+        "-p",
+        default="math",
+        metavar="NAME|PATH",
+        help="template (default: %(default)s)",
+    )
+    demo.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> Exit:
+    return run_async(run_demo(args.output, personas=args.personas, prompt=args.prompt))
+
+
 def make_personas(n: int, seed: int = 7) -> list[dict[str, str]]:
     """``n`` synthetic persona records (PersonaHub schema: a ``persona`` field)."""
     rng = random.Random(seed)
@@ -79,12 +120,14 @@ def make_personas(n: int, seed: int = 7) -> list[dict[str, str]]:
 
 
 def _write_shard(path: Path, records: list[dict[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = b"".join(msgspec.json.encode(r) + b"\n" for r in records)
-    path.write_bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    with atomic_write(path) as f:  # a torn input would fail every rerun
+        f.write(zstandard.ZstdCompressor(level=3).compress(data))
 
 
-async def run_demo(output: str, *, personas: int = 500, prompt: str = "math") -> int:
+async def run_demo(output: str, *, personas: int = 500, prompt: str = "math") -> Exit:
+    """Run the demo job in ``output`` (its input made first, if missing) and say how to read
+    the results; the job's exit status."""
     root = Path(output)
     shard = root / "input" / "personas-demo.jsonl.zst"
     if not shard.exists():
@@ -100,10 +143,10 @@ async def run_demo(output: str, *, personas: int = 500, prompt: str = "math") ->
         malformed=0.01,
         seed=1,
     )
-    out = sys.stderr
     async with MockServer(mock) as server:
-        out.write(
-            f"asyncgen demo: mock server at {server.base_url}; {personas} personas in {shard}\n"
+        say(
+            f"mock server at {server.base_url}; {personas} personas in {shard}",
+            command="asyncgen demo",
         )
         config = JobConfig(
             inputs=[str(shard)],
@@ -116,14 +159,14 @@ async def run_demo(output: str, *, personas: int = 500, prompt: str = "math") ->
             backoff_cap=2.0,
             max_attempts=8,
         )
-        status = await run_job(config, api_key=None, progress_interval=1.0)
+        stats = await run_job(config, api_key=None, progress_interval=1.0)
     pattern = f"{results}/results-*.jsonl.zst"
     read = (
         "import glob, json, zstandard; "
         f"f = zstandard.open(sorted(glob.glob('{pattern}'))[0]); "
         "print(json.loads(f.readline())['output'])"
     )
-    print(
+    out(
         f"\nResults are in {results}/ as zstd-compressed JSON lines. Read them with\n"
         f"  zstdcat {pattern} | head -n 2\n"
         f'  python -c "{read}"\n'
@@ -131,4 +174,4 @@ async def run_demo(output: str, *, personas: int = 500, prompt: str = "math") ->
         "sent.\nYour own job: asyncgen run --input PERSONAS.jsonl.zst --prompt math "
         "--model MODEL --base-url URL --output DIR"
     )
-    return status
+    return exit_status(stats)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from asyncgen.cli.args import positive_float, positive_int, run_async
+from asyncgen.cli.console import out, say
+from asyncgen.cli.exits import Exit
+from asyncgen.cli.options import add_api_key_env, api_key
+from asyncgen.cli.run import exit_status, run_job
 from asyncgen.core.errors import ConfigError, OutputError
 from asyncgen.core.ledger import Redo
 from asyncgen.engine.engine import JobConfig
@@ -24,8 +27,6 @@ __all__ = ["add_commands"]
 
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Register ``status``, ``export`` and ``retry-failed``."""
-    from asyncgen.cli.args import positive_float, positive_int
-
     status = sub.add_parser(
         "status",
         help="summarise a job's output directory",
@@ -90,12 +91,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     retry.add_argument(
         "--base-url", action="append", metavar="URL", help="endpoint(s) to use instead"
     )
-    retry.add_argument(
-        "--api-key-env",
-        default="OPENAI_API_KEY",
-        metavar="NAME",
-        help="environment variable holding the API key (default: %(default)s)",
-    )
+    add_api_key_env(retry)
     retry.add_argument("--concurrency", type=positive_int, metavar="N")
     retry.add_argument("--rpm", type=positive_float, metavar="N")
     retry.add_argument("--tpm", type=positive_float, metavar="N")
@@ -112,12 +108,12 @@ def _when(t: float | None) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _status(args: argparse.Namespace) -> int:
+def _status(args: argparse.Namespace) -> Exit:
     root = Path(args.output)
     s = job_status(root, price_input=args.price_input, price_output=args.price_output)
     if args.json:
-        sys.stdout.write(msgspec.json.encode(s).decode() + "\n")
-        return 0
+        out(msgspec.json.encode(s).decode())
+        return Exit.OK
     lines = [
         f"{s.output}: {'RUNNING' if s.running else 'not running'}; model {s.model or '-'}, "
         f"template {s.template or '(batch lines)'}, asyncgen {s.asyncgen or '?'}",
@@ -140,14 +136,14 @@ def _status(args: argparse.Namespace) -> int:
         lines.append(f"  cost estimate  ${s.cost:,.2f}")
     if s.failed:
         lines.append(f"  retry them with: asyncgen retry-failed {s.output}")
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0
+    out("\n".join(lines))
+    return Exit.OK
 
 
-def _export(args: argparse.Namespace) -> int:
+def _export(args: argparse.Namespace) -> Exit:
     n = export(Path(args.output), Path(args.to), args.format, failures=args.failures)
-    print(f"asyncgen: wrote {n:,} records to {args.to}", file=sys.stderr)
-    return 0
+    say(f"wrote {n:,} records to {args.to}")
+    return Exit.OK
 
 
 def retry_config(root: Path, **overrides: Any) -> JobConfig:
@@ -170,10 +166,7 @@ def retry_config(root: Path, **overrides: Any) -> JobConfig:
     return msgspec.structs.replace(job, output=str(root), **changes)
 
 
-def _retry_failed(args: argparse.Namespace) -> int:
-    from asyncgen.cli.args import run_async
-    from asyncgen.cli.main import run_job
-
+def _retry_failed(args: argparse.Namespace) -> Exit:
     root = Path(args.output)
     wanted = set(args.reason or ())
     chosen = [
@@ -183,10 +176,8 @@ def _retry_failed(args: argparse.Namespace) -> int:
     ]
     if not chosen:
         which = f" with reason {', '.join(sorted(wanted))}" if wanted else ""
-        print(
-            f"asyncgen: {root} has no standing failures{which}; nothing to retry", file=sys.stderr
-        )
-        return 0
+        say(f"{root} has no standing failures{which}; nothing to retry")
+        return Exit.OK
     base_url = args.base_url
     config = retry_config(
         root,
@@ -198,14 +189,14 @@ def _retry_failed(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     redo = Redo(chosen)
-    print(f"asyncgen: retrying {len(redo):,} failed items of {root}", file=sys.stderr)
-    api_key = os.environ.get(args.api_key_env) or None
-    return run_async(
+    say(f"retrying {len(redo):,} failed items of {root}")
+    stats = run_async(
         run_job(
             config,
-            api_key=api_key,
+            api_key=api_key(args),
             progress_interval=args.progress_interval,
             quiet=args.quiet,
             redo=redo,
         )
     )
+    return exit_status(stats, retry=True)

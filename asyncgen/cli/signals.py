@@ -20,11 +20,17 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class StopSignals:
     """``with StopSignals(graceful): ...`` inside a running loop: SIGINT and SIGTERM call
-    ``graceful`` the first time and cancel the current task the second time. The handlers
-    are removed when the block ends."""
+    ``graceful`` the first time and cancel the current task the second time (after calling
+    ``now``, if given, so the command can say so before the task unwinds). The handlers are
+    removed when the block ends."""
 
-    def __init__(self, graceful: Callable[[signal.Signals], None]) -> None:
+    def __init__(
+        self,
+        graceful: Callable[[signal.Signals], None],
+        now: Callable[[signal.Signals], None] | None = None,
+    ) -> None:
         self._graceful = graceful
+        self._now = now
         self.count = 0
         self.cancelled = False
         """The second signal cancelled the task (see :meth:`absorb`)."""
@@ -54,6 +60,8 @@ class StopSignals:
             self._graceful(signal.Signals(signum))
         elif self._task is not None and not self.cancelled:
             self.cancelled = True
+            if self._now is not None:
+                self._now(signal.Signals(signum))
             self._task.cancel()
 
     def absorb(self) -> bool:
