@@ -655,9 +655,16 @@ def test_command_line_flags_build_the_config(capsys: pytest.CaptureFixture[str])
             "--stream-comments",
             "--stream-cut=0.01",
             "--stream-stall=0.02",
+            "--max-waiting=4",
+            "--charge-max-tokens",
+            "--503-retry-after",
+            "--quota-exhausted",
+            "--broken",
         ]
     )
     config = config_from_args(args)
+    assert config.max_waiting == 4 and config.charge_max_tokens and config.retry_after_503
+    assert config.quota_exhausted and config.broken
     assert (config.rpm_limit, config.tpm_limit, config.limit_burst) == (500, 90000, 2)
     assert not config.ratelimit_headers and config.max_running == 8
     assert (config.token_latency, config.load_slowdown) == (0.02, 0.1)
@@ -666,3 +673,64 @@ def test_command_line_flags_build_the_config(capsys: pytest.CaptureFixture[str])
     assert defaults == MockConfig()
     assert main_from_args(parser.parse_args(["--max-running=0"])) == 2
     assert "max_running must be at least 1" in capsys.readouterr().err
+
+
+async def test_injected_503s_with_retry_after_say_when_to_come_back() -> None:
+    config = MockConfig(fail_503=1.0, retry_after=1.5, retry_after_503=True)
+    async with MockServer(config) as server:
+        status, headers, _ = await call(server, CHAT)
+    assert status == 503 and headers["retry-after-ms"] == "1500"
+    async with MockServer(MockConfig(fail_503=1.0)) as bare:
+        status, headers, _ = await call(bare, CHAT)
+    assert status == 503 and "retry-after" not in headers and "retry-after-ms" not in headers
+
+
+async def test_quota_exhausted_refuses_every_request_like_openai() -> None:
+    async with MockServer(MockConfig(quota_exhausted=True)) as server, sdk(server) as client:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.with_options(max_retries=0).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}]
+            )
+        models = await client.models.list()  # the account still exists
+        stats = server.statistics()
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body["type"] == "insufficient_quota" and body["code"] == "insufficient_quota"
+    assert "quota" in body["message"] and [m.id for m in models.data] == ["mock-model"]
+    assert stats.by_outcome == {"quota": 1}
+
+
+async def test_a_broken_server_answers_500_everywhere() -> None:
+    async with MockServer(MockConfig(broken=True)) as server:
+        chat = await call(server, CHAT)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(server.base_url + "/models") as models:
+                models_status, models_body = models.status, await models.read()
+            async with session.get(server.base_url.removesuffix("/v1") + "/health") as health:
+                health_status = health.status
+            async with session.get(server.base_url.removesuffix("/v1") + "/mock/stats") as st:
+                stats_status = st.status
+        stats = server.statistics()
+    assert chat[0] == models_status == health_status == 500
+    assert b"server had an error" in models_body and stats_status == 200
+    assert stats.requests == 1 and stats.by_outcome == {"500": 1}
+
+
+async def test_a_full_waiting_queue_sheds_load_with_a_bare_503() -> None:
+    config = MockConfig(max_running=2, max_waiting=1, latency=0.2)
+    async with MockServer(config) as server:
+        results = await asyncio.gather(*(post(server, CHAT) for _ in range(6)))
+        stats = server.statistics()
+    assert sorted(status for status, _ in results) == [200, 200, 200, 503, 503, 503]
+    assert stats.by_outcome == {"ok": 3, "shed": 3}
+
+
+async def test_charging_max_tokens_up_front_like_openai() -> None:
+    # 100 tokens of budget; a request of 5 prompt tokens, 10 output, max_tokens 40.
+    config = MockConfig(tpm_limit=6_000, limit_burst=1, output_tokens=10, charge_max_tokens=True)
+    async with MockServer(config) as server:
+        first = await call(server, chat_body("a b c d e", max_tokens=40))
+        second = await call(server, chat_body("a b c d e", max_tokens=40))
+        third = await call(server, chat_body("a b c d e", max_tokens=40))
+    assert first[0] == second[0] == 200 and third[0] == 429
+    assert first[1]["x-ratelimit-remaining-tokens"] == "55"  # 100 - (5 + 40), not 100 - 15

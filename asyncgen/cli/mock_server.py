@@ -74,10 +74,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=d.retry_after,
         metavar="SECONDS",
-        help="delay announced by 429s (default: %(default)s)",
+        help="delay announced by injected 429s (and 503s with --503-retry-after) "
+        "(default: %(default)s)",
     )
     add("--fail-500", type=float, default=0.0, metavar="P", help="probability of a 500")
     add("--fail-503", type=float, default=0.0, metavar="P", help="probability of a 503")
+    add(
+        "--503-retry-after",
+        dest="retry_after_503",
+        action="store_true",
+        help="injected 503s carry retry-after too, as a gateway shedding load does "
+        "(default: vLLM's bare 503)",
+    )
+    add(
+        "--quota-exhausted",
+        action="store_true",
+        help="refuse every generation request as OpenAI refuses an account without credits "
+        "(429, insufficient_quota)",
+    )
+    add(
+        "--broken",
+        action="store_true",
+        help="answer 500 on every route, /v1/models and /health included",
+    )
     add(
         "--drop",
         type=float,
@@ -130,6 +149,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="at most N requests generate at once; the rest wait in FIFO order (default: no limit)",
+    )
+    add(
+        "--max-waiting",
+        type=int,
+        metavar="N",
+        help="with --max-running: at most N wait; beyond, a bare 503 at once (default: no limit)",
+    )
+    add(
+        "--charge-max-tokens",
+        action="store_true",
+        help="the TPM budget charges a request's max_tokens in full when it arrives, as "
+        "OpenAI's limiter does (default: the reply's tokens)",
     )
     add(
         "--token-latency",
@@ -191,6 +222,9 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
         retry_after=args.retry_after,
         fail_500=args.fail_500,
         fail_503=args.fail_503,
+        retry_after_503=args.retry_after_503,
+        quota_exhausted=args.quota_exhausted,
+        broken=args.broken,
         drop=args.drop,
         hang=args.hang,
         hang_seconds=args.hang_seconds,
@@ -200,6 +234,8 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
         limit_burst=args.limit_burst,
         ratelimit_headers=args.ratelimit_headers,
         max_running=args.max_running,
+        max_waiting=args.max_waiting,
+        charge_max_tokens=args.charge_max_tokens,
         token_latency=args.token_latency,
         load_slowdown=args.load_slowdown,
         stream_comments=args.stream_comments,

@@ -165,6 +165,10 @@ class RunningSlots:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def full(self, max_waiting: int) -> bool:
+        """Would one more holder have to wait behind ``max_waiting`` others already?"""
+        return self.limit is not None and self.running >= self.limit and self.waiting >= max_waiting
+
     async def acquire(self) -> None:
         if self._waiters or (self.limit is not None and self.running >= self.limit):
             waiter = asyncio.get_running_loop().create_future()

@@ -49,6 +49,15 @@ class MockConfig(msgspec.Struct, kw_only=True):
     """Seconds announced by a 429 in ``retry-after-ms`` (and rounded up in ``retry-after``)."""
     fail_500: float = 0.0
     fail_503: float = 0.0
+    retry_after_503: bool = False
+    """Injected 503s carry ``retry-after`` too (as a gateway shedding load does); without
+    it they are vLLM's bare 503."""
+    quota_exhausted: bool = False
+    """Every generation request is refused as OpenAI refuses an account without credits: 429
+    with ``insufficient_quota`` as error type and code."""
+    broken: bool = False
+    """Every route, ``/models`` and ``/health`` included, answers 500 (a server that is up
+    but cannot serve)."""
     drop: float = 0.0
     """Close the connection without a reply."""
     hang: float = 0.0
@@ -66,6 +75,12 @@ class MockConfig(msgspec.Struct, kw_only=True):
     """Announce the budgets in ``x-ratelimit-*`` headers (off: a gateway that hides them)."""
     max_running: int | None = None
     """At most this many requests generate at once; the rest wait in FIFO order."""
+    max_waiting: int | None = None
+    """With ``max_running``: at most this many wait; beyond, a bare 503 at once (a server
+    or gateway that sheds load when its queue is full)."""
+    charge_max_tokens: bool = False
+    """The TPM budget charges ``max_tokens`` (when given) instead of the reply's completion
+    tokens, when a request arrives, as OpenAI's limiter does."""
     token_latency: float = 0.0
     """Seconds per output token, after ``latency``."""
     load_slowdown: float = 0.0
@@ -100,3 +115,5 @@ class MockConfig(msgspec.Struct, kw_only=True):
             )
         if self.max_running is not None and self.max_running < 1:
             raise ValueError(f"max_running must be at least 1, got {self.max_running}")
+        if self.max_waiting is not None and (self.max_waiting < 0 or self.max_running is None):
+            raise ValueError("max_waiting must not be negative, and needs max_running")

@@ -84,6 +84,8 @@ def fault_reply(
         response = vllm_error(
             503, "The engine is overloaded; try again later.", "ServiceUnavailableError"
         )
+        if config.retry_after_503:
+            set_retry_after(response, round(config.retry_after * 1000))
     else:
         full = reply.body()
         variants = (b"", full[: len(full) // 2], b"<html>Bad Gateway</html>", b"{}")

@@ -6,6 +6,9 @@ benchmarks, ``GET /mock/stats`` (the :meth:`MockServer.statistics`) and ``POST /
 
 A generation request goes through, in order:
 
+0. whole-server modes: ``broken`` answers 500 on every route (``/models`` and ``/health``
+   too), ``quota_exhausted`` refuses every generation as OpenAI refuses an account without
+   credits (429 ``insufficient_quota``);
 1. reading and checking (400, 401, 404 like OpenAI), then its reply is made, deterministic
    for the model, prompt and seed (see :mod:`asyncgen.mock.completions`): its tokens are its
    cost;
@@ -16,7 +19,7 @@ A generation request goes through, in order:
 3. the faults, drawn per request (see :mod:`asyncgen.mock.faults`): dropped connection, hang,
    429, then (after the latency) 500, 503, malformed 200;
 4. the running slots (``max_running``): requests beyond it wait in FIFO order, like vLLM's
-   waiting queue;
+   waiting queue (beyond ``max_waiting`` more, a bare 503 at once);
 5. generation: ``latency`` to the first token, then ``token_latency`` per token, slowed by
    ``load_slowdown`` for each other request generating at the same time; ``stream: true``
    answers with server-sent events, perhaps cut or stalled (see :mod:`asyncgen.mock.stream`).
@@ -33,6 +36,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 import msgspec
@@ -48,7 +52,7 @@ from asyncgen.mock.completions import (
     read_request,
 )
 from asyncgen.mock.config import MockConfig
-from asyncgen.mock.faults import fault_reply, openai_error, pick_fault, set_retry_after
+from asyncgen.mock.faults import fault_reply, openai_error, pick_fault, set_retry_after, vllm_error
 from asyncgen.mock.stream import COMPLETE, send_stream
 
 __all__ = ["MockConfig", "MockServer", "MockStats"]
@@ -61,9 +65,10 @@ class MockStats(msgspec.Struct, frozen=True):
     hits per route, the tokens of complete replies, refusals by the rate budgets, and the most
     requests generating at once.
 
-    Outcomes: ``ok``, ``hang``, ``rate_limited`` (the budgets), the injected ``drop``, ``429``,
-    ``500``, ``503``, ``malformed``, ``stream_cut``, ``stream_stalled``; ``disconnected`` (the
-    client left mid-stream); and the client's errors ``400``, ``401``, ``404``."""
+    Outcomes: ``ok``, ``hang``, ``rate_limited`` (the budgets), ``shed`` (the waiting queue
+    was full), ``quota`` (``quota_exhausted``), the injected ``drop``, ``429``, ``500``,
+    ``503``, ``malformed``, ``stream_cut``, ``stream_stalled``; ``disconnected`` (the client
+    left mid-stream); and the client's errors ``400``, ``401``, ``404``."""
 
     requests: int
     by_outcome: dict[str, int]
@@ -139,8 +144,22 @@ class MockServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @web.middleware
+    async def _broken(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if not self.config.broken or request.path.startswith("/mock/"):
+            return await handler(request)
+        self._routes[request.path] += 1
+        if request.path in ("/v1/chat/completions", "/v1/completions"):
+            self._requests += 1
+            self._outcomes["500"] += 1
+        return openai_error(
+            500, "The server had an error while processing your request.", "server_error", None
+        )
+
     async def start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._broken])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
@@ -232,6 +251,13 @@ class MockServer:
         cfg = self.config
         if not self._authorized(request):
             return "401", self._unauthorized()
+        if cfg.quota_exhausted:
+            return "quota", openai_error(
+                429,
+                "You exceeded your current quota, please check your plan and billing details.",
+                "insufficient_quota",
+                "insufficient_quota",
+            )
         try:
             ask = read_request(await request.read(), chat=chat, models=cfg.models)
         except BadRequest as exc:
@@ -242,7 +268,10 @@ class MockServer:
         headers: dict[str, str] = {}
         if self._budgets is not None:
             now = asyncio.get_running_loop().time()
-            verdict = self._budgets.admit(reply.prompt_tokens + reply.completion_tokens, now)
+            output = reply.completion_tokens
+            if cfg.charge_max_tokens and ask.limit is not None:
+                output = max(output, ask.limit)
+            verdict = self._budgets.admit(reply.prompt_tokens + output, now)
             if cfg.ratelimit_headers:
                 headers = verdict.headers
             if not verdict.admitted:
@@ -264,6 +293,8 @@ class MockServer:
             return ("hang" if outcome == "ok" else outcome), response
         if fault == "429":
             return fault, fault_reply(fault, cfg, reply, self._rng, headers)
+        if cfg.max_waiting is not None and self._slots.full(cfg.max_waiting):
+            return "shed", vllm_error(503, "The server is overloaded.", "ServiceUnavailableError")
         async with self._slots.hold():
             await self._sleep_latency()
             if fault is not None:
