@@ -10,7 +10,7 @@ import msgspec
 import zstandard
 
 from asyncgen.cli.main import run_job
-from asyncgen.engine.engine import JobConfig
+from asyncgen.job.config import JobConfig
 from asyncgen.mock.server import MockConfig, MockServer
 
 __all__ = ["make_personas", "run_demo"]

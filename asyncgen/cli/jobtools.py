@@ -13,7 +13,7 @@ import msgspec
 
 from asyncgen.core.errors import ConfigError, OutputError
 from asyncgen.core.ledger import Redo
-from asyncgen.engine.engine import JobConfig
+from asyncgen.job.config import JobConfig
 from asyncgen.storage import jobdir
 
 __all__ = ["add_commands"]

@@ -34,8 +34,10 @@ from asyncgen.cli.args import (
 from asyncgen.cli.progress import ProgressReporter, summary
 from asyncgen.core.errors import AsyncgenError
 from asyncgen.core.ledger import Redo
-from asyncgen.engine.engine import Engine, JobConfig, Statistics
+from asyncgen.engine.engine import Engine
 from asyncgen.engine.runtime import tune_gc
+from asyncgen.engine.stats import Statistics
+from asyncgen.job.config import JobConfig
 from asyncgen.job.prompts import available_templates, load_template
 
 __all__ = ["main"]

@@ -40,7 +40,7 @@ import zstandard
 
 from asyncgen.core.errors import ConfigError, OutputError
 from asyncgen.core.records import Source
-from asyncgen.engine.engine import JobConfig, job_spec
+from asyncgen.job.config import JobConfig, job_spec
 from asyncgen.storage.jobdir import read_manifest, shards, standing_failures
 from asyncgen.storage.shards import fsync_path, iter_lines
 from asyncgen.storage.sources import expand_inputs, shard_name
