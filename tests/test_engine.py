@@ -781,3 +781,40 @@ async def test_leaving_during_a_slow_commit_waits_for_it_then_resumes_exactly_on
             stats = await engine.run()
     assert stats.finished
     assert_exactly_once(tmp_path / "out", ids_for("p", 3000))
+
+
+async def test_a_caller_cancelled_during_the_hard_stop_commit_stays_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leaving the block waits for the pipeline's last commit; a cancellation of the caller
+    meanwhile is the caller's own and must reach it, not end with the pipeline's."""
+    from asyncgen.storage import shards
+
+    real_sync = shards._datasync
+
+    def slow_sync(fd: int) -> None:
+        time.sleep(0.2)
+        real_sync(fd)
+
+    monkeypatch.setattr(shards, "_datasync", slow_sync)
+    inputs = [write_shard(tmp_path / "p.jsonl.zst", personas(3000))]
+    left = asyncio.Event()
+    async with MockServer(MockConfig(latency=0.01)) as server:
+        config = job(tmp_path, server, inputs)
+
+        async def consume() -> None:
+            async with Engine(config) as engine:
+                async for _ in engine.results():
+                    break
+                left.set()  # the block is left at once: the hard stop and its commit follow
+
+        task = asyncio.create_task(consume())
+        await left.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        monkeypatch.setattr(shards, "_datasync", real_sync)
+        async with Engine(config) as engine:
+            stats = await engine.run()
+    assert stats.finished
+    assert_exactly_once(tmp_path / "out", ids_for("p", 3000))
