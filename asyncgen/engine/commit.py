@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from asyncgen.core.ledger import Claim, bad_line_key
 from asyncgen.core.records import BadLine, ErrorInfo, Result, Source
-from asyncgen.engine.stats import Counters
+from asyncgen.engine.stats import Counts
 from asyncgen.storage.store import Store
 
 __all__ = ["Committer", "Emit", "Record"]
@@ -26,7 +26,7 @@ class Committer:
     ``flush_interval`` seconds, until :meth:`close` and the buffer is empty."""
 
     def __init__(
-        self, store: Store, counts: Counters, *, flush_records: int, flush_interval: float
+        self, store: Store, counts: Counts, *, flush_records: int, flush_interval: float
     ) -> None:
         self._store = store
         self._counts = counts

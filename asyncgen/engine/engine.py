@@ -25,7 +25,7 @@ import random
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -40,7 +40,7 @@ from asyncgen.engine.commit import Committer, Emit, Record
 from asyncgen.engine.gate import Gate
 from asyncgen.engine.intake import Intake
 from asyncgen.engine.sender import Sender
-from asyncgen.engine.stats import Counters, Statistics
+from asyncgen.engine.stats import Counts, Statistics
 from asyncgen.engine.transport import AiohttpTransport, Transport, check_models
 from asyncgen.job.config import JobConfig, job_spec
 from asyncgen.job.items import Expander
@@ -51,24 +51,15 @@ from asyncgen.storage.store import Store
 __all__ = ["Engine"]
 
 
-class _Parts:
+class _Parts(NamedTuple):
     """What a job runs with, made on entering the engine (inside the running loop)."""
 
-    def __init__(
-        self,
-        store: Store,
-        gate: Gate,
-        attempter: Attempter,
-        committer: Committer,
-        sender: Sender,
-        intake: Intake,
-    ) -> None:
-        self.store = store
-        self.gate = gate
-        self.attempter = attempter
-        self.committer = committer
-        self.sender = sender
-        self.intake = intake
+    store: Store
+    gate: Gate
+    attempter: Attempter
+    committer: Committer
+    sender: Sender
+    intake: Intake
 
 
 class Engine:
@@ -104,7 +95,7 @@ class Engine:
         """A retry run: send only these recorded failures again (``asyncgen retry-failed``)."""
         self._template: Template | None = None
         self._paths: list[Path] = []
-        self._counts = Counters()
+        self._counts = Counts()
         self._parts: _Parts | None = None
         self._stop_requested = asyncio.Event()
         self._finished = False
@@ -359,24 +350,13 @@ class Engine:
 
     def statistics(self) -> Statistics:
         """An immutable snapshot of the job's progress."""
-        parts, c = self._parts, self._counts
+        parts = self._parts
         counts = parts.store.counts if parts is not None else {}
         gate = parts.gate.statistics() if parts is not None else None
         fraction = 1.0 if self._finished else parts.intake.fraction() if parts else 0.0
         return Statistics(
+            **msgspec.structs.asdict(self._counts),
             elapsed=0.0 if self._started is None else self._clock.monotonic() - self._started,
-            lines_read=c.lines_read,
-            skipped=c.skipped,
-            in_flight=c.in_flight,
-            retrying=c.retrying,
-            succeeded=c.succeeded,
-            failed=c.failed,
-            bad_lines=c.bad_lines,
-            requests=c.requests,
-            retries=c.retries,
-            throttled=c.throttled,
-            prompt_tokens=c.prompt_tokens,
-            completion_tokens=c.completion_tokens,
             succeeded_total=counts.get("results", 0),
             # A failure that a retry run's record supersedes is no longer a failure.
             failed_total=counts.get("failures", 0) - (parts.store.replaced if parts else 0),

@@ -17,7 +17,7 @@ from asyncgen.core.records import ErrorInfo, Line, Source, WorkItem
 from asyncgen.engine.commit import Committer
 from asyncgen.engine.gate import Gate
 from asyncgen.engine.sender import UNUSED, Sender
-from asyncgen.engine.stats import Counters
+from asyncgen.engine.stats import Counts
 from asyncgen.job.items import Expander
 from asyncgen.storage.sources import ShardReader
 
@@ -42,7 +42,7 @@ class Intake:
         gate: Gate,
         sender: Sender,
         committer: Committer,
-        counts: Counters,
+        counts: Counts,
     ) -> None:
         self._paths = paths
         self._ledger = ledger

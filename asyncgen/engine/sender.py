@@ -18,7 +18,7 @@ from asyncgen.engine.attempt import Attempter
 from asyncgen.engine.clock import Clock
 from asyncgen.engine.commit import Committer
 from asyncgen.engine.gate import Gate
-from asyncgen.engine.stats import Counters
+from asyncgen.engine.stats import Counts
 from asyncgen.job.config import JobConfig
 from asyncgen.job.items import NOT_SAMPLING
 from asyncgen.job.prompts import Template
@@ -50,7 +50,7 @@ class Sender:
         attempter: Attempter,
         committer: Committer,
         ledger: Ledger,
-        counts: Counters,
+        counts: Counts,
         clock: Clock,
         rng: random.Random,
         template: Template | None,
