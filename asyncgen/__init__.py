@@ -25,9 +25,11 @@ from asyncgen.core.errors import (
     TransportError,
 )
 from asyncgen.core.records import BadLine, ErrorInfo, Result, Source, Usage, WorkItem
-from asyncgen.engine.engine import DEFAULT_BASE_URL, Engine, JobConfig, Statistics
+from asyncgen.engine.engine import Engine
 from asyncgen.engine.runtime import tune_gc
+from asyncgen.engine.stats import Statistics
 from asyncgen.engine.transport import AiohttpTransport, HttpResponse, Transport
+from asyncgen.job.config import DEFAULT_BASE_URL, JobConfig
 from asyncgen.job.prompts import Template, available_templates, load_template
 
 __all__ = [

@@ -15,7 +15,7 @@ import asyncgen
 from asyncgen.cli.exits import Exit
 from asyncgen.cli.main import build_parser, main
 from asyncgen.cli.run import exit_status, run_job
-from asyncgen.engine.engine import JobConfig
+from asyncgen.job.config import JobConfig
 from asyncgen.mock.server import MockConfig, MockServer
 
 from .conftest import assert_exactly_once, clean_env, personas, read_output, write_shard

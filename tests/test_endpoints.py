@@ -12,9 +12,11 @@ import pytest
 
 from asyncgen import Engine, JobConfig
 from asyncgen.core.errors import ConfigError, ConnectError
+from asyncgen.engine.clock import VirtualClock
+from asyncgen.engine.transport import HttpResponse
 from asyncgen.mock.server import MockConfig, MockServer
 
-from .conftest import assert_exactly_once, personas, write_shard
+from .conftest import Canned, assert_exactly_once, personas, write_shard
 
 FAST = {"backoff_base": 0.01, "backoff_cap": 0.05, "flush_interval": 0.05}
 
@@ -91,53 +93,79 @@ async def test_endpoint_killed_and_restarted_gets_traffic_again(tmp_path: Path) 
     assert stats.endpoints[1].ejections >= 1 and stats.endpoints[1].up
 
 
+class Replica(Canned):
+    """An endpoint in process, on a virtual clock: it refuses connections while ``down`` (and
+    goes down by itself after ``up_for`` replies); it answers after ``latency`` seconds."""
+
+    def __init__(
+        self, url: str, clock: VirtualClock, *, latency: float = 0.0, up_for: int | None = None
+    ) -> None:
+        super().__init__("A problem.")
+        self.base_url = url
+        self.clock = clock
+        self.latency = latency
+        self.up_for = up_for
+        self.down = False
+        self.answered = self.refused = 0
+
+    def _connect(self) -> None:
+        if self.down:
+            self.refused += 1
+            raise ConnectError(f"cannot connect to {self.base_url}", sent=False)
+
+    async def post(self, path: str, body: bytes) -> HttpResponse:
+        self._connect()
+        if self.latency:
+            await self.clock.sleep(self.latency)
+        self.answered += 1
+        self.down = self.answered == self.up_for
+        return await super().post(path, body)
+
+    async def get(self, path: str) -> HttpResponse:
+        self._connect()
+        return await super().get(path)
+
+
 async def test_waits_while_no_endpoint_is_up(tmp_path: Path) -> None:
     shard = write_shard(tmp_path / "p.jsonl", personas(300))
-    server = MockServer(MockConfig(latency=0.01))
-    await server.start()
-    port = server.port
-    again = MockServer(MockConfig(), port=port)
-    try:
-        # Three attempts only: with backoff of at most 0.05 s, counted failures would use
-        # them up within the first 0.2 s of the 1.5 s outage. (Three, not two: the first
-        # dropped connection of a burst counts, by design, and under load one item can be
-        # the first twice, on its way in and on a stale pooled connection on its way out.)
-        config = job(tmp_path, server.base_url, [shard], max_attempts=3)
-        async with Engine(config) as engine:
-            run = asyncio.create_task(engine.run())
-            await until(lambda: engine.statistics().succeeded >= 50)
-            await server.aclose()
-            await asyncio.sleep(1.5)
-            waiting = engine.statistics()
-            await again.start()
-            stats = await run
-    finally:
-        await server.aclose()
-        await again.aclose()
+    clock = VirtualClock()
+    replica = Replica("http://replica.invalid/v1", clock, up_for=50)
+    # Three attempts only: with backoff of at most 0.05 s, counted failures would use them up
+    # within the first 0.2 s of the minute-long outage.
+    config = job(tmp_path, replica.base_url, [shard], max_attempts=3)
+    async with Engine(config, transport=replica, clock=clock) as engine:
+        run = asyncio.create_task(engine.run())
+        async with asyncio.timeout(30):
+            while not engine.statistics().waiting_for_endpoint:
+                await clock.sleep(0.01)
+        waiting, down_at = engine.statistics(), clock.now
+        await clock.sleep(60.0)
+        replica.down = False
+        stats = await run
     assert waiting.waiting_for_endpoint and not waiting.endpoints[0].up
+    assert waiting.endpoints[0].succeeded == 50 and replica.refused > 3
     assert stats.finished and stats.failed == 0
+    assert stats.endpoints[0].up and stats.elapsed >= down_at + 60.0
     assert_exactly_once(tmp_path / "out", ids_for("p", 300))
 
 
 async def test_unreachable_endpoint_at_start_joins_later(tmp_path: Path) -> None:
     shard = write_shard(tmp_path / "p.jsonl", personas(400))
-    late = MockServer(MockConfig(latency=0.01))
-    await late.start()
-    port = late.port
-    await late.aclose()  # a port nobody listens on, for now
-    late = MockServer(MockConfig(latency=0.01), port=port)
-    # 400 items at 32 x 0.2 s take ~2.5 s on the one live endpoint: time for probes to find
+    clock = VirtualClock()
+    # 400 items at 32 x 0.2 s take 2.5 s on the one live endpoint: time for probes to find
     # the late one (0.25 s, then 0.5 s, 1 s ... apart).
-    async with MockServer(MockConfig(latency=0.2)) as up:
-        config = job(tmp_path, [up.base_url, f"http://127.0.0.1:{port}/v1"], [shard])
-        async with Engine(config) as engine:
-            run = asyncio.create_task(engine.run())
-            await asyncio.sleep(0.3)
-            assert not engine.statistics().endpoints[1].up
-            await late.start()
-            await run
-        await late.aclose()
-    assert late.statistics().requests > 0
+    up = Replica("http://up.invalid/v1", clock, latency=0.2)
+    late = Replica("http://late.invalid/v1", clock, latency=0.2)
+    late.down = True
+    config = job(tmp_path, [up.base_url, late.base_url], [shard])
+    async with Engine(config, transport=[up, late], clock=clock) as engine:
+        run = asyncio.create_task(engine.run())
+        await clock.sleep(0.3)
+        assert not engine.statistics().endpoints[1].up
+        late.down = False
+        stats = await run
+    assert late.answered > 0 and stats.endpoints[1].up
+    assert up.answered + late.answered == 400
     assert_exactly_once(tmp_path / "out", ids_for("p", 400))
 
 

@@ -15,6 +15,7 @@ import pytest
 from asyncgen import Engine, JobConfig
 from asyncgen.core.errors import ConfigError, ConnectError, InputError, OutputError
 from asyncgen.core.records import BadLine, Line, Result
+from asyncgen.engine.clock import VirtualClock
 from asyncgen.engine.transport import HttpResponse
 from asyncgen.mock.server import MockConfig, MockServer
 from asyncgen.storage.sources import ShardReader
@@ -25,6 +26,28 @@ FAST = {"backoff_base": 0.01, "backoff_cap": 0.05, "flush_interval": 0.05}
 
 
 CANNED = Canned.base_url
+
+
+class Silent(Canned):
+    """Never answers: every attempt lasts until the engine gives up on it."""
+
+    async def post(self, path: str, body: bytes) -> HttpResponse:
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")
+
+
+class SilentOnce(Canned):
+    """Answers each request body only the second time it is sent."""
+
+    def __init__(self, content: str) -> None:
+        super().__init__(content)
+        self.seen: set[bytes] = set()
+
+    async def post(self, path: str, body: bytes) -> HttpResponse:
+        if body not in self.seen:
+            self.seen.add(body)
+            await asyncio.get_running_loop().create_future()
+        return await super().post(path, body)
 
 
 def job(tmp_path: Path, server: MockServer | str, inputs: list[Path], **kw: Any) -> JobConfig:
@@ -227,18 +250,19 @@ async def test_graceful_stop_drains_in_flight(tmp_path: Path) -> None:
 
 async def test_drain_timeout_abandons_hung_requests(tmp_path: Path) -> None:
     inputs = [write_shard(tmp_path / "p.jsonl", personas(20))]
-    async with MockServer(MockConfig(hang=1.0, hang_seconds=30)) as server:
-        config = job(tmp_path, server, inputs, concurrency=8, drain_timeout=0.2)
-        async with Engine(config) as engine:
+    clock = VirtualClock()
+    config = job(tmp_path, CANNED, inputs, model="m", concurrency=8, drain_timeout=0.2)
+    async with Engine(config, transport=Silent("never"), clock=clock) as engine:
 
-            async def stop_soon() -> None:
-                await asyncio.sleep(0.2)
-                engine.stop()
+        async def stop_soon() -> None:
+            await clock.sleep(0.2)
+            engine.stop()
 
-            async with asyncio.timeout(10), asyncio.TaskGroup() as tg:
-                tg.create_task(stop_soon())
-                stats = await engine.run()
+        async with asyncio.timeout(10), asyncio.TaskGroup() as tg:
+            tg.create_task(stop_soon())
+            stats = await engine.run()
     assert stats.stopped and stats.succeeded == 0 and stats.in_flight == 0
+    assert stats.requests == 8 and stats.elapsed == pytest.approx(0.4)
     assert read_output(tmp_path / "out")["results"] == []
 
 
@@ -311,28 +335,25 @@ async def test_a_429_storm_does_not_use_up_attempts(tmp_path: Path) -> None:
 
 async def test_timeouts_are_retried(tmp_path: Path) -> None:
     inputs = [write_shard(tmp_path / "p.jsonl", personas(10))]
-    async with MockServer(MockConfig(hang=0.3, hang_seconds=30, seed=4)) as server:
-        config = job(tmp_path, server, inputs, timeout=0.2, max_attempts=20)
-        async with Engine(config) as engine:
-            stats = await engine.run()
-    assert stats.succeeded == 10 and stats.retries >= 1
+    config = job(tmp_path, CANNED, inputs, model="m", timeout=0.2, max_attempts=20)
+    async with Engine(config, transport=SilentOnce("ok"), clock=VirtualClock()) as engine:
+        stats = await engine.run()
+    assert stats.succeeded == 10 and stats.retries == 10
 
 
 async def test_a_timeout_ends_the_attempt_on_time(tmp_path: Path) -> None:
     """Attempt limits are swept (no timer per attempt), at most timeout / 8 late."""
     inputs = [write_shard(tmp_path / "p.jsonl", personas(1))]
-    async with MockServer(MockConfig(hang=1.0, hang_seconds=30)) as server:
-        config = job(tmp_path, server, inputs, timeout=0.4, max_attempts=2)
-        started = time.monotonic()
-        async with Engine(config) as engine:
-            stats = await engine.run()
-            assert not engine._deadlines and not engine._expired  # nothing left registered
-        elapsed = time.monotonic() - started
+    config = job(tmp_path, CANNED, inputs, model="m", timeout=0.4, max_attempts=2)
+    async with Engine(config, transport=Silent("never"), clock=VirtualClock()) as engine:
+        stats = await engine.run()
+        sweep = engine._parts.attempter
+        assert not sweep.deadlines and not sweep.expired  # nothing left registered
     (failure,) = read_output(tmp_path / "out")["failures"]
     assert stats.failed == 1 and failure["attempts"] == 2
     assert failure["error"]["code"] == "timeout" and "0.4s" in failure["error"]["message"]
-    # two attempts of 0.4 s, each at most 0.05 s late, plus backoff and start-up
-    assert 0.8 <= elapsed < 2.5, elapsed
+    # two attempts of 0.4 s, each at most 0.05 s late, and a backoff of at most 0.05 s
+    assert 0.8 <= failure["latency_s"] <= 0.95, failure["latency_s"]
 
 
 async def test_an_expired_attempt_that_is_also_cancelled_stays_cancelled(tmp_path: Path) -> None:
@@ -343,16 +364,17 @@ async def test_an_expired_attempt_that_is_also_cancelled_stays_cancelled(tmp_pat
         config = job(tmp_path, server, inputs, timeout=60)
         async with Engine(config) as engine:
             run = asyncio.create_task(engine.run())
+            sweep = engine._parts.attempter
             for _ in range(1000):  # until the attempt is on the wire
-                if engine._deadlines:
+                if sweep.deadlines:
                     break
                 await asyncio.sleep(0.01)
-            (task,) = engine._deadlines
-            engine._expired.add(task)  # what the sweep does...
+            (task,) = sweep.deadlines
+            sweep.expired.add(task)  # what the sweep does...
             task.cancel()
             task.cancel()  # ...and a second cancel from elsewhere
             stats = await run
-            assert not engine._deadlines and not engine._expired
+            assert not sweep.deadlines and not sweep.expired
     assert stats.succeeded == stats.failed == 0 and stats.retries == 0
     assert read_output(tmp_path / "out") == {"results": [], "failures": [], "errors": []}
 
@@ -384,24 +406,27 @@ async def test_a_transport_that_swallows_the_expiry_leaves_no_cancel_request(
     assert result["output"] == "late"
 
 
+class Throttled(Canned):
+    """Refuses every request with a 429 that asks for seven seconds."""
+
+    async def post(self, path: str, body: bytes) -> HttpResponse:
+        error = {"error": {"message": "slow down", "code": "rate_limit_exceeded"}}
+        return HttpResponse(429, {"retry-after": "7"}, msgspec.json.encode(error))
+
+
 async def test_retry_after_is_honoured(tmp_path: Path) -> None:
     inputs = [write_shard(tmp_path / "p.jsonl", personas(1))]
-    slept: list[float] = []
-    now = [0.0]
-
-    async def fake_sleep(delay: float) -> None:
-        slept.append(delay)
-        now[0] += delay
-
-    async with MockServer(MockConfig(fail_429=1.0, retry_after=7.0)) as server:
-        # 429s do not use up attempts; the per-item deadline ends the wait
-        config = job(tmp_path, server, inputs, max_attempts=2, deadline=20.0)
-        async with Engine(config, sleep=fake_sleep, clock=lambda: now[0]) as engine:
-            stats = await engine.run()
-    assert len(slept) == 2 and all(7.0 <= d <= 7.7 for d in slept)
+    clock = VirtualClock()
+    # 429s do not use up attempts; the per-item deadline ends the wait
+    config = job(tmp_path, CANNED, inputs, model="m", max_attempts=2, deadline=20.0)
+    async with Engine(config, transport=Throttled("unused"), clock=clock) as engine:
+        stats = await engine.run()
+    waits = [d for d in clock.slept if d > 0.5]  # the sweep and the prober wait 0.5 s at most
+    assert len(waits) == 2 and all(7.0 <= d <= 7.7 for d in waits), waits
     assert stats.failed == 1
     (failure,) = read_output(tmp_path / "out")["failures"]
     assert failure["attempts"] == 3 and failure["error"]["status"] == 429
+    assert 14.0 <= failure["latency_s"] <= 15.4
 
 
 async def test_batch_lines_pass_through(tmp_path: Path, mock_server: MockServer) -> None:
@@ -752,6 +777,43 @@ async def test_leaving_during_a_slow_commit_waits_for_it_then_resumes_exactly_on
                 break
         slow["on"] = False
         assert trouble == []
+        async with Engine(config) as engine:
+            stats = await engine.run()
+    assert stats.finished
+    assert_exactly_once(tmp_path / "out", ids_for("p", 3000))
+
+
+async def test_a_caller_cancelled_during_the_hard_stop_commit_stays_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leaving the block waits for the pipeline's last commit; a cancellation of the caller
+    meanwhile is the caller's own and must reach it, not end with the pipeline's."""
+    from asyncgen.storage import shards
+
+    real_sync = shards._datasync
+
+    def slow_sync(fd: int) -> None:
+        time.sleep(0.2)
+        real_sync(fd)
+
+    monkeypatch.setattr(shards, "_datasync", slow_sync)
+    inputs = [write_shard(tmp_path / "p.jsonl.zst", personas(3000))]
+    left = asyncio.Event()
+    async with MockServer(MockConfig(latency=0.01)) as server:
+        config = job(tmp_path, server, inputs)
+
+        async def consume() -> None:
+            async with Engine(config) as engine:
+                async for _ in engine.results():
+                    break
+                left.set()  # the block is left at once: the hard stop and its commit follow
+
+        task = asyncio.create_task(consume())
+        await left.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        monkeypatch.setattr(shards, "_datasync", real_sync)
         async with Engine(config) as engine:
             stats = await engine.run()
     assert stats.finished

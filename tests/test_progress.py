@@ -7,7 +7,7 @@ from typing import Any
 
 from asyncgen.cli.progress import ProgressReporter, summary
 from asyncgen.core.flow import EndpointStats
-from asyncgen.engine.engine import Statistics
+from asyncgen.engine.stats import Statistics
 
 
 def stats(**kw: Any) -> Statistics:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from asyncgen.core.errors import ConfigError, ConnectError
-from asyncgen.engine.transport import AiohttpTransport, redact_url
+from asyncgen.core.redact import redact_url
+from asyncgen.engine.transport import AiohttpTransport
 from asyncgen.mock.server import MockConfig, MockServer
 
 

@@ -14,7 +14,7 @@ from asyncgen.cli.args import positive_int, run_async
 from asyncgen.cli.console import out, say
 from asyncgen.cli.exits import Exit
 from asyncgen.cli.run import exit_status, run_job
-from asyncgen.engine.engine import JobConfig
+from asyncgen.job.config import JobConfig
 from asyncgen.mock.server import MockConfig, MockServer
 from asyncgen.storage.files import atomic_write
 

@@ -16,7 +16,7 @@ from asyncgen.cli.options import add_api_key_env, api_key
 from asyncgen.cli.run import exit_status, run_job
 from asyncgen.core.errors import ConfigError, OutputError
 from asyncgen.core.ledger import Redo
-from asyncgen.engine.engine import JobConfig
+from asyncgen.job.config import JobConfig
 from asyncgen.storage.export import EXPORT_FORMATS, export
 from asyncgen.storage.manifest import read_manifest
 from asyncgen.storage.status import status as job_status

@@ -8,7 +8,7 @@ import argparse
 import os
 
 from asyncgen.cli.args import json_object, number, positive_float, positive_int
-from asyncgen.engine.engine import JobConfig
+from asyncgen.job.config import JobConfig
 
 __all__ = [
     "OPENAI_BASE_URL",

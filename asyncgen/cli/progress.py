@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from asyncgen.engine.engine import Statistics
+from asyncgen.engine.stats import Statistics
 
 __all__ = ["ProgressReporter", "format_duration", "summary"]
 

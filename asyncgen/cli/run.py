@@ -17,7 +17,9 @@ from asyncgen.cli.options import add_request_arguments, api_key, job_config_from
 from asyncgen.cli.progress import ProgressReporter, summary
 from asyncgen.cli.signals import StopSignals
 from asyncgen.core.ledger import Redo
-from asyncgen.engine.engine import Engine, JobConfig, Statistics
+from asyncgen.engine.engine import Engine
+from asyncgen.engine.stats import Statistics
+from asyncgen.job.config import JobConfig
 from asyncgen.job.prompts import available_templates
 
 __all__ = ["EPILOG", "add_command", "exit_status", "run_job"]

@@ -12,15 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from asyncgen.core.flow import EndpointStats, Feedback, FlowControl, Lease, Released
+import msgspec
 
-__all__ = ["Gate"]
+from asyncgen.core.flow import EndpointStats, Feedback, FlowControl, Lease, Released
+from asyncgen.engine.clock import Clock
+
+__all__ = ["Gate", "GateStatistics"]
 
 Probe = Callable[[int], Awaitable[bool]]
+
+
+class GateStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """An immutable snapshot of the gate."""
+
+    concurrency: int
+    waiting: int
+    """Callers waiting for a lease."""
+    waiting_for_endpoint: bool
+    """The head of the queue waits because no endpoint is up."""
+    endpoints: tuple[EndpointStats, ...]
 
 
 class Gate:
@@ -31,15 +44,14 @@ class Gate:
         flow: FlowControl,
         *,
         concurrency: int,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Clock | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.flow = flow
         self.concurrency = concurrency
-        self._clock = clock
-        self._sleep = sleep
+        self._clock = clock = clock or Clock()
+        self._now = clock.monotonic
         self._slots = asyncio.Semaphore(concurrency)
         self._queue = asyncio.Lock()
         self._queued = 0
@@ -59,7 +71,7 @@ class Gate:
         """Wait until an endpoint may take one more attempt of this size; route it there."""
         if not self._queued:
             # Nobody queued: ask at once (the lock costs more than the asking, per attempt).
-            decision = self.flow.try_acquire(self._clock(), prompt_estimate, max_output)
+            decision = self.flow.try_acquire(self._now(), prompt_estimate, max_output)
             if isinstance(decision, Lease):
                 return decision
         self._queued += 1
@@ -72,13 +84,13 @@ class Gate:
     async def _wait_for_lease(self, prompt_estimate: int, max_output: int | None) -> Lease:
         """The head of the queue: ask again whenever the answer may have changed."""
         while True:
-            decision = self.flow.try_acquire(self._clock(), prompt_estimate, max_output)
+            decision = self.flow.try_acquire(self._now(), prompt_estimate, max_output)
             if isinstance(decision, Lease):
                 return decision
             if not decision.on_release:
                 # Only time helps (a budget or a pause): sleep through releases instead of
                 # waking up to recompute on each of them.
-                await self._sleep(decision.seconds)
+                await self._clock.sleep(decision.seconds)
                 continue
             self._changed.clear()
             self.waiting_for_endpoint = not self.flow.any_up
@@ -86,16 +98,23 @@ class Gate:
                 if math.isinf(decision.seconds):
                     await self._changed.wait()
                 else:
-                    async with asyncio.timeout(decision.seconds):
-                        await self._changed.wait()
-            except TimeoutError:
-                pass
+                    await self._wait_changed(decision.seconds)
             finally:
                 self.waiting_for_endpoint = False
 
+    async def _wait_changed(self, seconds: float) -> None:
+        """Wait for a release or a re-admission, at most ``seconds`` on the clock."""
+        changed = asyncio.ensure_future(self._changed.wait())
+        timer = asyncio.ensure_future(self._clock.sleep(seconds))
+        try:
+            await asyncio.wait((changed, timer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            timer.cancel()
+
     def release(self, lease: Lease, feedback: Feedback) -> Released:
         """Return the lease; what the attempt means for its item (see FlowControl.release)."""
-        excused = self.flow.release(lease, feedback, self._clock())
+        excused = self.flow.release(lease, feedback, self._now())
         self._changed.set()
         return excused
 
@@ -103,20 +122,25 @@ class Gate:
         """Probe ejected endpoints when due and re-admit those that answer. Runs until
         cancelled; checks at least every ``idle`` seconds for newly ejected endpoints."""
         while True:
-            now = self._clock()
+            now = self._now()
             due = self.flow.probes_due(now)
             if due:
                 results = await asyncio.gather(*(probe(i) for i in due))
-                now = self._clock()
+                now = self._now()
                 for index, healthy in zip(due, results, strict=True):
                     self.flow.probe_result(index, healthy, now)
                 if any(results):
                     self._changed.set()
                 continue
-            await asyncio.sleep(min(idle, self.flow.next_probe_in(now)))
+            await self._clock.sleep(min(idle, self.flow.next_probe_in(now)))
 
-    def endpoint_stats(self) -> list[EndpointStats]:
-        return self.flow.endpoint_stats(self._clock())
+    def statistics(self) -> GateStatistics:
+        return GateStatistics(
+            concurrency=self.concurrency,
+            waiting=self._queued,
+            waiting_for_endpoint=self.waiting_for_endpoint,
+            endpoints=tuple(self.flow.endpoint_stats(self._now())),
+        )
 
     def __repr__(self) -> str:
         return f"<Gate concurrency={self.concurrency} {self.flow!r}>"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import urllib.parse
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, NamedTuple, Protocol
@@ -25,6 +24,7 @@ from asyncgen.core.errors import (
     RequestTimeout,
     TransportError,
 )
+from asyncgen.core.redact import redact_url
 
 __all__ = [
     "AiohttpTransport",
@@ -32,7 +32,6 @@ __all__ = [
     "StreamReply",
     "Transport",
     "check_models",
-    "redact_url",
 ]
 
 
@@ -71,17 +70,6 @@ class Transport(Protocol):
     async def get(self, path: str) -> HttpResponse: ...
 
     async def aclose(self) -> None: ...
-
-
-def redact_url(url: str) -> str:
-    """``url`` without the credentials of its userinfo and without its query, if any (a key
-    in either must not reach logs, records, manifests or error messages)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is not None or parts.password is not None:
-        parts = parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}")
-    if parts.query:
-        parts = parts._replace(query="***")
-    return urllib.parse.urlunsplit(parts)
 
 
 class AiohttpTransport:

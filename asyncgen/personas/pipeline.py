@@ -38,7 +38,8 @@ import zstandard
 
 from asyncgen.core.errors import ConfigError, OutputError
 from asyncgen.core.records import Source
-from asyncgen.engine.engine import JobConfig, Statistics, job_spec
+from asyncgen.engine.stats import Statistics
+from asyncgen.job.config import JobConfig, job_spec
 from asyncgen.storage.files import DirLock, atomic_write
 from asyncgen.storage.manifest import fingerprint, other_job, read_manifest
 from asyncgen.storage.shards import iter_lines

@@ -13,7 +13,8 @@ from asyncgen.cli.console import say
 from asyncgen.cli.exits import Exit
 from asyncgen.cli.options import add_request_arguments, api_key, job_config_from_args
 from asyncgen.cli.run import run_job
-from asyncgen.engine.engine import JobConfig, Statistics
+from asyncgen.engine.stats import Statistics
+from asyncgen.job.config import JobConfig
 from asyncgen.personas import pipeline
 from asyncgen.personas.pipeline import JobRunner, StageReport
 

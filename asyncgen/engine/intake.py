@@ -1,0 +1,222 @@
+"""The intake: read the input shards (reading ahead), expand each line into items, claim them
+in the ledger, wait at the gate, and spawn each item's task.
+
+An item is claimed only as it is taken, so whatever is read ahead and dropped on a stop
+leaves nothing behind; a claim that never became a task is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from asyncgen.core.errors import InputError
+from asyncgen.core.ledger import Claim, Ledger, Redo
+from asyncgen.core.records import ErrorInfo, Line, Source, WorkItem
+from asyncgen.engine.commit import Committer
+from asyncgen.engine.gate import Gate
+from asyncgen.engine.sender import UNUSED, Sender
+from asyncgen.engine.stats import Counts
+from asyncgen.job.items import Expander
+from asyncgen.storage.sources import ShardReader
+
+__all__ = ["Intake"]
+
+_READ_BATCH = 1024
+
+
+class Intake:
+    """Feeds the job's input, shard after shard, to the senders until done or stopped."""
+
+    def __init__(
+        self,
+        paths: list[Path],
+        *,
+        ledger: Ledger,
+        expander: Expander,
+        template: str | None,
+        samples: int,
+        strict: bool,
+        redo: Redo | None,
+        gate: Gate,
+        sender: Sender,
+        committer: Committer,
+        counts: Counts,
+    ) -> None:
+        self._paths = paths
+        self._ledger = ledger
+        self._expander = expander
+        self._template = template
+        self._samples = samples
+        self._strict = strict
+        self._redo = redo
+        self._gate = gate
+        self._sender = sender
+        self._committer = committer
+        self._counts = counts
+        self.stopping = False
+        """Set by :meth:`stop`: take no more lines."""
+        self._total = sum(p.stat().st_size for p in paths)
+        self._done = 0
+        self._reader: ShardReader | None = None
+
+    def stop(self) -> None:
+        """Take no more input; what was taken goes on."""
+        self.stopping = True
+
+    def fraction(self) -> float:
+        """Share of the input's bytes read so far, 0..1."""
+        done = self._done + (self._reader.position if self._reader is not None else 0)
+        return min(1.0, done / self._total) if self._total else 0.0
+
+    async def run(self, senders: asyncio.TaskGroup) -> None:
+        """Take every shard's lines, spawning items' tasks into ``senders``."""
+        redo = self._redo
+        template = self._template
+        for path in self._paths:
+            reader = self._reader = ShardReader(path)
+            last = 0
+            if redo is not None:
+                # Retrying failures: only the lines that hold one are decoded.
+                last = redo.last_line(reader.shard)
+                done: bytes | None = redo.skip_bitmap(reader.shard) if last else None
+            else:
+                # Resuming: lines whose every item is done are counted, never decoded.
+                done = (
+                    self._ledger.done_lines(reader.shard, template, self._samples)
+                    if template
+                    else None
+                )
+            if not await self._shard(senders, reader, done, None if redo is None else last):
+                return
+            self._done += reader.size
+            self._reader = None
+
+    async def _shard(
+        self,
+        senders: asyncio.TaskGroup,
+        reader: ShardReader,
+        done: bytes | None,
+        last: int | None,
+    ) -> bool:
+        """Send one shard's lines; False if the job was stopped meanwhile.
+
+        The next batch is read (in a thread) while this one is sent: waiting for each read
+        made the intake pause every batch, and the slots freed meanwhile were then filled in
+        one burst, which came back as a burst (against a fixed latency, for ever after).
+        The reader is closed only when no read is running."""
+        samples = self._samples
+        counts = self._counts
+
+        def more() -> bool:
+            return not self.stopping and (last is None or reader.lineno < last)
+
+        def read_ahead() -> tuple[asyncio.Future[list[Line]], int]:
+            return asyncio.ensure_future(
+                asyncio.to_thread(reader.read_batch, _READ_BATCH, done)
+            ), reader.skipped
+
+        reading: tuple[asyncio.Future[list[Line]], int] | None = read_ahead() if more() else None
+        try:
+            while reading is not None:
+                read, before = reading
+                reading = None
+                try:
+                    batch = await read
+                except InputError as exc:
+                    if self._strict:
+                        raise
+                    await self._committer.put_bad(
+                        f"{reader.shard}:file",
+                        str(reader.path),
+                        Source(reader.shard, reader.lineno),
+                        ErrorInfo("corrupt_input", exc.reason),
+                        b"",
+                    )
+                    break
+                finally:
+                    passed = reader.skipped - before
+                    counts.lines_read += passed
+                    counts.skipped += passed * samples
+                if not batch and not passed:
+                    break  # the end of the shard
+                if more():
+                    reading = read_ahead()
+                for line in batch:
+                    if self.stopping or not await self._take(senders, line):
+                        return False
+            if self.stopping:
+                return False
+        finally:
+            if reading is not None:
+                # A read is still running in its thread: let it end before closing the file.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(reading[0])
+        reader.close()
+        return True
+
+    async def _take(self, senders: asyncio.TaskGroup, line: Line) -> bool:
+        """Expand one line, claim its items and send those not done; False if stopped."""
+        ledger = self._ledger
+        redo = self._redo
+        counts = self._counts
+        counts.lines_read += 1
+        try:
+            items = self._expander.expand(line)
+        except InputError as exc:
+            if self._strict:
+                raise
+            await self._committer.put_bad(
+                f"{line.shard}:{line.lineno}",
+                line.path,
+                Source(line.shard, line.lineno),
+                ErrorInfo("bad_input", exc.reason),
+                line.raw,
+            )
+            return True
+        for item in items:
+            if redo is not None and item.custom_id not in redo.ids:
+                counts.skipped += 1
+                continue
+            claim = ledger.claim(item.custom_id)
+            if claim is Claim.DONE:
+                counts.skipped += 1
+            elif claim is Claim.DUPLICATE:
+                message = f"custom_id {item.custom_id!r} appears twice"
+                if self._strict:
+                    raise InputError(message, path=line.path, line=line.lineno)
+                await self._committer.put_bad(
+                    f"{line.shard}:{line.lineno}",
+                    line.path,
+                    item.source,
+                    ErrorInfo("duplicate_custom_id", message),
+                    line.raw,
+                )
+            elif not await self._spawn(senders, item):
+                return False
+        return True
+
+    async def _spawn(self, senders: asyncio.TaskGroup, item: WorkItem) -> bool:
+        """Wait at the gate, then start the item's task; False (and the claim released) if
+        the job was stopped meanwhile."""
+        gate = self._gate
+        await gate.acquire_slot()
+        try:
+            lease = await gate.lease(item.est_prompt_tokens, item.max_output_tokens)
+        except BaseException:
+            gate.release_slot()
+            self._ledger.release(item.custom_id)
+            raise
+        if self.stopping:
+            gate.release(lease, UNUSED)
+            gate.release_slot()
+            self._ledger.release(item.custom_id)
+            return False
+        sender = self._sender
+        sender.tasks.add(senders.create_task(sender.send(item, lease)))
+        return True
+
+    def __repr__(self) -> str:
+        state = "stopping" if self.stopping else "taking"
+        return f"<Intake {state} {len(self._paths)} shards read={self.fraction():.0%}>"

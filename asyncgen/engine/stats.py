@@ -1,0 +1,48 @@
+"""What a job has done so far: the counts its parts keep, and the snapshot made of them."""
+
+from __future__ import annotations
+
+import msgspec
+
+from asyncgen.core.flow import EndpointStats
+
+__all__ = ["Counts", "Statistics"]
+
+
+class Counts(msgspec.Struct, kw_only=True):
+    """This run's counts, kept by the part that sees each event (intake, sender, committer)."""
+
+    lines_read: int = 0
+    skipped: int = 0
+    """Items already committed by an earlier run."""
+    in_flight: int = 0
+    retrying: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    bad_lines: int = 0
+    requests: int = 0
+    """HTTP attempts made by this run."""
+    retries: int = 0
+    throttled: int = 0
+    """Attempts answered 429 in this run."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# msgspec lets a frozen Struct extend a mutable one; mypy applies dataclasses' rule instead.
+class Statistics(Counts, frozen=True, kw_only=True):  # type: ignore[misc]
+    """An immutable snapshot of a job's progress: this run's counts, and more. ``*_total``
+    include earlier runs."""
+
+    elapsed: float
+    succeeded_total: int
+    failed_total: int
+    bad_lines_total: int
+    input_fraction: float
+    """Share of input bytes consumed, 0..1 (for an ETA)."""
+    finished: bool
+    """The whole input was read and every item committed."""
+    stopped: bool
+    endpoints: list[EndpointStats] = []
+    waiting_for_endpoint: bool = False
+    """No endpoint is up: the job waits for one to come back."""

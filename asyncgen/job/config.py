@@ -1,0 +1,138 @@
+"""A job's settings (:class:`JobConfig`) and its spec, the part that decides what results mean.
+
+Each setting's range is a msgspec constraint on its type; :meth:`JobConfig.validate` checks
+them, and the few rules that relate settings to one another, with messages that name the
+setting.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import msgspec
+
+from asyncgen.core.errors import ConfigError
+from asyncgen.job.prompts import RESERVED_BODY, Template, load_template
+
+__all__ = ["DEFAULT_BASE_URL", "JobConfig", "job_spec"]
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+# msgspec's words for a broken constraint, "Expected `int` >= 1 - at `$.samples`".
+_OUT_OF_RANGE = re.compile(r"Expected `\w+` (>=|>) (\S+) - at `\$\.(\w+)`")
+
+
+class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """Everything a job needs except the API key (which is never stored or printed)."""
+
+    inputs: list[str]
+    output: str
+    prompt: str | None = None
+    """Template name or path; ``None`` when every input line is an OpenAI Batch request."""
+    model: str | None = None
+    base_url: str | list[str] = DEFAULT_BASE_URL
+    """One endpoint, or several serving the same model (replicas, gateways)."""
+    samples: AtLeastOne = 1
+    max_tokens: AtLeastOne | None = None
+    persona_field: str = "persona"
+    extra_body: dict[str, Any] = {}
+    """Merged into every request body (sampling parameters, vLLM extras)."""
+    concurrency: AtLeastOne = 256
+    """Requests in flight at most, over all endpoints."""
+    min_concurrency: AtLeastOne = 1
+    """The floor each endpoint's adaptive window never goes below."""
+    rpm: Positive | None = None
+    tpm: Positive | None = None
+    stream: bool = False
+    """Ask for server-sent events; record time to first token; time out on silence."""
+    idle_timeout: Positive = 60.0
+    """Streaming: seconds without a byte from the server after which an attempt is retried."""
+    max_attempts: AtLeastOne = 6
+    max_invalid: AtLeastOne = 3
+    """Replies failing the template's ``[output]`` checks an item may get before it fails
+    (counted apart from ``max_attempts``)."""
+    timeout: Positive = 600.0
+    """Seconds for one attempt (a streamed one included)."""
+    deadline: Positive = 3600.0
+    """Seconds from an item's first attempt after which it is not retried again."""
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    strict: bool = False
+    """Fail on the first bad input line instead of recording it and going on."""
+    flush_records: AtLeastOne = 1024
+    flush_interval: float = 1.0
+    drain_timeout: float = 30.0
+    check_endpoint: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError, naming the setting, for settings that cannot work (wrong types
+        and values out of range included)."""
+        try:
+            msgspec.convert(msgspec.structs.asdict(self), type(self))
+        except msgspec.ValidationError as exc:
+            raise ConfigError(_explained(self, exc)) from None
+        checks = [
+            (bool(self.inputs), "no input files given"),
+            (bool(self.base_urls), "no base URL given"),
+            (
+                len(set(self.base_urls)) == len(self.base_urls),
+                "the same base URL is given twice",
+            ),
+            (
+                self.min_concurrency <= self.concurrency,
+                "min concurrency must be between 1 and concurrency",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.prompt is not None and self.model is None:
+            raise ConfigError("a --model is required with --prompt")
+        reserved = sorted(RESERVED_BODY & self.extra_body.keys())
+        if reserved:
+            raise ConfigError(
+                f"extra body may not set {', '.join(reserved)}: the template and --model "
+                "decide the prompt and model, --samples asks for more outputs (one choice is "
+                "kept per request), and --stream asks for streaming"
+            )
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
+
+
+def _explained(cfg: JobConfig, exc: msgspec.ValidationError) -> str:
+    """A value out of its range in the words of the setting ("max invalid must be at least
+    1, got 0"); any other error (a wrong type) as msgspec says it, with the field's path."""
+    found = _OUT_OF_RANGE.fullmatch(str(exc))
+    if found is None:
+        return f"invalid job configuration: {exc}"
+    op, bound, field = found.groups()
+    if op == ">=":
+        wanted = f"at least {bound}"
+    elif float(bound) == 0:
+        wanted = "positive"
+    else:
+        wanted = f"greater than {bound}"
+    return f"{field.replace('_', ' ')} must be {wanted}, got {getattr(cfg, field)!r}"
+
+
+def job_spec(cfg: JobConfig, template: Template | None = None) -> dict[str, Any]:
+    """What decides the meaning of a job's results (its output directory serves one spec
+    only); ``template`` is ``cfg.prompt`` loaded, loaded here if not given."""
+    if template is None and cfg.prompt:
+        template = load_template(cfg.prompt)
+    return {
+        "template": None
+        if template is None
+        else {"name": template.name, "sha256": template.digest},
+        "model": cfg.model,
+        "samples": cfg.samples,
+        "max_tokens": cfg.max_tokens,
+        "persona_field": cfg.persona_field,
+        "extra_body": cfg.extra_body,
+    }
