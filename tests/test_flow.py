@@ -356,7 +356,7 @@ def test_random_refusals_of_thirty_percent_never_pause_the_endpoint() -> None:
         feedback = Feedback(Signal.THROTTLED, retry_after=1.0) if refused else OK
         released = flow.release(x, feedback, now)
         assert released.excused == refused
-        if refused and released.wait is None:
+        if released.held:
             paused += 1
     stats = flow.endpoint_stats(now)[0]
     assert paused == 0 and stats.paused_for == 0 and stats.window == 200
@@ -370,7 +370,8 @@ def test_mostly_refused_means_the_budget_is_spent() -> None:
     outcomes = [flow.release(x, Feedback(Signal.THROTTLED, retry_after=2.0), now) for x in leases]
     # The first refusals look sporadic; once most recent replies are refusals, the endpoint
     # pauses for the Retry-After and the window shrinks (no budget is known to pace it).
-    assert outcomes[0].wait == 2.0 and outcomes[-1].wait is None
+    assert outcomes[0].wait == 2.0 and not outcomes[0].held
+    assert outcomes[-1].held and outcomes[-1].wait is None
     assert sum(o.wait is not None for o in outcomes) < 64
     stats = flow.endpoint_stats(now)[0]
     assert stats.paused_for == pytest.approx(2.0) and stats.window < 64

@@ -36,6 +36,7 @@ from asyncgen.core.evidence import Latency, Refusals
 from asyncgen.core.hints import RateLimitHints
 from asyncgen.core.leases import (
     EXCUSED,
+    HELD,
     NOT_EXCUSED,
     EndpointStats,
     Feedback,
@@ -67,11 +68,13 @@ def _delay(rpm: RateBucket | None, tpm: RateBucket | None, tokens: float, now: f
 
 class _Endpoint:
     __slots__ = (
+        "broken_probes",
         "down_since",
         "ejections",
         "failed",
         "failures",
         "last_decrease",
+        "last_error",
         "latency",
         "next_probe",
         "outstanding",
@@ -110,6 +113,8 @@ class _Endpoint:
         self.refusals = Refusals()
         self.next_probe = 0.0
         self.probe_delay = 0.0
+        self.broken_probes = 0
+        self.last_error: str | None = None
         self.down_since = 0.0
         self.requests = self.succeeded = self.throttled = self.failed = self.ejections = 0
 
@@ -124,6 +129,9 @@ class FlowControl:
     PROBE_MAX = 2.0
     """Probe intervals double from the first to the second; a probe is one small GET, and a
     replica that comes back should not sit idle for long."""
+    PROBE_BUDGET = 10
+    """Probes an ejected endpoint may answer with server errors, one after another, before it
+    counts as broken (about 16 s at the intervals above)."""
     GROW_BELOW = 1.5
     """The window grows only while replies take less than this many times their unloaded
     pace (and shrinks past :attr:`Latency.TOLERANCE`)."""
@@ -286,7 +294,7 @@ class FlowControl:
             # With one, the pause and the pacing handle it, and shrinking the window
             # would cap throughput at window / latency for a long time.
             self._decrease(ep, now)
-        return EXCUSED
+        return HELD
 
     def _correct_tokens(self, ep: _Endpoint, lease: Lease, feedback: Feedback, now: float) -> None:
         prompt, completion = feedback.prompt_tokens, feedback.completion_tokens
@@ -352,10 +360,16 @@ class FlowControl:
         waits = [ep.next_probe - now for ep in self._endpoints if not ep.up]
         return max(0.0, min(waits)) if waits else math.inf
 
-    def probe_result(self, index: int, healthy: bool, now: float) -> None:
+    def probe_result(
+        self, index: int, healthy: bool, now: float, *, error: str | None = None
+    ) -> None:
+        """What a probe of an ejected endpoint found; ``error``: it answered, with a server
+        error (status and body), rather than not at all."""
         ep = self._endpoints[index]
         if ep.up:
             return
+        ep.broken_probes = ep.broken_probes + 1 if error is not None and not healthy else 0
+        ep.last_error = error
         if healthy:
             # Half open: back with a small window that successes grow again.
             ep.up = True
@@ -366,6 +380,16 @@ class FlowControl:
         else:
             ep.probe_delay = min(self.PROBE_MAX, ep.probe_delay * 2.0)
             ep.next_probe = now + ep.probe_delay
+
+    def broken(self) -> str | None:
+        """Why the job cannot go on, when no endpoint is up and every one has answered its
+        last :attr:`PROBE_BUDGET` probes with a server error (it is up, but cannot serve:
+        waiting would be for ever); None otherwise. An endpoint that does not answer at all
+        may come back, and is waited for."""
+        eps = self._endpoints
+        if any(ep.up or ep.broken_probes < self.PROBE_BUDGET for ep in eps):
+            return None
+        return "; ".join(f"{ep.url}: {ep.last_error}" for ep in eps)
 
     def mark_down(self, index: int, now: float) -> None:
         """Start with an endpoint ejected (it failed its start-up check)."""

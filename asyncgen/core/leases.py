@@ -11,6 +11,7 @@ from asyncgen.core.hints import RateLimitHints
 
 __all__ = [
     "EXCUSED",
+    "HELD",
     "NOT_EXCUSED",
     "EndpointStats",
     "Feedback",
@@ -69,13 +70,16 @@ class Released(msgspec.Struct, frozen=True, gc=False):
     excused: bool
     """The failure was the endpoint's, not the item's: it does not use up an attempt."""
     wait: float | None = None
-    """A refusal of this request alone: seconds the item waits before its next attempt (the
-    server's ``retry-after``; None: no advice). None too when the refusal paused the whole
-    endpoint: then the gate holds the item, or routes it elsewhere."""
+    """A refusal of this request alone: seconds the item waits on its own before its next
+    attempt (the server's ``retry-after``; None: no advice, back off as usual)."""
+    held: bool = False
+    """The refusal paused the whole endpoint: the gate holds the item until the pause ends,
+    or routes it to another endpoint at once; it waits for nothing else."""
 
 
 NOT_EXCUSED = Released(False)
 EXCUSED = Released(True)
+HELD = Released(True, held=True)
 
 
 class EndpointStats(msgspec.Struct, frozen=True):

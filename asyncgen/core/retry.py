@@ -157,8 +157,9 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
         if (attempt if counted is None else counted) >= self.max_attempts:
             return None
         if hint is not None:
-            # Honour the server, with a little spread so a crowd of waiters does not return at once.
-            delay = hint * (1.0 + 0.1 * rng.random())
+            # Never sooner than the server asked; spread over as long again (full jitter
+            # above the hint), so the requests it refused together do not return together.
+            delay = hint + rng.uniform(0.0, min(hint, self.max_delay))
         else:
             delay = rng.uniform(0.0, min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1)))
         if elapsed + delay > self.deadline:

@@ -9,14 +9,16 @@ attempt's limits (total and idle) are the loop's timers, as they bound socket re
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from asyncgen.core.errors import ConfigError, ConnectError, TransportError
 from asyncgen.core.flow import Feedback, Lease, Signal
-from asyncgen.core.hints import parse_ratelimit, parse_retry_after
+from asyncgen.core.hints import RateLimitHints, parse_ratelimit, parse_retry_after
 from asyncgen.core.records import ErrorInfo, WorkItem
-from asyncgen.core.retry import Outcome, interpret
+from asyncgen.core.redact import redact_text
+from asyncgen.core.retry import Outcome, Stop, interpret
 from asyncgen.core.sse import (
     SSEParser,
     StreamAssembler,
@@ -37,6 +39,24 @@ _DROPPED = Feedback(Signal.DROPPED)
 _UNREACHABLE = Feedback(Signal.UNREACHABLE)
 
 AttemptResult = tuple[Outcome, Feedback, float | None]
+
+
+_STOPS = {
+    Stop.QUOTA: "the account's quota or spend limit is used up",
+    Stop.KEY: "the API key is refused",
+    Stop.MODEL: "the model or URL is not served there",
+}
+_TOKENS = re.compile(r"(?i)\btokens? per min|\bTPM\b")
+
+
+def _tokens_ran_out(outcome: Outcome, hints: RateLimitHints | None) -> bool:
+    """Does a 429 say the token budget, not the request budget, ran out?"""
+    if hints is not None and hints.tokens is not None and hints.tokens.remaining is not None:
+        requests = hints.requests
+        if hints.tokens.remaining < 1 and (requests is None or (requests.remaining or 0) >= 1):
+            return True
+    error = outcome.error
+    return error is not None and _TOKENS.search(error.message) is not None
 
 
 def _signal(status: int) -> Signal:
@@ -131,7 +151,12 @@ class Attempter:
             )
             return outcome, feedback, ttft
         self._raise_if_job_level(transport, item, outcome)
-        return outcome, Feedback(_signal(status), hints, parse_retry_after(headers)), ttft
+        signal = _signal(status)
+        tokens_ran_out = signal is Signal.THROTTLED and _tokens_ran_out(outcome, hints)
+        feedback = Feedback(
+            signal, hints, parse_retry_after(headers), tokens_ran_out=tokens_ran_out
+        )
+        return outcome, feedback, ttft
 
     async def _streamed(
         self, transport: Transport, path: str, body: bytes
@@ -188,17 +213,19 @@ class Attempter:
         return status, headers, Outcome(completion, None, False), ttft
 
     def _raise_if_job_level(self, transport: Transport, item: WorkItem, outcome: Outcome) -> None:
-        """Stop the job on an answer every request would get: a refused key, or a 404 for the
-        job's one model or URL. Recording it per item would burn the whole input as failures."""
-        error = outcome.error
-        if outcome.retryable or error is None or error.status is None:
+        """Stop the job on an answer every request would get: a used-up quota, a refused key,
+        an unknown model (for the job's one model; batch lines may name several). Recording
+        it per item would burn the whole input as failures, and retrying a quota would send
+        requests for ever."""
+        error, stop = outcome.error, outcome.stop
+        if stop is None or error is None or (stop is Stop.MODEL and self._model is None):
             return
-        if error.status in (401, 403) or (error.status == 404 and self._model is not None):
-            raise ConfigError(
-                f"endpoint {transport.base_url} answered HTTP {error.status} to "
-                f"POST {item.url}: {error.message}; stopping, since every request would get "
-                "the same answer (the item is not recorded and will be sent by the next run)"
-            )
+        what = _STOPS[stop]
+        raise ConfigError(
+            f"endpoint {transport.base_url} answered HTTP {error.status} ({error.code}) to "
+            f"POST {item.url}: {error.message}; stopping: {what}, and every request would get "
+            "the same answer (the item is not recorded and will be sent by the next run)"
+        )
 
     async def expire_overdue(self) -> None:
         """Expire the attempts that outlived ``timeout``, until cancelled: cancel their
@@ -216,14 +243,18 @@ class Attempter:
                 self.expired.add(task)
                 task.cancel()
 
-    async def probe(self, index: int) -> bool:
-        """Is an ejected endpoint answering again? Any reply below 500 says it is."""
+    async def probe(self, index: int) -> tuple[bool, str | None]:
+        """Is an ejected endpoint answering again? Any reply below 500 says it is; a reply
+        of 500 or more is returned as its status and the start of its body (redacted)."""
         try:
             async with asyncio.timeout(min(5.0, self._timeout)):
                 resp = await self._transports[index].get("/models")
         except (TimeoutError, TransportError):
-            return False
-        return resp.status < 500
+            return False, None
+        if resp.status < 500:
+            return True, None
+        body = redact_text(resp.body[:200].decode("utf-8", "replace").strip())
+        return False, f"HTTP {resp.status}: {body or '(no body)'}"
 
     def __repr__(self) -> str:
         kind = "streamed" if self._stream else "plain"

@@ -191,6 +191,7 @@ class Engine:
         )
         if self._stop_requested.is_set():
             intake.stop()
+            sender.stop()
         return _Parts(store, gate, attempter, committer, sender, intake)
 
     async def __aexit__(
@@ -245,9 +246,12 @@ class Engine:
         return record
 
     def stop(self) -> None:
-        """Stop reading input; in-flight requests get ``drain_timeout`` seconds to finish."""
+        """Stop: nothing new is sent (no first attempt, no retry); the attempts in flight
+        get ``drain_timeout`` seconds to finish, and the job ends as soon as they have.
+        Items stopped before their record are left to the next run."""
         if self._parts is not None:
             self._parts.intake.stop()
+            self._parts.sender.stop()
         self._stop_requested.set()
 
     async def _drain_on_stop(self, sender: Sender) -> None:
@@ -340,7 +344,9 @@ class Engine:
             try:
                 async with asyncio.TaskGroup() as senders:
                     await parts.intake.run(senders)
-                self._finished = not parts.intake.stopping
+                # A stop that came after the last item was taken may still see every item
+                # through: the job is finished then.
+                self._finished = parts.intake.read_all and not parts.sender.abandoned
             finally:
                 for helper in helpers:
                     helper.cancel()

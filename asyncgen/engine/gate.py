@@ -17,12 +17,14 @@ from typing import Any
 
 import msgspec
 
+from asyncgen.core.errors import ConfigError
 from asyncgen.core.flow import EndpointStats, Feedback, FlowControl, Lease, Released
 from asyncgen.engine.clock import Clock
 
 __all__ = ["Gate", "GateStatistics"]
 
-Probe = Callable[[int], Awaitable[bool]]
+Probe = Callable[[int], Awaitable[tuple[bool, str | None]]]
+"""Is endpoint ``i`` answering again: (healthy, the server error it answered with, if any)."""
 
 
 class GateStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -31,13 +33,24 @@ class GateStatistics(msgspec.Struct, frozen=True, kw_only=True):
     concurrency: int
     waiting: int
     """Callers waiting for a lease."""
+    parked: int
+    """Items waiting out a retry delay with their slot lent out."""
     waiting_for_endpoint: bool
     """The head of the queue waits because no endpoint is up."""
     endpoints: tuple[EndpointStats, ...]
 
 
 class Gate:
-    """Concurrency slots plus leases from a flow control."""
+    """Concurrency slots plus leases from a flow control.
+
+    An item holds a slot from its spawn to its record, except while it waits out a retry
+    delay on its own (a refusal's ``retry-after``, a backoff): then it may *park*, lending its
+    slot to a new item, so items waiting for their turn do not starve the endpoints. At most
+    :attr:`PARK_PER_SLOT` times ``concurrency`` items park at once, which keeps memory bounded
+    by the concurrency.
+    """
+
+    PARK_PER_SLOT = 8
 
     def __init__(
         self,
@@ -59,6 +72,8 @@ class Gate:
         self._changed = asyncio.Event()
         self.waiting_for_endpoint = False
         """True while the head of the queue waits because no endpoint is up."""
+        self.parked = 0
+        self._park_limit = self.PARK_PER_SLOT * concurrency
 
     def acquire_slot(self) -> Coroutine[Any, Any, bool]:
         """Wait for a free slot (the semaphore's own coroutine: one frame less per item)."""
@@ -67,8 +82,38 @@ class Gate:
     def release_slot(self) -> None:
         self._slots.release()
 
-    async def lease(self, prompt_estimate: int, max_output: int | None) -> Lease:
-        """Wait until an endpoint may take one more attempt of this size; route it there."""
+    def park(self) -> bool:
+        """Lend the caller's slot to a new item while it waits on its own; False (the slot
+        kept) when every parking place is taken. Then :meth:`unpark`, or, if the caller ends
+        while parked, :meth:`leave_parking`."""
+        if self.parked >= self._park_limit:
+            return False
+        self.parked += 1
+        self._slots.release()
+        return True
+
+    async def unpark(self) -> None:
+        """Take a slot again after :meth:`park` (cancelled: still parked)."""
+        await self._slots.acquire()
+        self.parked -= 1
+
+    def leave_parking(self) -> None:
+        """A parked caller ends without a slot to give back."""
+        self.parked -= 1
+
+    def lease_nowait(self, prompt_estimate: int, max_output: int | None) -> Lease | None:
+        """A lease now, if nobody queues for one and the flow control grants it."""
+        if self._queued:
+            return None
+        decision = self.flow.try_acquire(self._now(), prompt_estimate, max_output)
+        return decision if isinstance(decision, Lease) else None
+
+    async def lease(
+        self, prompt_estimate: int, max_output: int | None, *, until: float = math.inf
+    ) -> Lease:
+        """Wait until an endpoint may take one more attempt of this size; route it there.
+        TimeoutError if none does by ``until`` on the clock (only the head of the queue
+        watches the time: behind it, a caller waits for the lock)."""
         if not self._queued:
             # Nobody queued: ask at once (the lock costs more than the asking, per attempt).
             decision = self.flow.try_acquire(self._now(), prompt_estimate, max_output)
@@ -77,28 +122,34 @@ class Gate:
         self._queued += 1
         try:
             async with self._queue:
-                return await self._wait_for_lease(prompt_estimate, max_output)
+                return await self._wait_for_lease(prompt_estimate, max_output, until)
         finally:
             self._queued -= 1
 
-    async def _wait_for_lease(self, prompt_estimate: int, max_output: int | None) -> Lease:
+    async def _wait_for_lease(
+        self, prompt_estimate: int, max_output: int | None, until: float
+    ) -> Lease:
         """The head of the queue: ask again whenever the answer may have changed."""
         while True:
-            decision = self.flow.try_acquire(self._now(), prompt_estimate, max_output)
+            now = self._now()
+            decision = self.flow.try_acquire(now, prompt_estimate, max_output)
             if isinstance(decision, Lease):
                 return decision
+            if now >= until:
+                raise TimeoutError("no endpoint took the request in time")
+            seconds = min(decision.seconds, until - now)
             if not decision.on_release:
                 # Only time helps (a budget or a pause): sleep through releases instead of
                 # waking up to recompute on each of them.
-                await self._clock.sleep(decision.seconds)
+                await self._clock.sleep(seconds)
                 continue
             self._changed.clear()
             self.waiting_for_endpoint = not self.flow.any_up
             try:
-                if math.isinf(decision.seconds):
+                if math.isinf(seconds):
                     await self._changed.wait()
                 else:
-                    await self._wait_changed(decision.seconds)
+                    await self._wait_changed(seconds)
             finally:
                 self.waiting_for_endpoint = False
 
@@ -120,17 +171,26 @@ class Gate:
 
     async def probe_forever(self, probe: Probe, *, idle: float = 0.5) -> None:
         """Probe ejected endpoints when due and re-admit those that answer. Runs until
-        cancelled; checks at least every ``idle`` seconds for newly ejected endpoints."""
+        cancelled; checks at least every ``idle`` seconds for newly ejected endpoints.
+        Raises ConfigError when every endpoint answers only server errors (see
+        :meth:`FlowControl.broken`)."""
         while True:
             now = self._now()
             due = self.flow.probes_due(now)
             if due:
                 results = await asyncio.gather(*(probe(i) for i in due))
                 now = self._now()
-                for index, healthy in zip(due, results, strict=True):
-                    self.flow.probe_result(index, healthy, now)
-                if any(results):
+                for index, (healthy, error) in zip(due, results, strict=True):
+                    self.flow.probe_result(index, healthy, now, error=error)
+                if any(healthy for healthy, _ in results):
                     self._changed.set()
+                broken = self.flow.broken()
+                if broken is not None:
+                    raise ConfigError(
+                        f"no endpoint can serve: each answers only errors, GET /models "
+                        f"included ({broken}); stopping (nothing is lost: rerun once the "
+                        "server is fixed)"
+                    )
                 continue
             await self._clock.sleep(min(idle, self.flow.next_probe_in(now)))
 
@@ -138,6 +198,7 @@ class Gate:
         return GateStatistics(
             concurrency=self.concurrency,
             waiting=self._queued,
+            parked=self.parked,
             waiting_for_endpoint=self.waiting_for_endpoint,
             endpoints=tuple(self.flow.endpoint_stats(self._now())),
         )

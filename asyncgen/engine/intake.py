@@ -12,6 +12,7 @@ import contextlib
 from pathlib import Path
 
 from asyncgen.core.errors import InputError
+from asyncgen.core.flow import Lease
 from asyncgen.core.ledger import Claim, Ledger, Redo
 from asyncgen.core.records import ErrorInfo, Line, Source, WorkItem
 from asyncgen.engine.commit import Committer
@@ -60,10 +61,17 @@ class Intake:
         self._total = sum(p.stat().st_size for p in paths)
         self._done = 0
         self._reader: ShardReader | None = None
+        self._waiter: asyncio.Future[Lease] | None = None
+        """The wait for a lease, when the gate has none at once."""
+        self.read_all = False
+        """Every line of every shard was taken."""
 
     def stop(self) -> None:
-        """Take no more input; what was taken goes on."""
+        """Take no more input (a wait for the next item's lease ends now); what was taken
+        goes on."""
         self.stopping = True
+        if self._waiter is not None:
+            self._waiter.cancel()
 
     def fraction(self) -> float:
         """Share of the input's bytes read so far, 0..1."""
@@ -92,6 +100,7 @@ class Intake:
                 return
             self._done += reader.size
             self._reader = None
+        self.read_all = True
 
     async def _shard(
         self,
@@ -203,19 +212,40 @@ class Intake:
         gate = self._gate
         await gate.acquire_slot()
         try:
-            lease = await gate.lease(item.est_prompt_tokens, item.max_output_tokens)
+            lease = gate.lease_nowait(item.est_prompt_tokens, item.max_output_tokens)
+            if lease is None:
+                lease = await self._wait_for_lease(item)
         except BaseException:
             gate.release_slot()
             self._ledger.release(item.custom_id)
             raise
-        if self.stopping:
-            gate.release(lease, UNUSED)
+        if lease is None or self.stopping:
+            if lease is not None:
+                gate.release(lease, UNUSED)
             gate.release_slot()
             self._ledger.release(item.custom_id)
             return False
         sender = self._sender
         sender.tasks.add(senders.create_task(sender.send(item, lease)))
         return True
+
+    async def _wait_for_lease(self, item: WorkItem) -> Lease | None:
+        """Wait at the gate for an item's first lease; None if :meth:`stop` ended the wait.
+        (A task of its own only here, off the fast path, so that a stop can end it.)"""
+        if self.stopping:
+            return None
+        waiter = self._waiter = asyncio.ensure_future(
+            self._gate.lease(item.est_prompt_tokens, item.max_output_tokens)
+        )
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if waiter.cancelled() and self.stopping and not (task and task.cancelling()):
+                return None
+            raise
+        finally:
+            self._waiter = None
 
     def __repr__(self) -> str:
         state = "stopping" if self.stopping else "taking"

@@ -68,6 +68,7 @@ class Sender:
         self._rng = rng
         self._stream = config.stream
         self._max_invalid = config.max_invalid
+        self._deadline = config.deadline
         self._policy = RetryPolicy(
             max_attempts=config.max_attempts,
             base_delay=config.backoff_base,
@@ -83,24 +84,50 @@ class Sender:
         self.tasks: set[asyncio.Task[None]] = set()
         """Items' tasks still running (each takes itself out as it ends: cheaper than a done
         callback, which the loop would schedule and call for every item)."""
+        self.stopping = False
+        """Set by :meth:`stop`: no attempt starts any more, first or retry."""
+        self.abandoned = 0
+        """Items that ended without a record (stopped), to be sent by the next run."""
+        self._between: set[asyncio.Task[None]] = set()
+        """Tasks between two attempts (waiting out a delay, or for a lease)."""
+        self._parked: set[asyncio.Task[None]] = set()
+        """Tasks whose slot is lent out (see :meth:`Gate.park`)."""
+
+    def stop(self) -> None:
+        """Send nothing more: the items between attempts end now, those in flight after
+        their attempt (unless it succeeded). Their claims are released."""
+        self.stopping = True
+        for task in list(self._between):
+            task.cancel()
 
     async def send(self, item: WorkItem, lease: Lease) -> None:
         """An item's task: from its first ``lease`` (and slot) to its buffered record. Its
-        claim is released if it ends otherwise (a hard stop), so the next run sends it."""
+        claim is released if it ends otherwise (a stop), so the next run sends it."""
+        task = asyncio.current_task(self._loop)
         try:
             result = await self._attempts(item, lease)
+            if result is None:  # stopped between two attempts
+                self._ledger.release(item.custom_id)
+                self.abandoned += 1
+                return
             committer = self._committer
             if not committer.space.is_set():  # the commit is behind: wait for it
                 await committer.space.wait()
             committer.put_nowait(result)
         except BaseException:
             self._ledger.release(item.custom_id)
+            self.abandoned += 1
             raise
         finally:
-            self._gate.release_slot()
-            self.tasks.discard(asyncio.current_task(self._loop))
+            if task in self._parked:
+                self._parked.discard(task)
+                self._gate.leave_parking()
+            else:
+                self._gate.release_slot()
+            self.tasks.discard(task)
 
-    async def _attempts(self, item: WorkItem, first_lease: Lease) -> Result:
+    async def _attempts(self, item: WorkItem, first_lease: Lease) -> Result | None:
+        """Attempts until a record; None when stopped before the next attempt."""
         gate = self._gate
         counts = self._counts
         body = self._encoder.encode(self._request_body(item))
@@ -109,9 +136,27 @@ class Sender:
         attempt = excused = invalid = 0
         rejected: Usage | None = None
         lease: Lease | None = first_lease
+        endpoint = first_lease.endpoint
+        error: ErrorInfo | None = None
+        until = first + self._deadline
         while True:
             if lease is None:
-                lease = await gate.lease(item.est_prompt_tokens, item.max_output_tokens)
+                try:
+                    lease = await self._next_lease(item, until)
+                except TimeoutError:
+                    # The endpoints stayed paused or down past the item's deadline.
+                    assert error is not None
+                    error = ErrorInfo(
+                        error.code,
+                        f"gave up after {attempt} attempts in {self._now() - first:.1f}s: "
+                        f"no endpoint took it again within the deadline; the last: "
+                        f"{error.message}",
+                        error.status,
+                    )
+                    return self._record(
+                        item, error, attempt, self._now() - first, started, endpoint, rejected
+                    )
+                counts.retries += 1  # counted when sent, not when scheduled
             endpoint = lease.endpoint
             attempt += 1
             counts.requests += 1
@@ -123,7 +168,8 @@ class Sender:
                 counts.in_flight -= 1
                 # The endpoint's failures (429s, outages) do not use up the item's attempts;
                 # the retry deadline bounds them.
-                excused += gate.release(lease, feedback).excused
+                released = gate.release(lease, feedback)
+                excused += released.excused
                 lease = None
             elapsed = self._now() - first
             if outcome.completion is not None:
@@ -151,19 +197,19 @@ class Sender:
             assert outcome.error is not None
             if feedback.signal is Signal.THROTTLED:
                 counts.throttled += 1
+            # A refusal of this request alone brings its own wait (the server's retry-after);
+            # one that paused the endpoint leaves the waiting to the gate, and the delay only
+            # says whether the item's deadline allows it.
+            hint = released.wait if released.wait is not None else feedback.retry_after
             delay = (
                 self._policy.next_delay(
-                    attempt,
-                    elapsed,
-                    feedback.retry_after,
-                    self._rng,
-                    counted=attempt - excused - invalid,
+                    attempt, elapsed, hint, self._rng, counted=attempt - excused - invalid
                 )
                 if outcome.retryable
                 else None
             )
+            error = outcome.error
             if delay is None:
-                error = outcome.error
                 if outcome.retryable:
                     error = ErrorInfo(
                         error.code,
@@ -171,17 +217,45 @@ class Sender:
                         error.status,
                     )
                 return self._record(item, error, attempt, elapsed, started, endpoint, rejected)
-            counts.retries += 1
-            if feedback.signal is Signal.THROTTLED:
-                # The 429 paused its endpoint for as long as the server asked (the deadline
-                # above counted that wait): the gate holds the item meanwhile or routes it to
-                # another endpoint at once.
-                continue
-            counts.retrying += 1
-            try:
+            if self.stopping:
+                return None
+            if not released.held:
+                await self._wait(delay)
+
+    async def _wait(self, delay: float) -> None:
+        """Wait ``delay`` before the next attempt, parked if the gate has room (the slot
+        lent to a new item meanwhile). A stop cancels the wait."""
+        task = asyncio.current_task(self._loop)
+        assert task is not None
+        gate, counts = self._gate, self._counts
+        counts.retrying += 1
+        self._between.add(task)
+        try:
+            if gate.park():
+                self._parked.add(task)
                 await self._sleep(delay)
-            finally:
-                counts.retrying -= 1
+                await gate.unpark()
+                self._parked.discard(task)
+            else:
+                await self._sleep(delay)
+        finally:
+            self._between.discard(task)
+            counts.retrying -= 1
+
+    async def _next_lease(self, item: WorkItem, until: float) -> Lease:
+        """The lease for a retry, by ``until`` on the clock (TimeoutError after); a stop
+        cancels the wait for it."""
+        gate = self._gate
+        lease = gate.lease_nowait(item.est_prompt_tokens, item.max_output_tokens)
+        if lease is not None:
+            return lease
+        task = asyncio.current_task(self._loop)
+        assert task is not None
+        self._between.add(task)
+        try:
+            return await gate.lease(item.est_prompt_tokens, item.max_output_tokens, until=until)
+        finally:
+            self._between.discard(task)
 
     def _check_output(self, item: WorkItem, c: Completion) -> Checked:
         """The template's ``[output]`` checks on a reply (batch lines have none). A reply that
