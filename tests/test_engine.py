@@ -257,7 +257,7 @@ async def test_drain_timeout_abandons_hung_requests(tmp_path: Path) -> None:
 
         async def stop_when_full() -> None:
             # Real time: the input is read in a thread, which virtual time does not wait for.
-            while engine.statistics().in_flight < 8:
+            while engine.statistics().in_flight < 8:  # noqa: ASYNC110
                 await asyncio.sleep(0.001)
             stopped_at.append(clock.monotonic())
             engine.stop()

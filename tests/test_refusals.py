@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,8 @@ from asyncgen.engine.clock import VirtualClock
 from asyncgen.engine.transport import HttpResponse
 from asyncgen.mock.server import MockConfig, MockServer
 
-from .conftest import Canned, assert_exactly_once, personas, write_shard
+from .conftest import Canned, assert_exactly_once, clean_env, personas, write_shard
+from .test_crash_resume import mock_process, server_requests
 
 URL = "http://refusing.invalid/v1"
 
@@ -275,3 +278,68 @@ async def test_a_stop_after_the_last_item_was_taken_can_still_finish(tmp_path: P
             tg.create_task(stop_when_all_in_flight())
             stats = await engine.run()
     assert stats.stopped and stats.finished and stats.succeeded == 10
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def _run(args: list[str], *, signal_after: float | None = None, sig: int = 15) -> tuple[int, str]:
+    """``asyncgen run ARGS`` in a subprocess; its exit status and stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncgen", "run", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    if signal_after is not None:
+        time.sleep(signal_after)
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def _args(tmp_path: Path, url: str, inputs: list[Path], *extra: str) -> list[str]:
+    return [
+        *("-i", *map(str, inputs), "-p", "math", "-m", "mock-model", "--base-url", url),
+        *("-o", str(tmp_path / "out"), "-q", *extra),
+    ]
+
+
+def test_cli_a_used_up_quota_exits_2_naming_it(tmp_path: Path) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(2_000))]
+    with mock_process("--quota-exhausted") as url:
+        started = time.monotonic()
+        code, err = _run(_args(tmp_path, url, inputs, "--concurrency", "256"))
+        took = time.monotonic() - started
+        sent = server_requests(url)
+    assert code == 2 and took < 30 and sent < 50
+    assert "insufficient_quota" in err and "quota" in err and "Traceback" not in err
+
+
+def test_cli_a_drain_that_completes_every_item_exits_0(tmp_path: Path) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(20))]
+    with mock_process("--latency", "2") as url:
+        code, err = _run(_args(tmp_path, url, inputs), signal_after=1.5)
+        sent = server_requests(url)
+    assert code == 0, err
+    assert sent == 20 and "no new requests" in err
+    assert_exactly_once(tmp_path / "out", ids_for("p", 20))
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_pause_resumes_exactly_once(tmp_path: Path) -> None:
+    """Most requests refused with a Retry-After of 5 s: killed while the endpoint is paused
+    and items wait, then rerun against a healthy server: every item exactly once."""
+    inputs = [write_shard(tmp_path / "p.jsonl", personas(300))]
+    with mock_process("--fail-429", "0.7", "--retry-after", "5", "--seed", "3") as url:
+        code, _ = _run(_args(tmp_path, url, inputs), signal_after=2.0, sig=9)
+        assert code == -9
+        refused_run = server_requests(url)
+    assert refused_run > 0
+    with mock_process() as url:
+        code, err = _run(_args(tmp_path, url, inputs))
+        resent = server_requests(url)
+    assert code == 0, err
+    assert 0 < resent <= 300
+    assert_exactly_once(tmp_path / "out", ids_for("p", 300))
