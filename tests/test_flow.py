@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from asyncgen.core.flow import Feedback, FlowControl, Lease, Signal, Wait
+from asyncgen.core.flow import FlowControl
 from asyncgen.core.hints import Budget, RateLimitHints
+from asyncgen.core.leases import Feedback, Lease, Signal, Wait
 
 OK = Feedback(Signal.OK, prompt_tokens=10, completion_tokens=10)
 

@@ -6,7 +6,7 @@ import io
 from typing import Any
 
 from asyncgen.cli.progress import ProgressReporter, summary
-from asyncgen.core.flow import EndpointStats
+from asyncgen.core.leases import EndpointStats
 from asyncgen.engine.stats import Statistics
 
 

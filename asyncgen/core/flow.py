@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 
+from asyncgen.core.endpoint import EndpointState, budget_delay
 from asyncgen.core.evidence import Latency, Refusals
 from asyncgen.core.hints import RateLimitHints
 from asyncgen.core.leases import (
@@ -47,76 +48,7 @@ from asyncgen.core.leases import (
 )
 from asyncgen.core.limits import RateBucket, TokenEstimate
 
-__all__ = [
-    "EndpointStats",
-    "Feedback",
-    "FlowControl",
-    "Latency",
-    "Lease",
-    "Refusals",
-    "Released",
-    "Signal",
-    "Wait",
-]
-
-
-def _delay(rpm: RateBucket | None, tpm: RateBucket | None, tokens: float, now: float) -> float:
-    """Seconds until one request of ``tokens`` fits both budgets (absent ones always fit)."""
-    delay = 0.0 if rpm is None else rpm.delay(1.0, now)
-    return delay if tpm is None else max(delay, tpm.delay(tokens, now))
-
-
-class _Endpoint:
-    __slots__ = (
-        "broken_probes",
-        "down_since",
-        "ejections",
-        "failed",
-        "failures",
-        "last_decrease",
-        "last_error",
-        "latency",
-        "next_probe",
-        "outstanding",
-        "pace",
-        "paused_until",
-        "probe_delay",
-        "refusals",
-        "requests",
-        "rpm",
-        "ssthresh",
-        "succeeded",
-        "throttle_streak",
-        "throttled",
-        "tokens",
-        "tpm",
-        "up",
-        "url",
-        "window",
-    )
-
-    def __init__(self, url: str, window: float) -> None:
-        self.url = url
-        self.window = window
-        self.ssthresh = window
-        self.up = True
-        self.outstanding = 0
-        self.tokens = 0.0
-        self.paused_until = 0.0
-        self.rpm: RateBucket | None = None
-        self.tpm: RateBucket | None = None
-        self.failures = 0
-        self.throttle_streak = 0
-        self.last_decrease = -math.inf
-        self.latency = 1.0
-        self.pace = Latency()
-        self.refusals = Refusals()
-        self.next_probe = 0.0
-        self.probe_delay = 0.0
-        self.broken_probes = 0
-        self.last_error: str | None = None
-        self.down_since = 0.0
-        self.requests = self.succeeded = self.throttled = self.failed = self.ejections = 0
+__all__ = ["FlowControl"]
 
 
 class FlowControl:
@@ -153,7 +85,7 @@ class FlowControl:
             raise ValueError("need 1 <= min_concurrency <= concurrency")
         self.cap = float(concurrency)
         self.floor = float(min_concurrency)
-        self._endpoints = [_Endpoint(url, self.cap) for url in urls]
+        self._endpoints = [EndpointState(url, self.cap) for url in urls]
         self._rpm = RateBucket(rpm, now=now) if rpm else None
         self._tpm = RateBucket(tpm, now=now) if tpm else None
         self.estimate = TokenEstimate(upfront=upfront)
@@ -168,10 +100,10 @@ class FlowControl:
         tokens = self.estimate.reserve(prompt_estimate, max_output)
         rpm, tpm = self._rpm, self._tpm
         if rpm is not None or tpm is not None:
-            wait = _delay(rpm, tpm, tokens, now)
+            wait = budget_delay(rpm, tpm, tokens, now)
             if wait > 0:
                 return Wait(wait, False)
-        best: _Endpoint | None = None
+        best: EndpointState | None = None
         best_index = -1
         wait = math.inf
         busy = False
@@ -181,7 +113,7 @@ class FlowControl:
                 continue
             delay = ep.paused_until - now
             if ep.rpm is not None or ep.tpm is not None:
-                delay = max(delay, _delay(ep.rpm, ep.tpm, tokens, now))
+                delay = max(delay, budget_delay(ep.rpm, ep.tpm, tokens, now))
             if delay > 0:
                 wait = min(wait, delay)
             elif best is None or (ep.tokens, ep.outstanding) < (best.tokens, best.outstanding):
@@ -247,7 +179,7 @@ class FlowControl:
                 return EXCUSED
         return NOT_EXCUSED
 
-    def _succeeded(self, ep: _Endpoint, seconds: float, tokens: int | None, now: float) -> None:
+    def _succeeded(self, ep: EndpointState, seconds: float, tokens: int | None, now: float) -> None:
         ep.succeeded += 1
         ep.failures = ep.throttle_streak = 0
         ep.latency += 0.1 * (seconds - ep.latency)
@@ -264,7 +196,9 @@ class FlowControl:
             step = 1.0 if ep.window < ep.ssthresh else 1.0 / max(ep.window, 1.0)
             ep.window = min(self.cap, ep.window + step)
 
-    def _refused(self, ep: _Endpoint, feedback: Feedback, exhausted: bool, now: float) -> Released:
+    def _refused(
+        self, ep: EndpointState, feedback: Feedback, exhausted: bool, now: float
+    ) -> Released:
         """A 429 or 503: the endpoint's budget is spent, or this request was unlucky."""
         if feedback.signal is Signal.THROTTLED:
             ep.throttled += 1
@@ -296,7 +230,9 @@ class FlowControl:
             self._decrease(ep, now)
         return HELD
 
-    def _correct_tokens(self, ep: _Endpoint, lease: Lease, feedback: Feedback, now: float) -> None:
+    def _correct_tokens(
+        self, ep: EndpointState, lease: Lease, feedback: Feedback, now: float
+    ) -> None:
         prompt, completion = feedback.prompt_tokens, feedback.completion_tokens
         if feedback.signal is Signal.OK and prompt is not None and completion is not None:
             self.estimate.observe(lease.prompt_estimate, prompt, completion)
@@ -309,7 +245,9 @@ class FlowControl:
             if bucket is not None:
                 bucket.adjust(delta, now)
 
-    def _apply_hints(self, ep: _Endpoint, hints: RateLimitHints, tokens: float, now: float) -> bool:
+    def _apply_hints(
+        self, ep: EndpointState, hints: RateLimitHints, tokens: float, now: float
+    ) -> bool:
         """Learn the announced budgets; pause the endpoint (and say so) when what remains
         is less than the next request needs."""
         pause = 0.0
@@ -331,7 +269,7 @@ class FlowControl:
             bucket.set_rate(per_minute, now=now)
         return bucket
 
-    def _decrease(self, ep: _Endpoint, now: float, factor: float = 0.5) -> None:
+    def _decrease(self, ep: EndpointState, now: float, factor: float = 0.5) -> None:
         # One congestion event per round trip: the other replies of the same burst carry no
         # new news, and shrinking for each would collapse the window to the floor.
         if now - ep.last_decrease < max(ep.latency, 0.1):
@@ -340,10 +278,10 @@ class FlowControl:
         ep.window = max(self.floor, min(ep.window, ep.outstanding + 1.0) * factor)
         ep.ssthresh = ep.window
 
-    def _paced(self, ep: _Endpoint) -> bool:
+    def _paced(self, ep: EndpointState) -> bool:
         return any(b is not None for b in (self._rpm, self._tpm, ep.rpm, ep.tpm))
 
-    def _eject(self, ep: _Endpoint, now: float) -> None:
+    def _eject(self, ep: EndpointState, now: float) -> None:
         ep.up = False
         ep.ejections += 1
         ep.down_since = now

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from asyncgen.core.errors import ConfigError, ConnectError, TransportError
-from asyncgen.core.flow import Feedback, Lease, Signal
 from asyncgen.core.hints import RateLimitHints, parse_ratelimit, parse_retry_after
+from asyncgen.core.leases import Feedback, Lease, Signal
 from asyncgen.core.records import ErrorInfo, WorkItem
 from asyncgen.core.redact import redact_text
 from asyncgen.core.retry import Outcome, Stop, interpret

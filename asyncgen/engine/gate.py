@@ -18,7 +18,8 @@ from typing import Any
 import msgspec
 
 from asyncgen.core.errors import ConfigError
-from asyncgen.core.flow import EndpointStats, Feedback, FlowControl, Lease, Released
+from asyncgen.core.flow import FlowControl
+from asyncgen.core.leases import EndpointStats, Feedback, Lease, Released
 from asyncgen.engine.clock import Clock
 
 __all__ = ["Gate", "GateStatistics"]

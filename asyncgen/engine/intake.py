@@ -12,7 +12,7 @@ import contextlib
 from pathlib import Path
 
 from asyncgen.core.errors import InputError
-from asyncgen.core.flow import Lease
+from asyncgen.core.leases import Lease
 from asyncgen.core.ledger import Claim, Ledger, Redo
 from asyncgen.core.records import ErrorInfo, Line, Source, WorkItem
 from asyncgen.engine.commit import Committer

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from asyncgen.core.flow import Feedback, Lease, Signal
+from asyncgen.core.leases import Feedback, Lease, Signal
 from asyncgen.core.ledger import Ledger
 from asyncgen.core.records import Completion, ErrorInfo, Result, Usage, WorkItem
 from asyncgen.core.retry import Outcome, RetryPolicy

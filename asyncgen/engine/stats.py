@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from asyncgen.core.flow import EndpointStats
+from asyncgen.core.leases import EndpointStats
 
 __all__ = ["Counts", "Statistics"]
 

@@ -1,0 +1,73 @@
+"""An endpoint's state as the flow control keeps it, and the budget arithmetic it shares."""
+
+from __future__ import annotations
+
+import math
+
+from asyncgen.core.evidence import Latency, Refusals
+from asyncgen.core.limits import RateBucket
+
+__all__ = ["EndpointState", "budget_delay"]
+
+
+def budget_delay(
+    rpm: RateBucket | None, tpm: RateBucket | None, tokens: float, now: float
+) -> float:
+    """Seconds until one request of ``tokens`` fits both budgets (absent ones always fit)."""
+    delay = 0.0 if rpm is None else rpm.delay(1.0, now)
+    return delay if tpm is None else max(delay, tpm.delay(tokens, now))
+
+
+class EndpointState:
+    """What the flow control knows of one endpoint (plain slots: read on every attempt)."""
+
+    __slots__ = (
+        "broken_probes",
+        "down_since",
+        "ejections",
+        "failed",
+        "failures",
+        "last_decrease",
+        "last_error",
+        "latency",
+        "next_probe",
+        "outstanding",
+        "pace",
+        "paused_until",
+        "probe_delay",
+        "refusals",
+        "requests",
+        "rpm",
+        "ssthresh",
+        "succeeded",
+        "throttle_streak",
+        "throttled",
+        "tokens",
+        "tpm",
+        "up",
+        "url",
+        "window",
+    )
+
+    def __init__(self, url: str, window: float) -> None:
+        self.url = url
+        self.window = window
+        self.ssthresh = window
+        self.up = True
+        self.outstanding = 0
+        self.tokens = 0.0
+        self.paused_until = 0.0
+        self.rpm: RateBucket | None = None
+        self.tpm: RateBucket | None = None
+        self.failures = 0
+        self.throttle_streak = 0
+        self.last_decrease = -math.inf
+        self.latency = 1.0
+        self.pace = Latency()
+        self.refusals = Refusals()
+        self.next_probe = 0.0
+        self.probe_delay = 0.0
+        self.broken_probes = 0
+        self.last_error: str | None = None
+        self.down_since = 0.0
+        self.requests = self.succeeded = self.throttled = self.failed = self.ejections = 0
