@@ -64,6 +64,8 @@ class FlowControl:
     PROBE_BUDGET = 10
     """Probes an ejected endpoint may answer with server errors, one after another, before it
     counts as broken (about 16 s at the intervals above)."""
+    RETURN_TO = 0.85
+    """After a decrease the window returns quickly to this share of what was in flight."""
     GROW_BELOW = 1.5
     """The window grows only while replies take less than this many times their unloaded
     pace (and shrinks past :attr:`Latency.TOLERANCE`)."""
@@ -182,7 +184,9 @@ class FlowControl:
     def _succeeded(self, ep: EndpointState, seconds: float, tokens: int | None, now: float) -> None:
         ep.succeeded += 1
         ep.failures = ep.throttle_streak = 0
-        ep.latency += 0.1 * (seconds - ep.latency)
+        # The first reply replaces the initial guess (it bounds how often the window may
+        # shrink, and a guess of a second would keep it from shrinking for long).
+        ep.latency = seconds if ep.succeeded == 1 else ep.latency + 0.1 * (seconds - ep.latency)
         ep.pace.observe(seconds, tokens, now)
         slowdown = ep.pace.slowdown(tokens)
         if slowdown >= Latency.TOLERANCE:
@@ -275,8 +279,13 @@ class FlowControl:
         if now - ep.last_decrease < max(ep.latency, 0.1):
             return
         ep.last_decrease = now
-        ep.window = max(self.floor, min(ep.window, ep.outstanding + 1.0) * factor)
-        ep.ssthresh = ep.window
+        # What was really in flight is what the server refused or queued at; the window
+        # drops below it, then grows back fast (doubling per round trip) to just under it
+        # and slowly beyond: a cut to half with one slot per round trip back would leave a
+        # server that sheds load at its capacity idle a quarter of the time.
+        effective = min(ep.window, ep.outstanding + 1.0)
+        ep.window = max(self.floor, effective * factor)
+        ep.ssthresh = max(ep.window, effective * self.RETURN_TO)
 
     def _paced(self, ep: EndpointState) -> bool:
         return any(b is not None for b in (self._rpm, self._tpm, ep.rpm, ep.tpm))
