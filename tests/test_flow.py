@@ -445,3 +445,18 @@ def test_tokens_are_charged_up_front_once_a_429_says_they_ran_out() -> None:
     assert isinstance(wait, Wait) and wait.seconds == pytest.approx(0.15, abs=0.01)
     known = FlowControl(["b"], concurrency=8, tpm=60_000, upfront=True)
     assert lease(known, prompt=10).tokens == 10 + 32
+
+
+def test_a_daily_budget_is_not_paced_as_a_minute_one_but_its_end_pauses() -> None:
+    flow = FlowControl(["a"], concurrency=8)
+    daily = RateLimitHints(Budget(14_400, 3, 7_200.0), Budget(6_000, 5_000, 2.0))
+    x = lease(flow)
+    flow.release(x, Feedback(Signal.OK, daily, prompt_tokens=10, completion_tokens=10), 0.0)
+    stats = flow.endpoint_stats(0.0)[0]
+    assert stats.rpm_limit is None and stats.tpm_limit == 6_000
+    spent = RateLimitHints(Budget(14_400, 0, 7_200.0), None)
+    flow.release(
+        lease(flow), Feedback(Signal.OK, spent, prompt_tokens=10, completion_tokens=10), 1.0
+    )
+    wait = flow.try_acquire(1.0, 10, 32)
+    assert isinstance(wait, Wait) and wait.seconds == pytest.approx(60.0)  # capped, then asks

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncgen.core.hints import Budget, parse_duration, parse_ratelimit
+from asyncgen.core.hints import Budget, RateLimitHints, parse_duration, parse_ratelimit
 
 
 @pytest.mark.parametrize(
@@ -73,3 +73,31 @@ def test_header_names_in_a_plain_dict_are_case_insensitive() -> None:
     assert hints is not None and hints.requests == Budget(600.0, 0.0, 1.5)
     assert parse_retry_after(headers) == 3.0
     assert parse_retry_after({"Retry-After-Ms": "250", "Retry-After": "3"}) == 0.25
+
+
+def test_groq_counts_requests_per_day_and_tokens_per_minute() -> None:
+    hints = parse_ratelimit(
+        {
+            "x-ratelimit-limit-requests": "14400",
+            "x-ratelimit-limit-tokens": "6000",
+            "x-ratelimit-remaining-requests": "14370",
+            "x-ratelimit-remaining-tokens": "5997",
+            "x-ratelimit-reset-requests": "2m59.56s",
+            "x-ratelimit-reset-tokens": "7.66s",
+        }
+    )
+    assert hints is not None and hints.requests is not None and hints.tokens is not None
+    assert hints.requests.per_minute is None, "a daily budget is no per-minute rate"
+    assert hints.tokens.per_minute == 6000
+    spent = Budget(14400, 0, 179.56)
+    assert spent.wait_for(1) == pytest.approx(179.56)  # until the reset, not 60/14400 s
+
+
+def test_azure_sends_remaining_alone() -> None:
+    hints = parse_ratelimit(
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-remaining-tokens": "1200"}
+    )
+    assert hints == RateLimitHints(Budget(None, 0, None), Budget(None, 1200, None))
+    assert hints.requests is not None and hints.requests.per_minute is None
+    assert hints.requests.wait_for(1) == 1.0  # none left, no reset said: a second
+    assert hints.tokens is not None and hints.tokens.wait_for(1000) == 0.0

@@ -256,17 +256,21 @@ class FlowControl:
         is less than the next request needs."""
         pause = 0.0
         if hints.requests is not None:
-            ep.rpm = self._learn(ep.rpm, hints.requests.limit, now)
+            ep.rpm = self._learn(ep.rpm, hints.requests.per_minute, now)
             pause = hints.requests.wait_for(1.0)
         if hints.tokens is not None:
-            ep.tpm = self._learn(ep.tpm, hints.tokens.limit, now)
+            ep.tpm = self._learn(ep.tpm, hints.tokens.per_minute, now)
             pause = max(pause, hints.tokens.wait_for(tokens))
         if pause > 0:
             ep.paused_until = max(ep.paused_until, now + min(pause, 60.0))
         return pause > 0
 
     @staticmethod
-    def _learn(bucket: RateBucket | None, per_minute: float, now: float) -> RateBucket:
+    def _learn(
+        bucket: RateBucket | None, per_minute: float | None, now: float
+    ) -> RateBucket | None:
+        if per_minute is None:
+            return bucket
         if bucket is None:
             return RateBucket(per_minute, now=now)
         if bucket.per_minute != per_minute:

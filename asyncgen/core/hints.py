@@ -3,7 +3,10 @@
 ``retry-after-ms`` / ``retry-after`` (seconds or an HTTP date) say how long to wait before
 trying again. OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` describe the
 budget: ``limit`` per minute, ``remaining`` now, ``reset`` the time until the budget is full
-again, written as Go-style durations (``6m0s``, ``1.5s``, ``12ms``).
+again, written as Go-style durations (``6m0s``, ``1.5s``, ``12ms``). Other providers use the
+same names with other windows: Groq's requests budget is per day (its reset is hours away),
+Azure OpenAI sends ``remaining`` without ``limit``; both are read for when to pause, and only
+a limit that resets within a minute is taken as a rate to pace at.
 """
 
 from __future__ import annotations
@@ -92,18 +95,31 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
 
 
 class Budget(NamedTuple):
-    """One announced budget: ``limit`` per minute, ``remaining`` now, ``reset`` seconds until
-    it is full again (None when not sent)."""
+    """One announced budget: ``limit`` per window, ``remaining`` now, ``reset`` seconds until
+    it is full again (None when not sent). OpenAI's windows are a minute; Groq's requests
+    budget is a day's, and Azure OpenAI sends ``remaining`` alone."""
 
-    limit: float
+    limit: float | None
     remaining: float | None
     reset: float | None
 
+    @property
+    def per_minute(self) -> float | None:
+        """The limit as a rate per minute, when the headers say it is one: a limit whose
+        reset is more than a minute away (a daily budget) is no per-minute rate."""
+        if self.limit is None or (self.reset is not None and self.reset > 60.0):
+            return None
+        return self.limit
+
     def wait_for(self, needed: float) -> float:
-        """Seconds until ``needed`` units are available, assuming steady replenishment."""
-        if self.remaining is None or self.remaining >= needed or self.limit <= 0:
+        """Seconds until ``needed`` units are available: at the announced rate if it is one,
+        else at the reset (a second when the server does not say)."""
+        if self.remaining is None or self.remaining >= needed:
             return 0.0
-        wait = (needed - self.remaining) * 60.0 / self.limit
+        per_minute = self.per_minute
+        if per_minute is None or per_minute <= 0:
+            return self.reset if self.reset is not None else 1.0
+        wait = (needed - self.remaining) * 60.0 / per_minute
         return min(wait, self.reset) if self.reset is not None else wait
 
 
@@ -125,17 +141,26 @@ def _number(headers: Mapping[str, str], name: str) -> float | None:
 
 def _budget(headers: Mapping[str, str], kind: str) -> Budget | None:
     limit = _number(headers, f"x-ratelimit-limit-{kind}")
-    if limit is None or limit <= 0:
+    remaining = _number(headers, f"x-ratelimit-remaining-{kind}")
+    if (limit is None or limit <= 0) and remaining is None:
         return None
     reset_text = headers.get(f"x-ratelimit-reset-{kind}")
     reset = parse_duration(reset_text) if reset_text is not None else None
-    return Budget(limit, _number(headers, f"x-ratelimit-remaining-{kind}"), reset)
+    return Budget(limit if limit else None, remaining, reset)
+
+
+_ANNOUNCING = tuple(
+    f"x-ratelimit-{what}-{kind}"
+    for what in ("limit", "remaining")
+    for kind in ("requests", "tokens")
+)
 
 
 def parse_ratelimit(headers: Mapping[str, str]) -> RateLimitHints | None:
-    """The ``x-ratelimit-*`` budgets in a response, or None when it announces none."""
+    """The ``x-ratelimit-*`` budgets in a response, or None when it announces none (a
+    ``remaining`` without its ``limit`` counts: Azure OpenAI sends only those)."""
     headers = _insensitive(headers)
-    if "x-ratelimit-limit-requests" not in headers and "x-ratelimit-limit-tokens" not in headers:
+    if not any(name in headers for name in _ANNOUNCING):
         return None
     hints = RateLimitHints(_budget(headers, "requests"), _budget(headers, "tokens"))
     return hints if hints.requests or hints.tokens else None
