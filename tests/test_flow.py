@@ -427,7 +427,7 @@ def test_a_little_slower_neither_shrinks_nor_is_noise_mistaken_for_a_queue() -> 
     assert flow.endpoint_stats(now)[0].window == 64
     fast = FlowControl(["b"], concurrency=64)
     now = _replies(fast, 0.001, 500, 0.0)
-    now = _replies(fast, 0.02, 500, now)  # 20 times, but 19 ms: a client's loop, not a queue
+    now = _replies(fast, 0.2, 500, now)  # 200 times, but 0.2 s: a busy client, not a queue
     assert fast.endpoint_stats(now)[0].window == 64
 
 
