@@ -92,6 +92,9 @@ def test_endpoint_health_is_shown() -> None:
     assert "endpoints 1/2 up (down: http://b/v1)" in reporter.line(one_down)
     none = stats(endpoints=[ep("http://a/v1", False)], waiting_for_endpoint=True)
     assert "WAITING: no endpoint is answering" in reporter.line(none)
+    paused = EndpointStats("http://a/v1", True, 8, 0, 4.25, 10, 9, 1, 0, 0, None, None)
+    assert "PAUSED 4.2s: the server's budget is spent" in reporter.line(stats(endpoints=[paused]))
+    assert "PAUSED" not in reporter.line(stats(endpoints=[paused, ep("http://b/v1", True)]))
     assert "429s 4" in reporter.line(two_up)
     text = summary(stats(finished=True, endpoints=two_up.endpoints), "out")
     assert "http://b/v1: 9 ok, 1 429s, 0 errors, ejected 0 times" in text

@@ -105,6 +105,9 @@ def endpoint_note(s: Statistics) -> str:
     if up < len(s.endpoints):
         down = ", ".join(e.url for e in s.endpoints if not e.up)
         return f" | endpoints {up}/{len(s.endpoints)} up (down: {down})"
+    paused = [e.paused_for for e in s.endpoints if e.paused_for > 0]
+    if paused and len(paused) == len(s.endpoints):
+        return f" | PAUSED {min(paused):.1f}s: the server's budget is spent, as it asked"
     return ""
 
 
