@@ -396,13 +396,17 @@ def test_a_successful_probe_does_not_cut_a_retry_after_short() -> None:
 
 
 def _replies(flow: FlowControl, seconds: float, n: int, now: float) -> float:
-    """``n`` replies of ``seconds`` each, a full window at a time."""
+    """``n`` replies of ``seconds`` each, a full window at a time, sent and answered
+    ``PACE_EVERY`` apart (so that the flow control samples every one)."""
     done = 0
+    step = FlowControl.PACE_EVERY
     while done < n:
-        batch = [lease(flow, now) for _ in range(flow.endpoint_stats(now)[0].window)]
-        now += seconds
-        for x in batch:
-            flow.release(x, Feedback(Signal.OK, prompt_tokens=10, completion_tokens=1), now)
+        window = flow.endpoint_stats(now)[0].window
+        batch = [lease(flow, now + i * step) for i in range(window)]
+        for i, x in enumerate(batch):
+            ok = Feedback(Signal.OK, prompt_tokens=10, completion_tokens=1)
+            flow.release(x, ok, now + i * step + seconds)
+        now += (window - 1) * step + seconds
         done += len(batch)
     return now
 

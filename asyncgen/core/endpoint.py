@@ -33,8 +33,10 @@ class EndpointState:
         "next_probe",
         "outstanding",
         "pace",
+        "pace_due",
         "paused_until",
         "probe_delay",
+        "queueing",
         "refusals",
         "requests",
         "rpm",
@@ -64,6 +66,9 @@ class EndpointState:
         self.last_decrease = -math.inf
         self.latency = 1.0
         self.pace = Latency()
+        self.pace_due = 0.0
+        self.queueing = False
+        """The last pace taken was well slower than unloaded: the window does not grow."""
         self.refusals = Refusals()
         self.next_probe = 0.0
         self.probe_delay = 0.0

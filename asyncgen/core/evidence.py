@@ -37,6 +37,15 @@ class Refusals:
         self.share += alpha * (float(refused) - self.share)
         return self.share
 
+    def ok(self) -> None:
+        """A reply that was no refusal (the common case, kept cheap: nothing to decay once
+        the share has faded out)."""
+        self.replies += 1
+        share = self.share
+        if share:
+            share -= max(1.0 / self.replies, 1.0 / self.SPAN) * share
+            self.share = share if share > 1e-6 else 0.0
+
     @property
     def spent(self) -> bool:
         return self.share >= self.SPENT
@@ -48,10 +57,10 @@ class Latency:
 
     ``pace`` is a short mean (about ten replies); ``base`` the minimum over the last one to
     two :attr:`PERIOD` s, so a lasting change of the workload is learned within a minute.
-    :meth:`slowdown` is ``pace / base``: past :attr:`TOLERANCE` the endpoint queues.
+    :meth:`observe` answers ``pace / base``: past :attr:`TOLERANCE` the endpoint queues.
     """
 
-    __slots__ = ("_current", "_period_end", "_previous", "pace")
+    __slots__ = ("_current", "_period_end", "_previous", "base", "pace")
 
     PERIOD = 30.0
     TOLERANCE = 2.0
@@ -63,28 +72,24 @@ class Latency:
 
     def __init__(self) -> None:
         self.pace = 0.0
-        self._current = self._previous = math.inf
+        self.base = self._current = self._previous = math.inf
         self._period_end = -math.inf
 
-    def observe(self, seconds: float, tokens: int | None, now: float) -> None:
-        pace = seconds / tokens if tokens and tokens > 1 else seconds
-        if now >= self._period_end:
-            self._previous, self._current = self._current, math.inf
-            self._period_end = now + self.PERIOD
-        self._current = min(self._current, pace)
-        self.pace = pace if self.pace == 0.0 else self.pace + 0.1 * (pace - self.pace)
-
-    @property
-    def base(self) -> float:
-        return min(self._current, self._previous)
-
-    def slowdown(self, tokens: int | None) -> float:
-        """How many times slower than unloaded replies are now (1.0 when too little slower
-        to tell a queue from noise, or before there is a base)."""
-        base = self.base
-        if not math.isfinite(base) or base <= 0.0 or self.pace <= 0.0:
-            return 1.0
+    def observe(self, seconds: float, tokens: int | None, now: float) -> float:
+        """Take one reply's time; return how many times slower than unloaded replies are
+        now (1.0 when too little slower to tell a queue from noise). Runs once per reply."""
         scale = tokens if tokens and tokens > 1 else 1
-        if (self.pace - base) * scale < self.MIN_EXCESS:
+        pace = seconds / scale
+        if now >= self._period_end:
+            self._previous, self._current = self._current, pace
+            self._period_end = now + self.PERIOD
+            self.base = min(self._previous, pace)
+        elif pace < self._current:
+            self._current = pace
+            if pace < self.base:
+                self.base = pace
+        self.pace = mean = pace if self.pace == 0.0 else self.pace + 0.1 * (pace - self.pace)
+        base = self.base
+        if (mean - base) * scale < self.MIN_EXCESS or base <= 0.0:
             return 1.0
-        return self.pace / base
+        return mean / base

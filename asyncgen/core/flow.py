@@ -66,6 +66,8 @@ class FlowControl:
     counts as broken (about 16 s at the intervals above)."""
     RETURN_TO = 0.85
     """After a decrease the window returns quickly to this share of what was in flight."""
+    PACE_EVERY = 0.01
+    """Seconds between two replies whose pace is taken (see :meth:`release`)."""
     GROW_BELOW = 1.5
     """The window grows only while replies take less than this many times their unloaded
     pace (and shrinks past :attr:`Latency.TOLERANCE`)."""
@@ -159,13 +161,41 @@ class FlowControl:
         exhausted = feedback.hints is not None and self._apply_hints(
             ep, feedback.hints, lease.tokens, now
         )
+        refusals = ep.refusals
+        if signal is Signal.OK:
+            # The common case first, and spelled out: it runs for every reply.
+            if refusals.share or refusals.replies < Refusals.SPAN:
+                refusals.ok()  # (once the share has faded out, a success changes nothing)
+            ep.succeeded += 1
+            ep.failures = ep.throttle_streak = 0
+            seconds = now - lease.started
+            # The first reply replaces the initial guess (it bounds how often the window may
+            # shrink, and a guess of a second would keep it from shrinking for long).
+            ep.latency = seconds if ep.succeeded == 1 else ep.latency + 0.1 * (seconds - ep.latency)
+            if now >= ep.pace_due:
+                # The pace is sampled (a reply every PACE_EVERY seconds at most): at
+                # thousands of replies a second, taking every one would cost the loop and
+                # tell no more.
+                ep.pace_due = now + self.PACE_EVERY
+                slowdown = ep.pace.observe(seconds, feedback.completion_tokens, now)
+                ep.queueing = slowdown >= self.GROW_BELOW
+                if slowdown >= Latency.TOLERANCE:
+                    # Replies take more than TOLERANCE times their unloaded pace: the server
+                    # queues. Shrink in proportion, so the queue drains and the pace returns.
+                    self._decrease(ep, now, max(0.5, Latency.TOLERANCE / slowdown))
+                    return NOT_EXCUSED
+            if not ep.queueing:
+                # Below the last known good window, grow fast (doubling per round trip, as
+                # TCP's slow start does after a restart); above it, about one slot per window
+                # of successes. Not while replies are already well slower than unloaded.
+                step = 1.0 if ep.window < ep.ssthresh else 1.0 / max(ep.window, 1.0)
+                ep.window = min(self.cap, ep.window + step)
+            return NOT_EXCUSED
         if signal is Signal.THROTTLED or signal is Signal.OVERLOADED:
             return self._refused(ep, feedback, exhausted, now)
         if signal is not Signal.UNREACHABLE:
-            ep.refusals.observe(False)
-        if signal is Signal.OK:
-            self._succeeded(ep, now - lease.started, feedback.completion_tokens, now)
-        elif signal is Signal.REJECTED:
+            refusals.ok()
+        if signal is Signal.REJECTED:
             ep.failures = 0
         else:
             ep.failed += 1
@@ -180,25 +210,6 @@ class FlowControl:
             if signal is Signal.DROPPED and (ep.failures >= 2 or not was_up):
                 return EXCUSED
         return NOT_EXCUSED
-
-    def _succeeded(self, ep: EndpointState, seconds: float, tokens: int | None, now: float) -> None:
-        ep.succeeded += 1
-        ep.failures = ep.throttle_streak = 0
-        # The first reply replaces the initial guess (it bounds how often the window may
-        # shrink, and a guess of a second would keep it from shrinking for long).
-        ep.latency = seconds if ep.succeeded == 1 else ep.latency + 0.1 * (seconds - ep.latency)
-        ep.pace.observe(seconds, tokens, now)
-        slowdown = ep.pace.slowdown(tokens)
-        if slowdown >= Latency.TOLERANCE:
-            # Replies take more than TOLERANCE times their unloaded pace: the server queues.
-            # Shrink in proportion, so the queue drains and the pace comes back.
-            self._decrease(ep, now, max(0.5, Latency.TOLERANCE / slowdown))
-        elif slowdown < self.GROW_BELOW:
-            # Below the last known good window, grow fast (doubling per round trip, as TCP's
-            # slow start does after a restart); above it, about one slot per window of
-            # successes. Not while replies are already well slower than unloaded.
-            step = 1.0 if ep.window < ep.ssthresh else 1.0 / max(ep.window, 1.0)
-            ep.window = min(self.cap, ep.window + step)
 
     def _refused(
         self, ep: EndpointState, feedback: Feedback, exhausted: bool, now: float

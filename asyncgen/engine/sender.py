@@ -119,7 +119,7 @@ class Sender:
             self.abandoned += 1
             raise
         finally:
-            if task in self._parked:
+            if self._parked and task in self._parked:
                 self._parked.discard(task)
                 self._gate.leave_parking()
             else:
