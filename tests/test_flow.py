@@ -366,17 +366,18 @@ def test_random_refusals_of_thirty_percent_never_pause_the_endpoint() -> None:
 
 
 def test_mostly_refused_means_the_budget_is_spent() -> None:
-    flow = FlowControl(["a"], concurrency=64)
-    now = _warm(flow, 100)
-    leases = [lease(flow, now) for _ in range(64)]
+    flow = FlowControl(["a"], concurrency=256)
+    now = _warm(flow, 300)
+    leases = [lease(flow, now) for _ in range(256)]
     outcomes = [flow.release(x, Feedback(Signal.THROTTLED, retry_after=2.0), now) for x in leases]
     # The first refusals look sporadic; once most recent replies are refusals, the endpoint
     # pauses for the Retry-After and the window shrinks (no budget is known to pace it).
     assert outcomes[0].wait == 2.0 and not outcomes[0].held
     assert outcomes[-1].held and outcomes[-1].wait is None
-    assert sum(o.wait is not None for o in outcomes) < 64
+    sporadic = sum(o.wait is not None for o in outcomes)
+    assert 100 < sporadic < 160  # a share of 0.4 over about the last 256 replies
     stats = flow.endpoint_stats(now)[0]
-    assert stats.paused_for == pytest.approx(2.0) and stats.window < 64
+    assert stats.paused_for == pytest.approx(2.0) and stats.window < 256
     assert isinstance(flow.try_acquire(now, 10, 32), Wait)
 
 
