@@ -32,6 +32,7 @@ from asyncgen.cli.signals import StopSignals
 from asyncgen.core.errors import ConfigError
 from asyncgen.core.redact import redact_text
 from asyncgen.job.prompts import available_templates
+from asyncgen.storage.files import atomic_write
 
 __all__ = [
     "add_arguments",
@@ -372,11 +373,13 @@ def main_from_args(args: argparse.Namespace) -> int:
         say(f"skipped {result.skipped_inputs} bad input lines", command=_COMMAND)
     title = f"asyncgen bench: {result.model} at {redact_text(config.base_url)}"
     out(format_report(result.report, title=title))
+    # Written whole or not at all (storage.files): a report is never half a file.
     if args.json is not None:
         document = result_document(result, config, args.argv)
-        Path(args.json).write_bytes(msgspec.json.format(_encode(document)) + b"\n")
+        with atomic_write(args.json) as f:
+            f.write(msgspec.json.format(_encode(document)) + b"\n")
     if args.save_requests is not None:
-        with open(args.save_requests, "wb") as f:
+        with atomic_write(args.save_requests) as f:
             for record in result.records:
                 f.write(_encode(record) + b"\n")
     if result.interrupted:
