@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from asyncgen import Engine, JobConfig
+from asyncgen.core.errors import ConfigError
 
 from .conftest import assert_exactly_once, personas, write_shard
 
@@ -221,3 +222,41 @@ async def test_stream_options_of_the_user_are_kept(tmp_path: Path, options: Any)
         assert body["stream"] is True
         own = options if isinstance(options, dict) else {}
         assert body["stream_options"] == {"include_usage": True, **own}
+
+
+async def test_a_used_up_quota_reported_in_the_stream_stops_the_job(tmp_path: Path) -> None:
+    """A gateway that answers 200 and then an error event naming the quota: the job stops
+    (exit 2 from the CLI), nothing is recorded, and it is not retried."""
+    quota = {
+        "error": {
+            "message": "You exceeded your current quota",
+            "type": "insufficient_quota",
+            "code": "429",
+        }
+    }
+
+    async def empty_account(resp: web.StreamResponse, number: int) -> None:
+        await resp.write(event(quota))
+
+    shard = write_shard(tmp_path / "p.jsonl", personas(20))
+    gen = ScriptedServer.running(empty_account)
+    server = await anext(gen)
+    try:
+        config = JobConfig(
+            inputs=[str(shard)],
+            output=str(tmp_path / "out"),
+            prompt="math",
+            model="m",
+            base_url=server.url,
+            stream=True,
+            concurrency=2,
+        )
+        async with Engine(config) as engine:
+            with pytest.raises(ConfigError) as caught:
+                await engine.run()
+    finally:
+        await gen.aclose()
+    message = str(caught.value)
+    assert "insufficient_quota" in message and "in its event stream" in message
+    assert "quota" in message and len(server.bodies) <= 2
+    assert_exactly_once(tmp_path / "out", set())

@@ -192,9 +192,11 @@ class Attempter:
                         wait = _AFTER_DONE if assembler.done else idle
                         limit.reschedule(min(total, loop.time() + wait))
         except StreamServerError as exc:
-            # A 429 or 503 inside the stream says what the status would have said.
+            # A 429 or 503 inside the stream says what the status would have said; a used-up
+            # quota, what it says anywhere.
             status = exc.status if exc.status is not None else status
-            return status, headers, Outcome(None, exc.error, exc.retryable), ttft
+            stop = Stop.QUOTA if exc.error.code == "insufficient_quota" else None
+            return status, headers, Outcome(None, exc.error, exc.retryable, stop), ttft
         except StreamError as exc:
             error = ErrorInfo("malformed_response", f"bad event stream: {exc}", status)
             return status, headers, Outcome(None, error, True), ttft
@@ -221,8 +223,9 @@ class Attempter:
         if stop is None or error is None or (stop is Stop.MODEL and self._model is None):
             return
         what = _STOPS[stop]
+        how = f"HTTP {error.status}" if error.status else "in its event stream"
         raise ConfigError(
-            f"endpoint {transport.base_url} answered HTTP {error.status} ({error.code}) to "
+            f"endpoint {transport.base_url} answered {how} ({error.code}) to "
             f"POST {item.url}: {error.message}; stopping: {what}, and every request would get "
             "the same answer (the item is not recorded and will be sent by the next run)"
         )

@@ -62,6 +62,7 @@ class _Chunk(msgspec.Struct, gc=False):
 
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
 
+_QUOTA = "insufficient_quota"
 # Error types that name a request the server will never accept, when no numeric code says so.
 _PERMANENT_TYPES = frozenset({"invalid_request_error", "BadRequestError"})
 
@@ -268,7 +269,10 @@ def _server_error(chunk: _Chunk) -> StreamServerError:
     status = code if isinstance(code, int) else None
     if isinstance(code, str) and code.isascii() and code.isdigit():
         status = int(code)
-    if status is not None:
+    if _QUOTA in (code, kind):
+        # A used-up quota, whatever status a gateway gave it: no retry can help.
+        name, retryable = _QUOTA, False
+    elif status is not None:
         # vLLM's code is the status the error would have had before the 200 went out.
         name, retryable = f"http_{status}", retryable_status(status)
     else:
