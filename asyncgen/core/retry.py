@@ -22,7 +22,7 @@ import msgspec
 
 from asyncgen.core.records import Completion, ErrorInfo
 
-__all__ = ["Outcome", "RetryPolicy", "Stop", "interpret", "retryable_status"]
+__all__ = ["QUOTA_CODE", "Outcome", "RetryPolicy", "Stop", "interpret", "retryable_status"]
 
 _completion_decoder = msgspec.json.Decoder(Completion)
 
@@ -64,7 +64,8 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
     stop: Stop | None = None
 
 
-_QUOTA = "insufficient_quota"
+QUOTA_CODE = "insufficient_quota"
+"""The error type or code of a used-up quota or spend limit (OpenAI's, kept by gateways)."""
 # "The model `x` does not exist", "model 'x' not found", "Invalid model name passed in
 # model=x" (LiteLLM), "model_not_found", "Unknown model".
 _NO_MODEL = re.compile(
@@ -93,7 +94,7 @@ def interpret(status: int, body: bytes) -> Outcome:
 
 
 def _stop(status: int, error: ErrorInfo) -> Stop | None:
-    if error.code == _QUOTA:
+    if error.code == QUOTA_CODE:
         return Stop.QUOTA
     if status in (401, 403):
         return Stop.KEY
@@ -122,8 +123,8 @@ def _error_info(status: int, body: bytes) -> ErrorInfo:
             message = envelope.error
         message = message or envelope.message or ""
         kind = kind or envelope.type
-    if _QUOTA in (code, kind):
-        code = _QUOTA  # a gateway may rewrite the code ("429") but keep the type, or not
+    if QUOTA_CODE in (code, kind):
+        code = QUOTA_CODE  # a gateway may rewrite the code ("429") but keep the type, or not
     elif not code or code.isdigit():
         code = f"http_{status}"
     return ErrorInfo(code, message or f"HTTP {status}", status)

@@ -18,7 +18,7 @@ from asyncgen.core.hints import RateLimitHints, parse_ratelimit, parse_retry_aft
 from asyncgen.core.leases import Feedback, Lease, Signal
 from asyncgen.core.records import ErrorInfo, WorkItem
 from asyncgen.core.redact import redact_text
-from asyncgen.core.retry import Outcome, Stop, interpret
+from asyncgen.core.retry import QUOTA_CODE, Outcome, Stop, interpret
 from asyncgen.core.sse import (
     SSEParser,
     StreamAssembler,
@@ -195,7 +195,7 @@ class Attempter:
             # A 429 or 503 inside the stream says what the status would have said; a used-up
             # quota, what it says anywhere.
             status = exc.status if exc.status is not None else status
-            stop = Stop.QUOTA if exc.error.code == "insufficient_quota" else None
+            stop = Stop.QUOTA if exc.error.code == QUOTA_CODE else None
             return status, headers, Outcome(None, exc.error, exc.retryable, stop), ttft
         except StreamError as exc:
             error = ErrorInfo("malformed_response", f"bad event stream: {exc}", status)

@@ -118,11 +118,10 @@ class Gate:
         """Wait until an endpoint may take one more attempt of this size; route it there.
         TimeoutError if none does by ``until`` on the clock (only the head of the queue
         watches the time: behind it, a caller waits for the lock)."""
-        if not self._queued:
-            # Nobody queued: ask at once (the lock costs more than the asking, per attempt).
-            decision = self.flow.try_acquire(self._now(), prompt_estimate, max_output)
-            if isinstance(decision, Lease):
-                return decision
+        # Nobody queued: ask at once (the lock costs more than the asking, per attempt).
+        lease = self.lease_nowait(prompt_estimate, max_output)
+        if lease is not None:
+            return lease
         self._queued += 1
         try:
             async with self._queue:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgspec
 
 from asyncgen.core.records import Completion, ErrorInfo, Usage, _Choice, _Message
-from asyncgen.core.retry import retryable_status
+from asyncgen.core.retry import QUOTA_CODE, retryable_status
 from asyncgen.core.sse.errors import StreamError, StreamIncomplete, StreamServerError
 
 __all__ = ["StreamAssembler"]
@@ -62,7 +62,6 @@ class _Chunk(msgspec.Struct, gc=False):
 
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
 
-_QUOTA = "insufficient_quota"
 # Error types that name a request the server will never accept, when no numeric code says so.
 _PERMANENT_TYPES = frozenset({"invalid_request_error", "BadRequestError"})
 
@@ -269,9 +268,9 @@ def _server_error(chunk: _Chunk) -> StreamServerError:
     status = code if isinstance(code, int) else None
     if isinstance(code, str) and code.isascii() and code.isdigit():
         status = int(code)
-    if _QUOTA in (code, kind):
+    if QUOTA_CODE in (code, kind):
         # A used-up quota, whatever status a gateway gave it: no retry can help.
-        name, retryable = _QUOTA, False
+        name, retryable = QUOTA_CODE, False
     elif status is not None:
         # vLLM's code is the status the error would have had before the 200 went out.
         name, retryable = f"http_{status}", retryable_status(status)
