@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,11 @@ class Canned:
 
     async def aclose(self) -> None:
         pass
+
+
+async def until(done: Callable[[], bool]) -> None:
+    """Poll a statistics snapshot until ``done()``, for at most a minute (the engine has no
+    event for "N items done" or "N in flight"); wrap it in a shorter timeout if need be."""
+    async with asyncio.timeout(60):
+        while not done():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)

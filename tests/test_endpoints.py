@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from asyncgen.engine.clock import VirtualClock
 from asyncgen.engine.transport import HttpResponse
 from asyncgen.mock.server import MockConfig, MockServer
 
-from .conftest import Canned, assert_exactly_once, personas, write_shard
+from .conftest import Canned, assert_exactly_once, personas, until, write_shard
 
 FAST = {"backoff_base": 0.01, "backoff_cap": 0.05, "flush_interval": 0.05}
 
@@ -33,13 +32,6 @@ def job(tmp_path: Path, urls: str | list[str], inputs: list[Path], **kw: Any) ->
     }
     settings.update(kw)
     return JobConfig(**settings)
-
-
-async def until(done: Callable[[], bool]) -> None:
-    """Poll a statistics snapshot (the engine has no event for "N items done")."""
-    async with asyncio.timeout(60):
-        while not done():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 def ids_for(shard: str, n: int) -> set[str]:

@@ -8,7 +8,6 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from asyncgen.engine.clock import VirtualClock
 from asyncgen.engine.transport import HttpResponse
 from asyncgen.mock.server import MockConfig, MockServer
 
-from .conftest import Canned, assert_exactly_once, clean_env, personas, write_shard
+from .conftest import Canned, assert_exactly_once, clean_env, personas, until, write_shard
 from .test_crash_resume import mock_process, server_requests
 
 URL = "http://refusing.invalid/v1"
@@ -39,13 +38,6 @@ def job(tmp_path: Path, inputs: list[Path], base_url: str = URL, **kw: Any) -> J
         **kw,
     }
     return JobConfig(**settings)
-
-
-async def until(done: Callable[[], bool]) -> None:
-    """Poll a statistics snapshot (the engine has no event for "N in flight")."""
-    async with asyncio.timeout(30):
-        while not done():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 def ids_for(shard: str, n: int) -> set[str]:
