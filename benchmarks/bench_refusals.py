@@ -75,16 +75,13 @@ def _asyncgen_rate(work: Path, name: str, items: int, mock_flags: list[str]) -> 
         result = Job(inputs, out, [mock.url], ["--concurrency", str(CONCURRENCY)]).wait(600)
         served = mock.stats()
     check = verify(out, expected_ids(inputs))
-    records = check["_results"]
-    start = min((r["started"] for r in records), default=0.0)
-    done = sorted(r["created"] - start for r in records)
     return {
         "client": "asyncgen",
         "items": items,
         "exit_code": result.exit_code,
         "wall_s": round(result.wall_s, 2),
         "items_per_s": round(items / result.wall_s, 1),
-        "steady_items_per_s": _steady(done),
+        "steady_items_per_s": _steady_of(check["_results"]),
         "cpu_s": round(result.cpu_s, 2),
         "server_requests": served["requests"],
         "server_outcomes": served["by_outcome"],
@@ -101,6 +98,12 @@ def _steady(done: list[float]) -> float:
         return 0.0
     k = max(1, int(0.95 * len(done)))
     return round(k / done[k - 1], 1) if done[k - 1] > 0 else 0.0
+
+
+def _steady_of(records: list[dict[str, Any]]) -> float:
+    """:func:`_steady` of a job's results, from their ``started`` and ``created`` stamps."""
+    start = min((r["started"] for r in records), default=0.0)
+    return _steady(sorted(r["created"] - start for r in records))
 
 
 async def _sdk_items(url: str, items: int) -> tuple[float, int, list[float]]:
@@ -200,14 +203,12 @@ def _overload_run(work: Path, name: str, items: int, job_flags: list[str]) -> di
         result = Job(inputs, out, [mock.url], job_flags).wait(600)
         served = mock.stats()
     check = verify(out, expected_ids(inputs))
-    records = check["_results"]
-    start = min((r["started"] for r in records), default=0.0)
     row = {
         "name": name,
         "job_flags": job_flags,
         "exit_code": result.exit_code,
         "items_per_s": round(items / result.wall_s, 1),
-        "steady_items_per_s": _steady(sorted(r["created"] - start for r in records)),
+        "steady_items_per_s": _steady_of(check["_results"]),
         "shed": served["by_outcome"].get("shed", 0),
         "server_requests": served["requests"],
         "check": check_cell(check),
