@@ -48,10 +48,6 @@ class Refusals:
             share -= max(1.0 / self.replies, 1.0 / self.SPAN) * share
             self.share = share if share > 1e-6 else 0.0
 
-    @property
-    def spent(self) -> bool:
-        return self.share >= self.SPENT
-
 
 class Latency:
     """Is the endpoint queueing? Replies' pace (seconds per output token, or per reply when
