@@ -19,6 +19,10 @@ Scenarios (``--scenario``, default all):
 * ``overload`` — a server with 64 running slots and 16 waiting that sheds the rest with bare
   503s at once, 0.2 s per reply: the adaptive window (``--concurrency 1024``) against fixed
   concurrencies (``--min-concurrency`` = ``--concurrency``). Target: within 10 % of the best.
+* ``queueing`` — a server with 64 running slots that queues the rest without refusing (as
+  vLLM does past its batch capacity), 1 s per reply: the adaptive window from
+  ``--concurrency 1024`` against fixed 64 and 1024. Targets: items/s within 10 % of fixed 64,
+  and a median item latency at most twice fixed 64's (fixed 1024 queues ~16 s per item).
 * ``upfront`` — the mock's TPM budget charges ``max_tokens`` in full as requests arrive (as
   OpenAI's does), the job told the budget: the share of requests refused (target < 1 %).
 
@@ -53,7 +57,7 @@ from bench_flow import (  # the sibling script is the library here
     verify,
 )
 
-SCENARIOS = ("sporadic", "quota", "overload", "upfront")
+SCENARIOS = ("sporadic", "quota", "overload", "queueing", "upfront")
 SHARES = (0.05, 0.15, 0.30)
 CONCURRENCY = 200
 
@@ -236,6 +240,47 @@ def scenario_overload(work: Path, items: int) -> dict[str, Any]:
     }
 
 
+def _queueing_run(work: Path, name: str, items: int, job_flags: list[str]) -> dict[str, Any]:
+    inputs = make_shards(work / f"{name}-in", items)
+    out = work / f"{name}-out"
+    with mocks(Mock(["--latency", "1.0", "--max-running", "64"])) as (mock,):
+        result = Job(inputs, out, [mock.url], job_flags).wait(600)
+    check = verify(out, expected_ids(inputs))
+    latencies = sorted(r["latency_s"] for r in check["_results"])
+    row = {
+        "name": name,
+        "job_flags": job_flags,
+        "exit_code": result.exit_code,
+        "items_per_s": round(items / result.wall_s, 1),
+        "steady_items_per_s": _steady_of(check["_results"]),
+        "latency_p50_s": round(latencies[len(latencies) // 2], 3) if latencies else None,
+        "latency_p90_s": round(latencies[int(len(latencies) * 0.9)], 3) if latencies else None,
+        "check": check_cell(check),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def scenario_queueing(work: Path, items: int) -> dict[str, Any]:
+    fixed = {
+        c: _queueing_run(
+            work, f"queue-fixed-{c}", items, ["--concurrency", str(c), "--min-concurrency", str(c)]
+        )
+        for c in (64, 1024)
+    }
+    adaptive = _queueing_run(work, "queue-adaptive", items, ["--concurrency", "1024"])
+    ref = fixed[64]
+    rate = adaptive["items_per_s"] / ref["items_per_s"]
+    slower = adaptive["latency_p50_s"] / ref["latency_p50_s"]
+    return {
+        "fixed": list(fixed.values()),
+        "adaptive": adaptive,
+        "vs_fixed_64": round(rate, 3),
+        "latency_vs_fixed_64": round(slower, 2),
+        "met": rate >= 0.9 and slower <= 2.0,
+    }
+
+
 def scenario_upfront(work: Path, items: int) -> dict[str, Any]:
     tpm = 60 * 50 * (MAX_TOKENS + 40)  # about 50 requests a second when charged in full
     inputs = make_shards(work / "upfront-in", items)
@@ -277,6 +322,8 @@ def main() -> None:
             report["quota"] = scenario_quota(work)
         if "overload" in args.scenario:
             report["overload"] = scenario_overload(work, max(2_000, args.items // 4))
+        if "queueing" in args.scenario:
+            report["queueing"] = scenario_queueing(work, max(2_000, args.items // 4))
         if "upfront" in args.scenario:
             report["upfront"] = scenario_upfront(work, max(1_000, args.items // 10))
     if args.json:

@@ -465,3 +465,39 @@ def test_a_daily_budget_is_not_paced_as_a_minute_one_but_its_end_pauses() -> Non
     )
     wait = flow.try_acquire(1.0, 10, 32)
     assert isinstance(wait, Wait) and wait.seconds == pytest.approx(60.0)  # capped, then asks
+
+
+def _queueing_server(flow: FlowControl, seconds: float, slots: int = 64) -> tuple[float, float]:
+    """Simulate a server that runs ``slots`` requests at once for 1 s each and queues the rest
+    (first come, first served), kept as busy as the flow control lets it be for ``seconds``.
+    Returns the mean window over the last third and the server's busy share over it."""
+    import heapq
+
+    free = [0.0] * slots  # when each slot is next free
+    done: list[tuple[float, int, Lease]] = []
+    now, n, busy, window_sum, samples = 0.0, 0, 0.0, 0.0, 0
+    while now < seconds:
+        while isinstance(got := flow.try_acquire(now, 10, 32), Lease):
+            start = max(now, heapq.heappop(free))
+            heapq.heappush(free, start + 1.0)
+            heapq.heappush(done, (start + 1.0, n, got))
+            n += 1
+            if start >= 2 * seconds / 3:
+                busy += 1.0
+        now, _, finished = heapq.heappop(done)
+        flow.release(finished, Feedback(Signal.OK, prompt_tokens=10, completion_tokens=32), now)
+        if now >= 2 * seconds / 3:
+            window_sum += flow.endpoint_stats(now)[0].window
+            samples += 1
+    return window_sum / samples, busy / (slots * seconds / 3)
+
+
+def test_a_server_that_queues_is_found_at_its_capacity() -> None:
+    """Told it may send 1 024 at once, against a server that runs 64 and queues the rest (vLLM
+    past its batch capacity): the window settles near twice the capacity (the latency
+    tolerance), not near the cap, and keeps the server busy. A cut in proportion to the
+    slowdown went on cutting while the backlog drained and ended at 31, the server idle
+    half the time."""
+    window, busy = _queueing_server(FlowControl(["a"], concurrency=1024), 120.0)
+    assert 64 <= window <= 160
+    assert busy >= 0.9

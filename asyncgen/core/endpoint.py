@@ -21,6 +21,8 @@ def budget_delay(
 class EndpointState:
     """What the flow control knows of one endpoint (plain slots: read on every attempt)."""
 
+    RATE_EVERY = 1.0
+
     __slots__ = (
         "broken_probes",
         "down_since",
@@ -37,6 +39,9 @@ class EndpointState:
         "paused_until",
         "probe_delay",
         "queueing",
+        "rate",
+        "rate_count",
+        "rate_since",
         "refusals",
         "requests",
         "rpm",
@@ -67,6 +72,10 @@ class EndpointState:
         self.latency = 1.0
         self.pace = Latency()
         self.pace_due = 0.0
+        self.rate = 0.0
+        """Replies a second (a mean over spans of at least :attr:`RATE_EVERY` s), 0 until known."""
+        self.rate_since = math.nan  # the first sample starts the first span
+        self.rate_count = 0
         self.queueing = False
         """The last pace taken was well slower than unloaded: the window does not grow."""
         self.refusals = Refusals()
@@ -76,3 +85,14 @@ class EndpointState:
         self.last_error: str | None = None
         self.down_since = 0.0
         self.requests = self.succeeded = self.throttled = self.failed = self.ejections = 0
+
+    def count_rate(self, now: float) -> float:
+        """Update and return :attr:`rate` (called when the pace is sampled, not per reply)."""
+        span = now - self.rate_since
+        if span != span:  # nan: the first call
+            self.rate_since, self.rate_count = now, self.succeeded
+        elif span >= self.RATE_EVERY:
+            measured = (self.succeeded - self.rate_count) / span
+            self.rate = measured if self.rate == 0.0 else 0.5 * (self.rate + measured)
+            self.rate_since, self.rate_count = now, self.succeeded
+        return self.rate

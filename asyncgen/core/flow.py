@@ -178,11 +178,18 @@ class FlowControl:
                 # tell no more.
                 ep.pace_due = now + self.PACE_EVERY
                 slowdown = ep.pace.observe(seconds, feedback.completion_tokens, now)
-                ep.queueing = slowdown >= self.GROW_BELOW
+                ep.queueing = queueing = slowdown >= self.GROW_BELOW
+                if queueing and ep.ssthresh > ep.window:
+                    # The end of slow start: a round trip later it would have doubled again.
+                    ep.ssthresh = ep.window
+                rate = ep.count_rate(now)
                 if slowdown >= Latency.TOLERANCE:
                     # Replies take more than TOLERANCE times their unloaded pace: the server
-                    # queues. Shrink in proportion, so the queue drains and the pace returns.
-                    self._decrease(ep, now, max(0.5, Latency.TOLERANCE / slowdown))
+                    # queues. By Little's law it serves ``rate x unloaded time`` at once; the
+                    # window goes to TOLERANCE times that, so the queue drains and the pace
+                    # returns while the server stays busy.
+                    unloaded = ep.pace.base * max(feedback.completion_tokens or 1, 1)
+                    self._queueing(ep, rate * unloaded, slowdown, now)
                     return NOT_EXCUSED
             if not ep.queueing:
                 # Below the last known good window, grow fast (doubling per round trip, as
@@ -301,6 +308,21 @@ class FlowControl:
         effective = min(ep.window, ep.outstanding + 1.0)
         ep.window = max(self.floor, effective * factor)
         ep.ssthresh = max(ep.window, effective * self.RETURN_TO)
+
+    def _queueing(self, ep: EndpointState, serving: float, slowdown: float, now: float) -> None:
+        """Shrink the window of an endpoint that queues to TOLERANCE times what it serves at
+        once (``serving``). Unlike a cut in proportion to the slowdown, this does not go on
+        shrinking while replies still come back from a backlog the window has already cut
+        (a server running 64 was cut to 31 and left idle half the time): what the server
+        serves is measured by its reply rate, which stays at the capacity while it drains."""
+        if serving <= 0.0:  # no reply rate yet: in proportion, once per round trip
+            self._decrease(ep, now, max(0.5, Latency.TOLERANCE / slowdown))
+            return
+        target = max(self.floor, Latency.TOLERANCE * serving)
+        if target < ep.window:
+            ep.window = target
+            ep.ssthresh = min(ep.ssthresh, target)
+            ep.last_decrease = now
 
     def _paced(self, ep: EndpointState) -> bool:
         return any(b is not None for b in (self._rpm, self._tpm, ep.rpm, ep.tpm))
