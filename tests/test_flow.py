@@ -352,7 +352,9 @@ def test_random_refusals_of_thirty_percent_never_pause_the_endpoint() -> None:
     now = 0.0
     paused = 0
     for _ in range(20_000):
-        x = lease(flow, now)
+        while isinstance(got := flow.try_acquire(now, 10, 32), Wait):
+            now += got.seconds  # a learned pace, while on trial
+        x = got
         now += 0.001
         refused = rng.random() < 0.3
         feedback = Feedback(Signal.THROTTLED, retry_after=1.0) if refused else OK
@@ -363,6 +365,8 @@ def test_random_refusals_of_thirty_percent_never_pause_the_endpoint() -> None:
     stats = flow.endpoint_stats(now)[0]
     assert paused == 0 and stats.paused_for == 0 and stats.window == 200
     assert 0.2 < stats.refused_share < 0.4
+    # Pacing at the success rate did not lower the share: random, so no pace was kept.
+    assert stats.rpm_limit is None
 
 
 def test_mostly_refused_means_the_budget_is_spent() -> None:

@@ -312,8 +312,9 @@ def test_cli_a_used_up_quota_exits_2_naming_it(tmp_path: Path) -> None:
 
 def test_cli_a_drain_that_completes_every_item_exits_0(tmp_path: Path) -> None:
     inputs = [write_shard(tmp_path / "p.jsonl", personas(20))]
-    with mock_process("--latency", "2") as url:
-        code, err = _run(_args(tmp_path, url, inputs), signal_after=1.5)
+    # (Latency and signal leave a loaded machine 3 s to start the job and send all 20.)
+    with mock_process("--latency", "5") as url:
+        code, err = _run(_args(tmp_path, url, inputs), signal_after=3.0)
         sent = server_requests(url)
     assert code == 0, err
     assert sent == 20 and "no new requests" in err

@@ -32,6 +32,7 @@ class EndpointState:
         "last_decrease",
         "last_error",
         "latency",
+        "learned",
         "next_probe",
         "outstanding",
         "pace",
@@ -39,11 +40,16 @@ class EndpointState:
         "paused_until",
         "probe_delay",
         "queueing",
+        "random_floor",
         "rate",
         "rate_count",
         "rate_since",
         "refusals",
+        "refused",
         "requests",
+        "review_ok",
+        "review_refused",
+        "review_since",
         "rpm",
         "ssthresh",
         "succeeded",
@@ -51,6 +57,7 @@ class EndpointState:
         "throttled",
         "tokens",
         "tpm",
+        "trial",
         "up",
         "url",
         "window",
@@ -85,6 +92,16 @@ class EndpointState:
         self.last_error: str | None = None
         self.down_since = 0.0
         self.requests = self.succeeded = self.throttled = self.failed = self.ejections = 0
+        self.refused = 0
+        """Replies that were refusals (429s, 503s with ``retry-after``)."""
+        self.learned = False
+        """:attr:`rpm` is a budget learned from refusals, not told nor announced."""
+        self.trial: float | None = None
+        """While a learned budget is on trial, the refused share before it was set."""
+        self.random_floor = 0.0
+        """The share of requests refused whatever the pace (a gateway's random refusals)."""
+        self.review_since = math.nan
+        self.review_ok = self.review_refused = 0
 
     def count_rate(self, now: float) -> float:
         """Update and return :attr:`rate` (called when the pace is sampled, not per reply)."""

@@ -127,6 +127,9 @@ class Intake:
             ), reader.skipped
 
         reading: tuple[asyncio.Future[list[Line]], int] | None = read_ahead() if more() else None
+        ended = False
+        """The shard was read to its end (a stop that came after its last line was taken
+        leaves it complete)."""
         try:
             while reading is not None:
                 read, before = reading
@@ -143,19 +146,21 @@ class Intake:
                         ErrorInfo("corrupt_input", exc.reason),
                         b"",
                     )
+                    ended = True
                     break
                 finally:
                     passed = reader.skipped - before
                     counts.lines_read += passed
                     counts.skipped += passed * samples
                 if not batch and not passed:
-                    break  # the end of the shard
+                    ended = True
+                    break
                 if more():
                     reading = read_ahead()
                 for line in batch:
                     if self.stopping or not await self._take(senders, line):
                         return False
-            if self.stopping:
+            if self.stopping and not ended:
                 return False
         finally:
             if reading is not None:
