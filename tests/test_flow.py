@@ -505,3 +505,53 @@ def test_a_server_that_queues_is_found_at_its_capacity() -> None:
     window, busy = _queueing_server(FlowControl(["a"], concurrency=1024), 120.0)
     assert 64 <= window <= 160
     assert busy >= 0.9
+
+
+def _hidden_budget(flow: FlowControl, seconds: float, budget: float) -> tuple[float, float]:
+    """Simulate a server that keeps a budget of ``budget`` requests a second (one second of
+    burst) and says nothing of it but 429s with the seconds until a request would fit;
+    refused items wait that (full jitter) and come back. 0.1 s a reply. Returns the share
+    refused and the successes a second, both over the last half."""
+    import heapq
+    import random
+
+    rng = random.Random(3)
+    level, filled = budget, 0.0
+    events: list[tuple[float, int, Lease | None]] = []
+    retries: list[float] = []
+    now, n, refused, ok, late = 0.0, 0, 0, 0, 0
+    while now < seconds:
+        while isinstance(got := flow.try_acquire(now, 10, 32), Lease):
+            if retries and retries[0] <= now:
+                heapq.heappop(retries)
+            level = min(budget, level + (now - filled) * budget)
+            filled = now
+            fits = level >= 1.0
+            level -= fits
+            n += 1
+            heapq.heappush(events, (now + 0.1, n if fits else -n, got))
+        if isinstance(got, Wait) and got.seconds < math.inf:
+            heapq.heappush(events, (now + got.seconds, 0, None))
+        now, tag, finished = heapq.heappop(events)
+        if finished is None:
+            continue
+        if tag > 0:
+            feedback = Feedback(Signal.OK, prompt_tokens=10, completion_tokens=32)
+        else:
+            feedback = Feedback(Signal.THROTTLED, retry_after=max(0.01, (1.0 - level) / budget))
+        released = flow.release(finished, feedback, now)
+        if tag < 0:
+            heapq.heappush(retries, now + (released.wait or 0.0) * (1 + rng.random()))
+        if now >= seconds / 2:
+            late += 1
+            refused += tag < 0
+            ok += tag > 0
+    return refused / late, ok / (seconds / 2)
+
+
+def test_a_budget_kept_hidden_is_learned_from_the_success_rate() -> None:
+    """No x-ratelimit headers, only 429s: the success rate shows the budget, which is then
+    paced. A rule on the refused share alone kept 38 % of requests refused."""
+    share, rate = _hidden_budget(FlowControl(["a"], concurrency=256), 30.0, budget=100.0)
+    assert share < 0.08
+    assert rate >= 95.0

@@ -50,6 +50,7 @@ class EndpointState:
         "review_ok",
         "review_refused",
         "review_since",
+        "reviews",
         "rpm",
         "ssthresh",
         "succeeded",
@@ -58,6 +59,7 @@ class EndpointState:
         "tokens",
         "tpm",
         "trial",
+        "trial_ok",
         "up",
         "url",
         "window",
@@ -101,7 +103,9 @@ class EndpointState:
         self.random_floor = 0.0
         """The share of requests refused whatever the pace (a gateway's random refusals)."""
         self.review_since = math.nan
-        self.review_ok = self.review_refused = 0
+        self.review_ok = self.review_refused = self.reviews = 0
+        self.trial_ok = 0.0
+        """The success rate (per minute) before the trial pace."""
 
     def count_rate(self, now: float) -> float:
         """Update and return :attr:`rate` (called when the pace is sampled, not per reply)."""

@@ -327,15 +327,17 @@ class FlowControl:
         """Learn a budget the server keeps hidden (429s without ``x-ratelimit-*`` headers).
 
         A refused share that stays high though every refused item waits out its
-        Retry-After is either a budget, which the endpoint's success rate shows (it stays
-        at the budget whatever is sent), or a gateway refusing at random, whatever the load.
-        Past :attr:`LEARN_ABOVE` the endpoint is paced a little above its success rate, on
-        trial: if the share then falls, it was a budget, and the pace follows (down to the
-        success rate while the share stays high, up 2 % a review while it is low, to find a
-        budget that grew). If pacing below what was sent left the share where it was, the
-        refusals are random: the pace goes, and that share becomes the floor that later
-        shares are judged above. A threshold on the share alone settled just under it: 38 %
-        of requests refused against a hidden budget."""
+        Retry-After is either a budget or a gateway refusing at random, whatever the load.
+        They differ in what sending less does: under a budget, the success rate stays
+        where it was (the budget) and the refusals fall; at random, the success rate falls
+        with what is sent and the share stays. So past :attr:`LEARN_ABOVE` the endpoint is
+        paced, on trial, at 80 % of what it sent. If the successes fell with it and the
+        share did not, the refusals are random: the pace goes, and the share becomes the
+        floor later shares are judged above. Otherwise it was a budget, and the pace
+        follows it: down to the success rate while the share stays high, up 2 % a review
+        while it is low, to find a budget that grew. The first review is not judged (a
+        budget's burst allowance inflates its success rate). A threshold on the share
+        alone settled just under it: 38 % of requests refused against a hidden budget."""
         span = now - ep.review_since
         if span != span:  # nan: the first reply starts the first review
             ep.review_since, ep.review_ok, ep.review_refused = now, ep.succeeded, ep.refused
@@ -343,28 +345,36 @@ class FlowControl:
         ok, refused = ep.succeeded - ep.review_ok, ep.refused - ep.review_refused
         if span < self.REVIEW_EVERY or ok + refused < self.REVIEW_MIN:
             return
+        first = ep.reviews == 0
+        ep.reviews += 1
         ep.review_since, ep.review_ok, ep.review_refused = now, ep.succeeded, ep.refused
         share = refused / (ok + refused)
+        ok_rate = 60.0 * ok / span
         bucket = ep.rpm
+        above = self.LEARN_ABOVE + ep.random_floor
         if not ep.learned:
-            if bucket is not None or ep.tpm is not None or self._rpm or self._tpm:
-                return  # a budget told or announced paces it
-            if share <= self.LEARN_ABOVE + ep.random_floor:
+            if first or bucket is not None or ep.tpm is not None or self._rpm or self._tpm:
+                return  # the opening, or a budget told or announced paces it
+            if share <= above:
                 ep.random_floor = min(ep.random_floor, share)
                 return
-            ep.rpm = RateBucket(60.0 * ok / span * (1.0 + self.MARGIN), now=now)
-            ep.learned, ep.trial = True, share
+            sent_rate = 60.0 * (ok + refused) / span
+            ep.rpm = RateBucket(0.8 * sent_rate, now=now)
+            ep.learned, ep.trial, ep.trial_ok = True, share, ok_rate
             return
         assert bucket is not None
         trial, ep.trial = ep.trial, None
-        if trial is not None and share >= 0.6 * trial:
+        if trial is not None and ok_rate < 0.9 * ep.trial_ok and share >= 0.6 * trial:
             ep.rpm, ep.learned, ep.random_floor = None, False, trial
             return
-        above = self.LEARN_ABOVE + ep.random_floor
         if share > above:
-            bucket.set_rate(
-                min(bucket.per_minute, 60.0 * ok / span) * (1.0 + self.MARGIN / 2), now=now
-            )
+            # Lower the pace, on trial again: if the successes fall with it and the share
+            # does not, the refusals were random after all (else the pace would fall for
+            # ever against a gateway's random refusals).
+            rate = min(bucket.per_minute, ok_rate) * (1.0 + self.MARGIN / 2)
+            if rate < 0.95 * bucket.per_minute:
+                ep.trial, ep.trial_ok = share, ok_rate
+            bucket.set_rate(rate, now=now)
         elif share < above / 2:
             bucket.set_rate(bucket.per_minute * 1.02, now=now)
 
