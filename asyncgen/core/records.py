@@ -21,6 +21,7 @@ __all__ = [
     "Usage",
     "WorkItem",
     "bad_utf8",
+    "failure_reason",
 ]
 
 
@@ -33,12 +34,40 @@ class Usage(msgspec.Struct, gc=False):
     total_tokens: int | None = 0
 
 
+# The codes asyncgen itself gives, and the reason each is filed under.
+_REASONS = {
+    "timeout": "timeout",
+    "connection_error": "connection",
+    "invalid_output": "invalid_output",
+    "insufficient_quota": "quota",
+}
+
+
+def failure_reason(code: str, status: int | None) -> str:
+    """The normalised reason of a failure: ``quota``, ``timeout``, ``connection``,
+    ``invalid_output``, ``http_NNN`` for any other HTTP error status (whatever code the
+    server's body gave), else the code itself (``malformed_response``, ``stream_cut``, ...)."""
+    reason = _REASONS.get(code)
+    if reason is not None:
+        return reason
+    if status is not None and status >= 400:
+        return f"http_{status}"
+    return code
+
+
 class ErrorInfo(msgspec.Struct, gc=False):
-    """Why an item failed; ``code`` is machine-readable, ``message`` for people."""
+    """Why an item failed; ``code`` is machine-readable (the server's own, when it gave one),
+    ``message`` for people, ``reason`` the normalised class (:func:`failure_reason`),
+    filled in when not given, so records written before it existed decode with one."""
 
     code: str
     message: str
     status: int | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.reason is None:
+            self.reason = failure_reason(self.code, self.status)
 
 
 class Source(msgspec.Struct, gc=False):
@@ -109,6 +138,9 @@ class Result(msgspec.Struct, gc=False):
     rejected_usage: Usage | None = None
     """Tokens of the replies before this outcome that failed the template's ``[output]``
     checks: paid for, but not what ``usage`` describes."""
+    rejected_output: str | None = None
+    """The text of the last reply the template's ``[output]`` checks rejected (kept in an
+    ``invalid_output`` failure, so it can be read without sending the item again)."""
 
 
 class BadLine(msgspec.Struct, gc=False):

@@ -32,6 +32,7 @@ class JobStatus(msgspec.Struct, kw_only=True):
     failed: int
     """Standing failures (retried ones that succeeded are not counted)."""
     failed_by_reason: dict[str, int]
+    """Standing failures by normalised reason (``http_400``, ``timeout``, ``quota``, ...)."""
     bad_lines: int
     bad_lines_by_reason: dict[str, int]
     prompt_tokens: int
@@ -46,6 +47,9 @@ class JobStatus(msgspec.Struct, kw_only=True):
     minute in it (between a run and a later one, say ``retry-failed`` a day after)."""
     cost: float | None = None
     """Estimated from the token counts and the prices given, if any."""
+    failed_by_code: dict[str, dict[str, int]] = {}
+    """Standing failures by reason, then by the code the record gives (the server's own,
+    ``invalid_request_error`` say, where it sent one)."""
 
 
 class _Template(msgspec.Struct):
@@ -96,7 +100,10 @@ def status(
         first = start if first is None else min(first, start)
         last = r.created if last is None else max(last, r.created)
         active.add(start, r.created)
-    by_reason = Counter(code for _, _, code in failures.values())
+    by_reason = Counter(reason for _, _, reason, _ in failures.values())
+    by_code: dict[str, Counter[str]] = {}
+    for _, _, reason, code in failures.values():
+        by_code.setdefault(reason, Counter())[code] += 1
     bad: Counter[str] = Counter()
     for path in shards(root, "errors"):
         for line in iter_lines(path):
@@ -127,6 +134,7 @@ def status(
         items_per_second=succeeded / busy if busy else None,
         active_seconds=busy,
         cost=cost,
+        failed_by_code={r: dict(c.most_common()) for r, c in by_code.items()},
     )
 
 
