@@ -17,7 +17,10 @@ import pytest
 from aiohttp import web
 
 from asyncgen import Engine, JobConfig
+from asyncgen.bench.runner import Bench, BenchConfig
+from asyncgen.core.errors import ConfigError
 from asyncgen.core.records import ErrorInfo, Result, failure_reason
+from asyncgen.mock.server import MockConfig, MockServer
 from asyncgen.storage.status import status
 
 from .conftest import assert_exactly_once, assert_logically_once, personas, write_shard
@@ -234,3 +237,65 @@ async def test_a_template_may_accept_empty_and_truncated_replies(tmp_path: Path)
         stats = await run(tmp_path, server.url, 2, prompt=str(template))
     results = assert_exactly_once(tmp_path / "out", ids(2, "lenient"))["results"]
     assert [r["output"] for r in results] == ["", ""] and stats.rejected == 0
+
+
+# --- 6. start-up checks and refusing endpoints ----------------------------------------------
+
+
+@pytest.mark.parametrize("listed", [["openai/*"], []])
+async def test_a_listing_that_cannot_be_conclusive_warns_and_the_job_runs(
+    tmp_path: Path, listed: list[str]
+) -> None:
+    warned: list[str] = []
+    async with serving(lambda b, n: (200, chat("42")), models=listed) as server:
+        shard = write_shard(tmp_path / "p.jsonl", personas(2))
+        cfg = config(tmp_path, server.url, 2, model="openai/gpt-4o-mini", inputs=[str(shard)])
+        async with Engine(cfg, warn=warned.append) as engine:
+            stats = await engine.run()
+    assert stats.succeeded == 2 and len(server.bodies) == 2
+    assert len(warned) == 1 and "'openai/gpt-4o-mini' is not listed" in warned[0]
+    assert engine.notices == warned
+
+
+async def test_a_conclusive_listing_still_refuses_a_model_it_lacks(tmp_path: Path) -> None:
+    async with serving(lambda b, n: (200, chat("42")), models=["m", "n"]) as server:
+        engine = Engine(config(tmp_path, server.url, 1, model="typo"))
+        async with engine:
+            with pytest.raises(ConfigError, match="'typo' is not served"):
+                await engine.run()
+    assert server.bodies == []
+
+
+async def test_one_endpoint_refusing_the_key_is_ejected_the_others_go_on(tmp_path: Path) -> None:
+    refusal = {"error": {"message": "key not allowed here", "type": "permission_denied"}}
+    async with (
+        serving(lambda b, n: (403, refusal)) as refusing,
+        serving(lambda b, n: (200, chat("42"))) as good,
+    ):
+        stats = await run(tmp_path, [refusing.url, good.url], 40, concurrency=8, max_attempts=3)
+    found = assert_exactly_once(tmp_path / "out", ids(40))
+    assert len(found["results"]) == 40 and stats.failed == 0
+    # The refusing endpoint got at most its first round of requests, and stayed out.
+    assert 1 <= len(refusing.bodies) <= 8 and len(good.bodies) == 40
+    assert [e.up for e in stats.endpoints] == [False, True]
+
+
+async def test_every_endpoint_refusing_stops_the_job(tmp_path: Path) -> None:
+    refusal = {"error": {"message": "no", "type": "permission_denied"}}
+    async with (
+        serving(lambda b, n: (403, refusal)) as one,
+        serving(lambda b, n: (404, {"error": {"message": "not here"}})) as two,
+    ):
+        with pytest.raises(ConfigError, match="on every endpoint"):
+            await run(tmp_path, [one.url, two.url], 10, concurrency=2)
+    assert assert_exactly_once(tmp_path / "out", set())["results"] == []
+
+
+async def test_bench_without_a_model_takes_the_first_listed_and_says_so() -> None:
+    told: list[str] = []
+    async with MockServer(MockConfig(models=["zeta-model", "alpha-model"])) as server:
+        bench = BenchConfig(base_url=server.base_url, num_requests=2, stream=False)
+        async with Bench(bench, notify=told.append) as b:
+            result = await b.run()
+    assert result.model == "zeta-model"
+    assert told == ["no --model given: using 'zeta-model', the first GET /models lists"]
