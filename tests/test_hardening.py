@@ -299,3 +299,87 @@ async def test_bench_without_a_model_takes_the_first_listed_and_says_so() -> Non
             result = await b.run()
     assert result.model == "zeta-model"
     assert told == ["no --model given: using 'zeta-model', the first GET /models lists"]
+
+
+# --- 4. missing usage -----------------------------------------------------------------------
+
+
+async def test_missing_usage_is_unknown_and_status_counts_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gateway that sends no usage (or an empty one) for some replies: those records say
+    null, the status counts them and leaves them out of tokens and cost."""
+
+    def reply(body: dict[str, Any], n: int) -> tuple[int, Any]:
+        kind = int(body["messages"][-1]["content"].split("number ")[1].split()[0]) % 3
+        answer = chat("42", usage=kind == 0)
+        if kind == 1:
+            answer["usage"] = {}  # the fields left out
+        return 200, answer
+
+    async with serving(reply) as server:
+        stats = await run(tmp_path, server.url, 9)
+    out = tmp_path / "out"
+    results = assert_exactly_once(out, ids(9))["results"]
+    usages = sorted((r["usage"] is not None, json.dumps(r["usage"])) for r in results)
+    assert [u for _, u in usages].count("null") == 3
+    empty = {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None}
+    assert sum(r["usage"] == empty for r in results) == 3
+    assert stats.prompt_tokens == 30 and stats.completion_tokens == 15
+    s = status(out, price_input=1e6, price_output=2e6)
+    assert (s.succeeded, s.no_usage, s.prompt_tokens, s.completion_tokens) == (9, 6, 30, 15)
+    assert s.cost == pytest.approx(30 + 2 * 15)
+    from asyncgen.cli.main import main
+
+    assert main(["status", str(out)]) == 0
+    assert "no usage       6 successes the server reported no token counts" in (
+        capsys.readouterr().out
+    )
+
+
+async def test_streams_ask_for_usage(tmp_path: Path) -> None:
+    from .test_stream_quirks import REPLY, run_job
+
+    async def reply(resp: web.StreamResponse, _: int) -> None:
+        for part in REPLY:
+            await resp.write(part)
+
+    _, (server, _) = await run_job(tmp_path, reply, n=2)
+    assert all(b["stream_options"] == {"include_usage": True} for b in server.bodies)
+
+
+# --- 2. batch export of text completions ----------------------------------------------------
+
+
+async def test_batch_export_of_completions_lines_writes_text_completions(tmp_path: Path) -> None:
+    from asyncgen.storage.export import export
+
+    def reply(body: dict[str, Any], n: int) -> tuple[int, Any]:
+        if "prompt" in body:
+            choice = {"index": 0, "text": " world", "finish_reason": "stop"}
+            return 200, {"object": "text_completion", "model": "m", "choices": [choice]}
+        return 200, chat("hi")
+
+    lines = [
+        {"custom_id": "t", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "m", "prompt": "hello", "max_tokens": 5}},
+        {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}},
+    ]  # fmt: skip
+    shard = write_shard(tmp_path / "batch.jsonl", lines)
+    async with serving(reply) as server:
+        await run(tmp_path, server.url, 0, inputs=[str(shard)], prompt=None, model=None)
+    assert server.paths == ["/v1/completions", "/v1/chat/completions"] or sorted(server.paths) == [
+        "/v1/chat/completions",
+        "/v1/completions",
+    ]
+    target = tmp_path / "batch-out.jsonl"
+    assert export(tmp_path / "out", target, "batch") == 2
+    bodies = {
+        x["custom_id"]: x["response"]["body"]
+        for x in map(json.loads, target.read_text().splitlines())
+    }
+    assert bodies["t"]["object"] == "text_completion"
+    assert bodies["t"]["choices"] == [{"index": 0, "text": " world", "finish_reason": "stop"}]
+    assert bodies["c"]["object"] == "chat.completion"
+    assert bodies["c"]["choices"][0]["message"]["content"] == "hi"

@@ -134,7 +134,13 @@ def _status(args: argparse.Namespace) -> Exit:
         ),
         f"  bad input      {s.bad_lines:,}"
         + "".join(f"\n    {code:20} {n:,}" for code, n in s.bad_lines_by_reason.items()),
-        f"  tokens         {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion",
+        f"  tokens         {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion"
+        + (
+            f"\n  no usage       {s.no_usage:,} successes the server reported no token "
+            "counts for (unknown: not in the tokens or the cost)"
+            if s.no_usage
+            else ""
+        ),
         f"  first attempt  {_when(s.first_started)}",
         f"  last outcome   {_when(s.last_finished)}",
     ]

@@ -27,11 +27,18 @@ __all__ = [
 
 class Usage(msgspec.Struct, gc=False):
     """Token counts as reported by the server (OpenAI ``usage`` object); some gateways send
-    ``null`` for counts they do not know, and such a reply is still a good reply."""
+    ``null`` for counts they do not know, or leave them out, and such a reply is still a good
+    reply. A count not given is unknown (None), never 0; a record without ``usage`` at all
+    had none reported."""
 
-    prompt_tokens: int | None = 0
-    completion_tokens: int | None = 0
-    total_tokens: int | None = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+    @property
+    def known(self) -> bool:
+        """Are both the prompt and the completion counts reported?"""
+        return self.prompt_tokens is not None and self.completion_tokens is not None
 
 
 # The codes asyncgen itself gives, and the reason each is filed under.
@@ -141,6 +148,9 @@ class Result(msgspec.Struct, gc=False):
     rejected_output: str | None = None
     """The text of the last reply the template's ``[output]`` checks rejected (kept in an
     ``invalid_output`` failure, so it can be read without sending the item again)."""
+    url: str | None = None
+    """The request's path (``/chat/completions`` or ``/completions``); None in records
+    written before it was kept."""
 
 
 class BadLine(msgspec.Struct, gc=False):

@@ -371,6 +371,7 @@ class Sender:
             parsed,
             rejected,
             rejected_text,
+            item.url,
         )
 
     def __repr__(self) -> str:
