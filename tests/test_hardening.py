@@ -174,7 +174,9 @@ async def test_retry_failed_by_reason_takes_a_400_with_the_servers_own_code(
 
 async def test_invalid_output_failure_keeps_the_last_rejected_text(tmp_path: Path) -> None:
     async with serving(lambda b, n: (200, chat(f"no answer {n}", "length"))) as server:
-        stats = await run(tmp_path, server.url, 1, prompt="persona", max_invalid=3)
+        stats = await run(
+            tmp_path, server.url, 1, prompt="persona", max_invalid=3, accept_length=False
+        )
     [failure] = assert_exactly_once(tmp_path / "out", ids(1, "persona"))["failures"]
     assert failure["error"]["reason"] == failure["error"]["code"] == "invalid_output"
     assert failure["rejected_output"] == "no answer 3" and failure["attempts"] == 3
@@ -211,11 +213,35 @@ async def test_persona_stage_retries_personas_cut_at_max_tokens(tmp_path: Path) 
         )
 
     async with serving(reply) as server:
-        stats = await run(tmp_path, server.url, 1, prompt="persona", concurrency=1)
+        stats = await run(
+            tmp_path, server.url, 1, prompt="persona", concurrency=1, accept_length=False
+        )
     [result] = assert_exactly_once(tmp_path / "out", ids(1, "persona"))["results"]
     assert result["output"] == "A nurse who gardens." and result["finish_reason"] == "stop"
     assert result["attempts"] == 2 and stats.rejected == 1
     assert result["rejected_usage"]["completion_tokens"] == 5
+
+
+@pytest.mark.parametrize("stage", ["from_text", "expand"])
+def test_persona_stages_refuse_replies_cut_at_max_tokens(tmp_path: Path, stage: str) -> None:
+    """Whatever the stage's template (a user's without ``[output]`` too), unless it says
+    ``accept_length = true``."""
+    from asyncgen.personas import pipeline
+
+    seen: list[JobConfig] = []
+
+    def runner(cfg: JobConfig) -> Any:
+        seen.append(cfg)
+        raise KeyboardInterrupt  # enough: the stage's job is what is looked at
+
+    cfg = JobConfig(inputs=[str(write_shard(tmp_path / "p.jsonl", personas(1)))], output="x")
+    with pytest.raises(KeyboardInterrupt):
+        if stage == "from_text":
+            pipeline.from_text(cfg, tmp_path / "s", run=runner, notify=lambda m: None)
+        else:
+            pipeline.expand(cfg, tmp_path / "s", rounds=1, run=runner, notify=lambda m: None)
+    assert [c.accept_length for c in seen] == [False]
+    assert JobConfig(inputs=[], output="y").accept_length  # other jobs keep them
 
 
 async def test_an_empty_reply_with_finish_reason_stop_is_retried(tmp_path: Path) -> None:

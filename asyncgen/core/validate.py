@@ -169,8 +169,9 @@ class OutputSpec:
     against."""
     must_start_with: str | None
     regex: str | None
-    accept_length: bool
-    """Whether a reply cut at ``max_tokens`` (finish_reason "length") may pass."""
+    accept_length: bool | None
+    """Whether a reply cut at ``max_tokens`` (finish_reason "length") may pass; None: the
+    template does not say (the job decides, see :meth:`check`)."""
     accept_empty: bool
     """Whether an empty reply passes (a JSON format never takes one)."""
     _decoder: msgspec.json.Decoder[Any] | None
@@ -185,7 +186,7 @@ class OutputSpec:
         json_schema: dict[str, Any] | None,
         must_start_with: str | None,
         regex: str | None,
-        accept_length: bool = True,
+        accept_length: bool | None = None,
         accept_empty: bool = False,
     ) -> None:
         set_ = object.__setattr__
@@ -208,7 +209,7 @@ class OutputSpec:
     def canonical(self) -> str:
         """A stable text of everything that decides what passes (for the template digest)."""
         checks: tuple[Any, ...] = (self.format, self.json_schema, self.must_start_with, self.regex)
-        if not self.accept_length or self.accept_empty:  # the defaults keep older digests
+        if self.accept_length is not None or self.accept_empty:  # defaults: older digests
             checks += (self.accept_length, self.accept_empty)
         return repr(checks)
 
@@ -226,12 +227,20 @@ class OutputSpec:
         }
 
     def check(
-        self, text: str | None, finish_reason: str | None = None, *, tool_calls: bool = False
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        *,
+        tool_calls: bool = False,
+        accept_length: bool = True,
     ) -> Checked:
         """Check one reply's text; the reason says what is wrong, and when the reply was cut
         at ``max_tokens`` (``finish_reason`` "length") it says that too. ``tool_calls``: the
-        reply calls tools, so an empty text is not an empty reply."""
-        if finish_reason == "length" and not self.accept_length:
+        reply calls tools, so an empty text is not an empty reply. ``accept_length``: the
+        job's default where the template does not say."""
+        if self.accept_length is not None:
+            accept_length = self.accept_length
+        if finish_reason == "length" and not accept_length:
             return Checked("truncated at max_tokens (finish_reason 'length', accept_length false)")
         if not text or not text.strip():
             if tool_calls or (self.accept_empty and self.format == "text"):
@@ -316,6 +325,6 @@ def parse_output(table: Any) -> OutputSpec:
         json_schema=json_schema,
         must_start_with=table.get("must_start_with"),
         regex=regex,
-        accept_length=table.get("accept_length", True),
+        accept_length=table.get("accept_length"),
         accept_empty=table.get("accept_empty", False),
     )

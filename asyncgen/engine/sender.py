@@ -76,6 +76,7 @@ class Sender:
         self._rng = rng
         self._stream = config.stream
         self._max_invalid = config.max_invalid
+        self._accept_length = config.accept_length
         self._deadline = config.deadline
         self._policy = RetryPolicy(
             max_attempts=config.max_attempts,
@@ -292,7 +293,9 @@ class Sender:
             return _UNCHECKED
         choice = c.choices[0]
         calls = choice.message is not None and bool(choice.message.tool_calls)
-        checked = spec.check(_text(c), choice.finish_reason, tool_calls=calls)
+        checked = spec.check(
+            _text(c), choice.finish_reason, tool_calls=calls, accept_length=self._accept_length
+        )
         if checked.reason is not None and c.usage is not None:
             self._counts.prompt_tokens += c.usage.prompt_tokens or 0
             self._counts.completion_tokens += c.usage.completion_tokens or 0
