@@ -29,8 +29,9 @@ The decoded object becomes the result's ``parsed``; the text stays in ``output``
 
 Every template's replies are checked for emptiness (a template without ``[output]`` too): an
 empty completion with finish_reason "stop" is what a gateway passes on for a stream cut
-upstream. ``accept_length`` defaults to true, except for the persona templates, which say
-``false``: a persona cut mid-sentence is not a persona. A reply with tool calls is not empty.
+upstream. ``accept_length`` not given, the job decides (``JobConfig.accept_length``: true,
+false in the persona stages, where a persona cut mid-sentence is not a persona). A reply with
+tool calls is not empty.
 """
 
 from __future__ import annotations
