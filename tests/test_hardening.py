@@ -23,8 +23,8 @@ from asyncgen.core.records import ErrorInfo, Result, failure_reason
 from asyncgen.mock.server import MockConfig, MockServer
 from asyncgen.storage.status import status
 
-from .conftest import assert_exactly_once, assert_logically_once, personas, write_shard
-from .test_jobtools import _retry_cli
+from .conftest import assert_exactly_once, assert_logically_once, personas, serve, write_shard
+from .test_jobtools import FAST, _retry_cli
 
 Reply = Callable[[dict[str, Any], int], tuple[int, Any]]
 """(request body, request number from 1) -> (status, JSON body)."""
@@ -75,38 +75,20 @@ async def serving(reply: Reply, models: list[str] | None = None) -> AsyncIterato
     app.router.add_post("/v1/chat/completions", server._post)
     app.router.add_post("/v1/completions", server._post)
     app.router.add_get("/v1/models", server._models)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    try:
+    async with serve(app) as server.url:
         yield server
-    finally:
-        await runner.cleanup()
 
 
-def config(tmp_path: Path, url: str, n: int, **kw: Any) -> JobConfig:
+def config(tmp_path: Path, url: str | list[str], n: int, **kw: Any) -> JobConfig:
     shard = tmp_path / "p.jsonl"
     if not shard.exists():
         write_shard(shard, personas(n))
-    settings: dict[str, Any] = {
-        "inputs": [str(shard)],
-        "output": str(tmp_path / "out"),
-        "prompt": "math",
-        "model": "m",
-        "base_url": url,
-        "concurrency": 4,
-        "max_attempts": 1,
-        "backoff_base": 0.01,
-        "backoff_cap": 0.02,
-        "flush_interval": 0.05,
-        **kw,
-    }
-    return JobConfig(**settings)
+    where = {"inputs": [str(shard)], "output": str(tmp_path / "out"), "base_url": url}
+    small = {"prompt": "math", "model": "m", "concurrency": 4, "max_attempts": 1}
+    return JobConfig(**{**where, **small, **FAST, **kw})
 
 
-async def run(tmp_path: Path, url: str, n: int, **kw: Any) -> Any:
+async def run(tmp_path: Path, url: str | list[str], n: int, **kw: Any) -> Any:
     async with Engine(config(tmp_path, url, n, **kw), rng=random.Random(0)) as engine:
         return await engine.run()
 
