@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 from collections import Counter
@@ -13,6 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 import zstandard
+from aiohttp import web
 
 from asyncgen.engine.transport import HttpResponse
 from asyncgen.mock.server import MockConfig, MockServer
@@ -117,6 +119,19 @@ class Canned:
 
     async def aclose(self) -> None:
         pass
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on a free loopback port; yields its base URL (``http://.../v1``)."""
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
 
 
 async def until(done: Callable[[], bool]) -> None:

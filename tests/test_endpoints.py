@@ -169,13 +169,22 @@ async def test_no_endpoint_reachable_at_start_fails_fast(tmp_path: Path) -> None
             await engine.run()
 
 
-async def test_a_misconfigured_replica_stops_the_job(tmp_path: Path) -> None:
+async def test_a_misconfigured_replica_is_left_out_and_the_others_go_on(tmp_path: Path) -> None:
     shard = write_shard(tmp_path / "p.jsonl", personas(3))
+    warned: list[str] = []
     async with (
         MockServer() as good,
         MockServer(MockConfig(models=["other-model"])) as wrong,
     ):
         config = job(tmp_path, [good.base_url, wrong.base_url], [shard])
+        async with Engine(config, warn=warned.append) as engine:
+            stats = await engine.run()
+        assert wrong.statistics().requests == 0 and good.statistics().requests == 3
+    assert stats.succeeded == 3 and stats.failed == 0
+    assert len(warned) == 1 and "not served by" in warned[0] and wrong.base_url in warned[0]
+    # When every endpoint says so, the job stops.
+    async with MockServer(MockConfig(models=["other-model"])) as wrong:
+        config = job(tmp_path / "again", [wrong.base_url, good.base_url], [shard])
         async with Engine(config) as engine:
             with pytest.raises(ConfigError, match="not served by"):
                 await engine.run()

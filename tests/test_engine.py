@@ -741,6 +741,8 @@ async def test_every_field_of_a_record_holds_its_own_value(tmp_path: Path) -> No
         "replaces_failure": False,
         "parsed": None,
         "rejected_usage": None,
+        "rejected_output": None,
+        "url": "/chat/completions",
     }
     assert {k: record[k] for k in expected} == expected
     assert len(record["template_sha256"]) == 16 and record["template_sha256"] != persona_digest

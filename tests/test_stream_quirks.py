@@ -17,7 +17,7 @@ from aiohttp import web
 from asyncgen import Engine, JobConfig
 from asyncgen.core.errors import ConfigError
 
-from .conftest import assert_exactly_once, personas, write_shard
+from .conftest import assert_exactly_once, personas, serve, write_shard
 
 Handler = Callable[[web.StreamResponse, int], Awaitable[None]]
 
@@ -76,16 +76,8 @@ class ScriptedServer:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", server._post)
         app.router.add_get("/v1/models", server._models)
-        runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        server.url = f"http://127.0.0.1:{port}/v1"
-        try:
+        async with serve(app) as server.url:
             yield server
-        finally:
-            await runner.cleanup()
 
 
 async def run_job(tmp_path: Path, handler: Handler, n: int = 3, **kw: Any) -> tuple[Any, Any]:

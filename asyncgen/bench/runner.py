@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from asyncgen.bench.config import BenchConfig
@@ -81,8 +82,12 @@ class Bench:
         *,
         api_key: str | None = None,
         transport: Transport | None = None,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
+        self._notify = notify
+        """Told what the run decided by itself (the model it picked) and the start-up
+        check's warnings."""
         self._own_transport = transport is None
         self._transport: Transport = transport or AiohttpTransport(
             config.base_url, api_key=api_key, limit=config.max_in_flight or 0
@@ -133,9 +138,12 @@ class Bench:
         served = await self.check_endpoint() if config.check_endpoint else None
         model = config.model
         if model is None:
-            if not served:
+            named = [m for m in served or () if "*" not in m]  # a wildcard is no model name
+            if not named:
                 raise ConfigError("no --model given and the endpoint lists no model to pick")
-            model = served[0]
+            model = named[0]
+            if self._notify is not None:
+                self._notify(f"no --model given: using {model!r}, the first GET /models lists")
         self._model = model
         self._workload = workload = await asyncio.to_thread(Workload, config, model, config.total)
         offsets = schedule(config)
@@ -176,7 +184,7 @@ class Bench:
 
     async def check_endpoint(self) -> list[str] | None:
         """``GET /models`` (see :func:`~asyncgen.engine.transport.check_models`)."""
-        return await check_models(self._transport, self.config.model)
+        return await check_models(self._transport, self.config.model, warn=self._notify)
 
     def _spawn(self, tg: asyncio.TaskGroup, coro: Any) -> None:
         task = tg.create_task(coro)

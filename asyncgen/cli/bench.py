@@ -312,7 +312,7 @@ async def run_cli(
 ) -> BenchResult:
     """Run the benchmark with progress lines on stderr; Ctrl-C or SIGTERM ends it early with
     what has finished (a second one at once). A cancellation from elsewhere goes on."""
-    async with Bench(config, api_key=api_key) as bench:
+    async with Bench(config, api_key=api_key, notify=lambda m: say(m, command=_COMMAND)) as bench:
 
         def graceful(_signal: object) -> None:
             say("interrupted; reporting what has finished", command=_COMMAND)

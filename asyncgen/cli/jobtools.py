@@ -86,7 +86,9 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "--reason",
         action="append",
         metavar="CODE",
-        help="retry only failures with this error code (repeatable; see 'asyncgen status')",
+        help="retry only failures with this reason (http_400, timeout, connection, "
+        "invalid_output, quota, ...) or the server's own code (invalid_request_error); "
+        "repeatable; 'asyncgen status' lists them",
     )
     retry.add_argument(
         "--base-url", action="append", metavar="URL", help="endpoint(s) to use instead"
@@ -108,6 +110,13 @@ def _when(t: float | None) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _codes(codes: dict[str, int] | None, reason: str) -> str:
+    """The server's own codes behind a reason, where they say more than it."""
+    if not codes or set(codes) == {reason}:
+        return ""
+    return " (" + ", ".join(f"{code} {n:,}" for code, n in codes.items()) + ")"
+
+
 def _status(args: argparse.Namespace) -> Exit:
     root = Path(args.output)
     s = job_status(root, price_input=args.price_input, price_output=args.price_output)
@@ -119,10 +128,19 @@ def _status(args: argparse.Namespace) -> Exit:
         f"template {s.template or '(batch lines)'}, asyncgen {s.asyncgen or '?'}",
         f"  succeeded      {s.succeeded:,} ({s.attempts:,} attempts)",
         f"  failed         {s.failed:,}"
-        + "".join(f"\n    {code:20} {n:,}" for code, n in s.failed_by_reason.items()),
+        + "".join(
+            f"\n    {reason:20} {n:,}{_codes(s.failed_by_code.get(reason), reason)}"
+            for reason, n in s.failed_by_reason.items()
+        ),
         f"  bad input      {s.bad_lines:,}"
         + "".join(f"\n    {code:20} {n:,}" for code, n in s.bad_lines_by_reason.items()),
-        f"  tokens         {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion",
+        f"  tokens         {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion"
+        + (
+            f"\n  no usage       {s.no_usage:,} successes the server reported no token "
+            "counts for (unknown: not in the tokens or the cost)"
+            if s.no_usage
+            else ""
+        ),
         f"  first attempt  {_when(s.first_started)}",
         f"  last outcome   {_when(s.last_finished)}",
     ]
@@ -172,7 +190,7 @@ def _retry_failed(args: argparse.Namespace) -> Exit:
     chosen = [
         (r.custom_id, r.source.shard, r.source.line)
         for _, r in iter_standing_failures(root)
-        if not wanted or (r.error.code if r.error else "unknown") in wanted
+        if not wanted or (r.error is not None and {r.error.code, r.error.reason} & wanted)
     ]
     if not chosen:
         which = f" with reason {', '.join(sorted(wanted))}" if wanted else ""

@@ -131,7 +131,8 @@ def summary(s: Statistics, output: str) -> str:
             f"{s.skipped:,} skipped as already done"
         )
         lines.append(
-            f"  {s.requests:,} requests ({s.retries:,} retries, {s.throttled:,} answered 429), "
+            f"  {s.requests:,} requests ({s.retries:,} retries, {s.throttled:,} answered 429, "
+            f"{s.rejected:,} replies rejected by the template's checks), "
             f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion tokens, "
             f"{rate:.1f} items/s"
         )

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from asyncgen.cli.args import add_inputs, run_async
-from asyncgen.cli.console import report, say
+from asyncgen.cli.console import report, say, warn
 from asyncgen.cli.exits import Exit
 from asyncgen.cli.options import add_request_arguments, api_key, job_config_from_args
 from asyncgen.cli.progress import ProgressReporter, summary
@@ -100,7 +100,7 @@ async def run_job(
     """Run one job with progress on stderr and its summary at the end; the first Ctrl-C or
     SIGTERM stops intake and drains, the second stops at once (``finished`` is then False).
     ``redo``: a retry run of recorded failures. A cancellation from elsewhere propagates."""
-    async with Engine(config, api_key=api_key, redo=redo) as engine:
+    async with Engine(config, api_key=api_key, redo=redo, warn=warn) as engine:
         reporter = ProgressReporter(engine.statistics, sys.stderr, interval=progress_interval)
 
         def graceful(signum: signal.Signals) -> None:

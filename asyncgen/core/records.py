@@ -21,24 +21,60 @@ __all__ = [
     "Usage",
     "WorkItem",
     "bad_utf8",
+    "failure_reason",
 ]
 
 
 class Usage(msgspec.Struct, gc=False):
     """Token counts as reported by the server (OpenAI ``usage`` object); some gateways send
-    ``null`` for counts they do not know, and such a reply is still a good reply."""
+    ``null`` for counts they do not know, or leave them out, and such a reply is still a good
+    reply. A count not given is unknown (None), never 0; a record without ``usage`` at all
+    had none reported."""
 
-    prompt_tokens: int | None = 0
-    completion_tokens: int | None = 0
-    total_tokens: int | None = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+    @property
+    def known(self) -> bool:
+        """Are both the prompt and the completion counts reported?"""
+        return self.prompt_tokens is not None and self.completion_tokens is not None
+
+
+# The codes asyncgen itself gives, and the reason each is filed under.
+_REASONS = {
+    "timeout": "timeout",
+    "connection_error": "connection",
+    "invalid_output": "invalid_output",
+    "insufficient_quota": "quota",
+}
+
+
+def failure_reason(code: str, status: int | None) -> str:
+    """The normalised reason of a failure: ``quota``, ``timeout``, ``connection``,
+    ``invalid_output``, ``http_NNN`` for any other HTTP error status (whatever code the
+    server's body gave), else the code itself (``malformed_response``, ``stream_cut``, ...)."""
+    reason = _REASONS.get(code)
+    if reason is not None:
+        return reason
+    if status is not None and status >= 400:
+        return f"http_{status}"
+    return code
 
 
 class ErrorInfo(msgspec.Struct, gc=False):
-    """Why an item failed; ``code`` is machine-readable, ``message`` for people."""
+    """Why an item failed; ``code`` is machine-readable (the server's own, when it gave one),
+    ``message`` for people, ``reason`` the normalised class (:func:`failure_reason`),
+    filled in when not given, so records written before it existed decode with one."""
 
     code: str
     message: str
     status: int | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.reason is None:
+            self.reason = failure_reason(self.code, self.status)
 
 
 class Source(msgspec.Struct, gc=False):
@@ -109,6 +145,12 @@ class Result(msgspec.Struct, gc=False):
     rejected_usage: Usage | None = None
     """Tokens of the replies before this outcome that failed the template's ``[output]``
     checks: paid for, but not what ``usage`` describes."""
+    rejected_output: str | None = None
+    """The text of the last reply the template's ``[output]`` checks rejected (kept in an
+    ``invalid_output`` failure, so it can be read without sending the item again)."""
+    url: str | None = None
+    """The request's path (``/chat/completions`` or ``/completions``); None in records
+    written before it was kept."""
 
 
 class BadLine(msgspec.Struct, gc=False):

@@ -7,6 +7,8 @@ A template's optional ``[output]`` table::
     schema = { problem = "str", answer = "str", difficulty = "int?", tags = "list[str]" }
     must_start_with = "..."  # the reply, leading whitespace stripped, starts with this
     regex = "..."            # re.search over the reply (anchor with \\A / \\Z for all of it)
+    accept_length = false    # a reply cut at max_tokens (finish_reason "length") is invalid
+    accept_empty = false     # an empty reply (or only whitespace) is invalid (the default)
 
 The schema's type language: ``str``, ``int``, ``float``, ``bool``, ``list[T]``, a trailing
 ``?`` for "may be null" (``"int?"``, ``"list[str]?"``), a table for a nested object and an
@@ -24,6 +26,12 @@ was removed in v0.12, so ``response_format`` is the one request field both serve
 object. Before a JSON reply is decoded, one pair of Markdown code fences around the whole
 reply (```` ```json ... ``` ````) is removed, since models add them even when told not to.
 The decoded object becomes the result's ``parsed``; the text stays in ``output``.
+
+Every template's replies are checked for emptiness (a template without ``[output]`` too): an
+empty completion with finish_reason "stop" is what a gateway passes on for a stream cut
+upstream. ``accept_length`` not given, the job decides (``JobConfig.accept_length``: true,
+false in the persona stages, where a persona cut mid-sentence is not a persona). A reply with
+tool calls is not empty.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import msgspec
 __all__ = ["Checked", "OutputSpec", "parse_output", "strip_fences"]
 
 _FORMATS = ("text", "json", "json_object")
-_KEYS = {"format", "schema", "must_start_with", "regex"}
+_KEYS = {"format", "schema", "must_start_with", "regex", "accept_length", "accept_empty"}
 _SCALARS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
 _FENCED = re.compile(r"\A\s*```[\w+-]*[ \t]*\n(.*?)\n?[ \t]*```\s*\Z", re.DOTALL)
 _SCHEMA_NAME = re.compile(r"[^A-Za-z0-9_-]")
@@ -145,6 +153,8 @@ class OutputSpec:
     __slots__ = (
         "_decoder",
         "_regex",
+        "accept_empty",
+        "accept_length",
         "format",
         "json_schema",
         "must_start_with",
@@ -160,6 +170,11 @@ class OutputSpec:
     against."""
     must_start_with: str | None
     regex: str | None
+    accept_length: bool | None
+    """Whether a reply cut at ``max_tokens`` (finish_reason "length") may pass; None: the
+    template does not say (the job decides, see :meth:`check`)."""
+    accept_empty: bool
+    """Whether an empty reply passes (a JSON format never takes one)."""
     _decoder: msgspec.json.Decoder[Any] | None
     _regex: re.Pattern[str] | None
 
@@ -172,8 +187,12 @@ class OutputSpec:
         json_schema: dict[str, Any] | None,
         must_start_with: str | None,
         regex: str | None,
+        accept_length: bool | None = None,
+        accept_empty: bool = False,
     ) -> None:
         set_ = object.__setattr__
+        set_(self, "accept_length", accept_length)
+        set_(self, "accept_empty", accept_empty)
         set_(self, "format", format)
         set_(self, "schema", schema)
         set_(self, "json_schema", json_schema)
@@ -190,7 +209,10 @@ class OutputSpec:
 
     def canonical(self) -> str:
         """A stable text of everything that decides what passes (for the template digest)."""
-        return repr((self.format, self.json_schema, self.must_start_with, self.regex))
+        checks: tuple[Any, ...] = (self.format, self.json_schema, self.must_start_with, self.regex)
+        if self.accept_length is not None or self.accept_empty:  # defaults: older digests
+            checks += (self.accept_length, self.accept_empty)
+        return repr(checks)
 
     def response_format(self, name: str) -> dict[str, Any] | None:
         """The ``response_format`` request field, or None for plain text."""
@@ -205,9 +227,26 @@ class OutputSpec:
             "json_schema": {"name": safe, "schema": self.json_schema, "strict": True},
         }
 
-    def check(self, text: str | None, finish_reason: str | None = None) -> Checked:
+    def check(
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        *,
+        tool_calls: bool = False,
+        accept_length: bool = True,
+    ) -> Checked:
         """Check one reply's text; the reason says what is wrong, and when the reply was cut
-        at ``max_tokens`` (``finish_reason`` "length") it says that too."""
+        at ``max_tokens`` (``finish_reason`` "length") it says that too. ``tool_calls``: the
+        reply calls tools, so an empty text is not an empty reply. ``accept_length``: the
+        job's default where the template does not say."""
+        if self.accept_length is not None:
+            accept_length = self.accept_length
+        if finish_reason == "length" and not accept_length:
+            return Checked("truncated at max_tokens (finish_reason 'length', accept_length false)")
+        if not text or not text.strip():
+            if tool_calls or (self.accept_empty and self.format == "text"):
+                return Checked(None)
+            return Checked(f"empty output (finish_reason {finish_reason!r})")
         checked = self._check(text)
         if checked.reason is not None and finish_reason == "length":
             return Checked(f"truncated at max_tokens (finish_reason 'length'): {checked.reason}")
@@ -248,6 +287,9 @@ def parse_output(table: Any) -> OutputSpec:
     format = table.get("format", "text")
     if format not in _FORMATS:
         raise ValueError(f"[output] format must be one of {', '.join(_FORMATS)}, not {format!r}")
+    for key in ("accept_length", "accept_empty"):
+        if key in table and not isinstance(table[key], bool):
+            raise ValueError(f"[output] {key} must be true or false")
     for key in ("must_start_with", "regex"):
         if key in table and not (isinstance(table[key], str) and table[key]):
             raise ValueError(f"[output] {key} must be a non-empty string")
@@ -284,4 +326,6 @@ def parse_output(table: Any) -> OutputSpec:
         json_schema=json_schema,
         must_start_with=table.get("must_start_with"),
         regex=regex,
+        accept_length=table.get("accept_length"),
+        accept_empty=table.get("accept_empty", False),
     )

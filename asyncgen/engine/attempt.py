@@ -100,6 +100,9 @@ class Attempter:
         """Open plain attempts, by task, and when each must end."""
         self.expired: set[asyncio.Task[Any]] = set()
         """Their tasks the sweep has cancelled, until the attempt has seen it."""
+        self.refused: dict[int, str] = {}
+        """Endpoints out for good, by index, and why: they refused the key or do not serve
+        the model, while other endpoints may (their probes never re-admit them)."""
 
     async def attempt(self, item: WorkItem, body: bytes, lease: Lease) -> AttemptResult:
         """One HTTP attempt: its outcome, what it says about the endpoint, and (streaming)
@@ -150,7 +153,9 @@ class Attempter:
                 completion_tokens=usage.completion_tokens if usage else None,
             )
             return outcome, feedback, ttft
-        self._raise_if_job_level(transport, item, outcome)
+        if self._refuses(lease.endpoint, item, outcome):
+            # Out for good (UNREACHABLE ejects it at once); the item goes elsewhere.
+            return Outcome(None, outcome.error, True), _UNREACHABLE, ttft
         signal = _signal(status)
         tokens_ran_out = signal is Signal.THROTTLED and _tokens_ran_out(outcome, hints)
         feedback = Feedback(
@@ -214,20 +219,33 @@ class Attempter:
             return status, headers, Outcome(None, error, True), ttft
         return status, headers, Outcome(completion, None, False), ttft
 
-    def _raise_if_job_level(self, transport: Transport, item: WorkItem, outcome: Outcome) -> None:
-        """Stop the job on an answer every request would get: a used-up quota, a refused key,
-        an unknown model (for the job's one model; batch lines may name several). Recording
-        it per item would burn the whole input as failures, and retrying a quota would send
-        requests for ever."""
+    def refuse(self, index: int, why: str) -> None:
+        """Take endpoint ``index`` out for good (see :attr:`refused`)."""
+        self.refused.setdefault(index, why)
+
+    def _refuses(self, index: int, item: WorkItem, outcome: Outcome) -> bool:
+        """Is the answer one every request to this endpoint would get: a used-up quota, a
+        refused key, an unknown model (for the job's one model; batch lines may name
+        several)? Recording it per item would burn the whole input as failures, and retrying
+        a quota would send requests for ever. A refused key or model takes the endpoint out
+        (True) while another endpoint has not said the same; the job stops (ConfigError) on
+        a quota, or when every endpoint has."""
         error, stop = outcome.error, outcome.stop
         if stop is None or error is None or (stop is Stop.MODEL and self._model is None):
-            return
+            return False
+        url = self._transports[index].base_url
         what = _STOPS[stop]
         how = f"HTTP {error.status}" if error.status else "in its event stream"
+        answer = f"endpoint {url} answered {how} ({error.code}) to POST {item.url}: {error.message}"
+        if stop is not Stop.QUOTA:
+            self.refuse(index, f"{answer}: {what}")
+            if len(self.refused) < len(self._transports):
+                return True
         raise ConfigError(
-            f"endpoint {transport.base_url} answered {how} ({error.code}) to "
-            f"POST {item.url}: {error.message}; stopping: {what}, and every request would get "
-            "the same answer (the item is not recorded and will be sent by the next run)"
+            f"{answer}; stopping: {what}"
+            + (", on every endpoint" if len(self._transports) > 1 else "")
+            + ", and every request would get the same answer (the item is not recorded and "
+            "will be sent by the next run)"
         )
 
     async def expire_overdue(self) -> None:
@@ -248,7 +266,10 @@ class Attempter:
 
     async def probe(self, index: int) -> tuple[bool, str | None]:
         """Is an ejected endpoint answering again? Any reply below 500 says it is; a reply
-        of 500 or more is returned as its status and the start of its body (redacted)."""
+        of 500 or more is returned as its status and the start of its body (redacted). One
+        that refused the key or the model stays out."""
+        if index in self.refused:
+            return False, None
         try:
             async with asyncio.timeout(min(5.0, self._timeout)):
                 resp = await self._transports[index].get("/models")

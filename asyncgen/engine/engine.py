@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from asyncgen._version import __version__
-from asyncgen.core.errors import TransportError, job_error
+from asyncgen.core.errors import ConfigError, TransportError, job_error
 from asyncgen.core.flow import FlowControl
 from asyncgen.core.ledger import Redo
 from asyncgen.core.redact import redact_url
@@ -78,6 +78,7 @@ class Engine:
         rng: random.Random | None = None,
         clock: Clock | None = None,
         redo: Redo | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         config.validate()
         self.config = config
@@ -101,6 +102,15 @@ class Engine:
         self._finished = False
         self._pipeline_task: asyncio.Task[None] | None = None
         self._started: float | None = None
+        self._warn = warn
+        self.notices: list[str] = []
+        """Warnings of the start-up check (a model an inconclusive listing lacks, an
+        endpoint left out), also given to ``warn`` as they come."""
+
+    def _notice(self, message: str) -> None:
+        self.notices.append(message)
+        if self._warn is not None:
+            self._warn(message)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -297,29 +307,39 @@ class Engine:
             await self._cancel_pipeline()
 
     async def check_endpoint(self) -> None:
-        """Fail fast, with a clear message, when no endpoint can be reached or one rejects us.
+        """Fail fast, with a clear message, when no endpoint can be reached or every one
+        rejects us.
 
         An endpoint that cannot be reached while another can starts ejected; it is probed
-        and joins when it answers.
+        and joins when it answers. One that refuses the key or lacks the model while another
+        passes is left out for the whole run (a warning says so).
         """
-        assert self._parts is not None
+        parts = self._parts
+        assert parts is not None
         errors = await asyncio.gather(
             *(self._check_one(t) for t in self._transports), return_exceptions=True
         )
         for error in errors:
-            if isinstance(error, BaseException) and not isinstance(error, TransportError):
-                raise error
-        if all(errors):
-            first = errors[0]
-            assert isinstance(first, BaseException)
-            raise first
+            if isinstance(error, BaseException) and not isinstance(error, Exception):
+                raise error  # a cancellation, say
+        failed = [e for e in errors if isinstance(e, Exception)]
+        if len(failed) == len(errors):
+            # The most telling error: a refusal says more than "cannot reach".
+            raise next((e for e in failed if isinstance(e, ConfigError)), failed[0])
+        for e in failed:
+            if not isinstance(e, TransportError | ConfigError):
+                raise e
         now = self._clock.monotonic()
         for index, error in enumerate(errors):
-            if error is not None:
-                self._parts.gate.flow.mark_down(index, now)
+            if error is None:
+                continue
+            parts.gate.flow.mark_down(index, now)
+            if isinstance(error, ConfigError):
+                parts.attempter.refuse(index, str(error))
+                self._notice(f"{error}; left out, the other endpoints go on")
 
     async def _check_one(self, transport: Transport) -> None:
-        await check_models(transport, self.config.model)
+        await check_models(transport, self.config.model, warn=self._notice)
 
     async def _pipeline(self, emit: Emit) -> None:
         try:

@@ -13,7 +13,7 @@ from asyncgen.core.leases import Feedback, Lease, Signal
 from asyncgen.core.ledger import Ledger
 from asyncgen.core.records import Completion, ErrorInfo, Result, Usage, WorkItem
 from asyncgen.core.retry import Outcome, RetryPolicy
-from asyncgen.core.validate import Checked
+from asyncgen.core.validate import Checked, parse_output
 from asyncgen.engine.attempt import Attempter
 from asyncgen.engine.clock import Clock
 from asyncgen.engine.commit import Committer
@@ -28,6 +28,8 @@ __all__ = ["UNUSED", "Sender"]
 UNUSED = Feedback(Signal.CANCELLED)
 """The feedback for a lease given back without an attempt."""
 _UNCHECKED = Checked(None)
+_PLAIN = parse_output({})
+"""The checks of a template without ``[output]``: a reply must not be empty."""
 
 
 def _plus(total: Usage | None, more: Usage | None) -> Usage | None:
@@ -37,6 +39,12 @@ def _plus(total: Usage | None, more: Usage | None) -> Usage | None:
     prompt = (more.prompt_tokens or 0) + (total.prompt_tokens or 0 if total else 0)
     completion = (more.completion_tokens or 0) + (total.completion_tokens or 0 if total else 0)
     return Usage(prompt, completion, prompt + completion)
+
+
+def _text(c: Completion) -> str | None:
+    """The text of a completion's first choice (chat or text)."""
+    choice = c.choices[0]
+    return choice.message.content if choice.message is not None else choice.text
 
 
 class Sender:
@@ -68,6 +76,7 @@ class Sender:
         self._rng = rng
         self._stream = config.stream
         self._max_invalid = config.max_invalid
+        self._accept_length = config.accept_length
         self._deadline = config.deadline
         self._policy = RetryPolicy(
             max_attempts=config.max_attempts,
@@ -75,7 +84,7 @@ class Sender:
             max_delay=config.backoff_cap,
             deadline=config.deadline,
         )
-        self._output = template.output if template is not None else None
+        self._output = (template.output or _PLAIN) if template is not None else None
         self._template_sha = template.digest[:16] if template is not None else None
         self._endpoint_names = endpoint_names
         self._redo = redo
@@ -135,6 +144,7 @@ class Sender:
         started = self._wall()
         attempt = excused = invalid = 0
         rejected: Usage | None = None
+        rejected_text: str | None = None
         lease: Lease | None = first_lease
         endpoint = first_lease.endpoint
         error: ErrorInfo | None = None
@@ -154,7 +164,14 @@ class Sender:
                         error.status,
                     )
                     return self._record(
-                        item, error, attempt, self._now() - first, started, endpoint, rejected
+                        item,
+                        error,
+                        attempt,
+                        self._now() - first,
+                        started,
+                        endpoint,
+                        rejected,
+                        rejected_text=rejected_text,
                     )
                 counts.retries += 1  # counted when sent, not when scheduled
             endpoint = lease.endpoint
@@ -189,7 +206,9 @@ class Sender:
                     )
                 # The server answered (flow control saw an OK); the reply is what failed.
                 rejected = _plus(rejected, outcome.completion.usage)
+                rejected_text = _text(outcome.completion)
                 invalid += 1
+                counts.rejected += 1
                 exhausted = invalid >= self._max_invalid
                 reason = f"{invalid} invalid replies, the last: {checked.reason}"
                 error = ErrorInfo("invalid_output", reason if exhausted else checked.reason, 200)
@@ -216,7 +235,16 @@ class Sender:
                         f"gave up after {attempt} attempts in {elapsed:.1f}s: {error.message}",
                         error.status,
                     )
-                return self._record(item, error, attempt, elapsed, started, endpoint, rejected)
+                return self._record(
+                    item,
+                    error,
+                    attempt,
+                    elapsed,
+                    started,
+                    endpoint,
+                    rejected,
+                    rejected_text=rejected_text,
+                )
             if self.stopping:
                 return None
             if not released.held:
@@ -264,8 +292,10 @@ class Sender:
         if spec is None or item.template is None:
             return _UNCHECKED
         choice = c.choices[0]
-        text = choice.message.content if choice.message is not None else choice.text
-        checked = spec.check(text, choice.finish_reason)
+        calls = choice.message is not None and bool(choice.message.tool_calls)
+        checked = spec.check(
+            _text(c), choice.finish_reason, tool_calls=calls, accept_length=self._accept_length
+        )
         if checked.reason is not None and c.usage is not None:
             self._counts.prompt_tokens += c.usage.prompt_tokens or 0
             self._counts.completion_tokens += c.usage.completion_tokens or 0
@@ -292,6 +322,8 @@ class Sender:
         completion: Completion | None = None,
         ttft: float | None = None,
         parsed: Any = None,
+        *,
+        rejected_text: str | None = None,
     ) -> Result:
         """The record of an item's outcome, with its provenance: a success if ``completion``
         is given, else a failure."""
@@ -341,6 +373,8 @@ class Sender:
             self._redo,
             parsed,
             rejected,
+            rejected_text,
+            item.url,
         )
 
     def __repr__(self) -> str:

@@ -23,6 +23,10 @@ class Counts(msgspec.Struct, kw_only=True):
     requests: int = 0
     """HTTP attempts made by this run."""
     retries: int = 0
+    """Attempts after an item's first, counted when sent (not when scheduled)."""
+    rejected: int = 0
+    """Replies the template's ``[output]`` checks rejected (retried, or the last of an
+    ``invalid_output`` failure)."""
     throttled: int = 0
     """Attempts answered 429 in this run."""
     prompt_tokens: int = 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, NamedTuple, Protocol
 
@@ -190,11 +190,21 @@ CHECK_SECONDS = 30.0
 """How long the start-up check waits for ``GET /models``."""
 
 
-async def check_models(transport: Transport, model: str | None) -> list[str] | None:
+def _inconclusive(served: list[str]) -> bool:
+    """Does a model listing fail to say what is served? Empty (some gateways list nothing),
+    or with wildcard ids (LiteLLM's ``openai/*`` route any model of a provider)."""
+    return not served or any("*" in m for m in served)
+
+
+async def check_models(
+    transport: Transport, model: str | None, *, warn: Callable[[str], None] | None = None
+) -> list[str] | None:
     """The start-up check, ``GET /models``: fail fast, with a message that says what to do,
     on an unreachable endpoint, a refused key, a wrong base URL or a model the endpoint does
-    not serve. Returns the served model ids (sorted), or None when the reply does not list
-    them (some gateways answer otherwise; that is not an error)."""
+    not serve. Returns the served model ids in the server's order, or None when the reply
+    does not list them (some gateways answer otherwise; that is not an error). A listing that
+    cannot be conclusive (empty, or with wildcards) does not refuse a model it lacks: ``warn``
+    is told instead."""
     url = transport.base_url
     try:
         async with asyncio.timeout(CHECK_SECONDS):
@@ -219,13 +229,21 @@ async def check_models(transport: Transport, model: str | None) -> list[str] | N
     if resp.status != 200:
         return None
     try:
-        served = sorted({m.id for m in msgspec.json.decode(resp.body, type=_ModelList).data})
+        listed = msgspec.json.decode(resp.body, type=_ModelList).data
     except (msgspec.DecodeError, UnicodeDecodeError):
         return None
+    served = list(dict.fromkeys(m.id for m in listed))
     if model is not None and model not in served:
-        listed = ", ".join(served[:10]) + (", ..." if len(served) > 10 else "")
+        shown = ", ".join(served[:10]) + (", ..." if len(served) > 10 else "")
+        if _inconclusive(served):
+            if warn is not None:
+                warn(
+                    f"model {model!r} is not listed by {url} (GET /models lists "
+                    f"{shown or 'nothing'}), which cannot be conclusive: going on"
+                )
+            return served
         raise ConfigError(
-            f"model {model!r} is not served by {url}; it serves: {listed or 'nothing'} "
+            f"model {model!r} is not served by {url}; it serves: {shown} "
             "(--no-check skips this check)"
         )
     return served

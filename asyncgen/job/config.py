@@ -55,6 +55,9 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
     max_invalid: AtLeastOne = 3
     """Replies failing the template's ``[output]`` checks an item may get before it fails
     (counted apart from ``max_attempts``)."""
+    accept_length: bool = True
+    """Whether a reply cut at ``max_tokens`` passes, for templates whose ``[output]`` does not
+    say (``accept_length``); the persona stages set it false."""
     timeout: Positive = 600.0
     """Seconds for one attempt (a streamed one included)."""
     deadline: Positive = 3600.0

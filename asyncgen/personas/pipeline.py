@@ -241,7 +241,8 @@ def from_text(
 ) -> StageReport | None:
     """Make the persona shard ``root/personas.jsonl.zst`` from the texts ``config`` reads
     (its job runs in ``root/job``); None when the job was interrupted (rerun to resume)."""
-    config = msgspec.structs.replace(config, output=str(root / "job"))
+    # A persona cut at max_tokens is half a sentence: retried, unless the template accepts it.
+    config = msgspec.structs.replace(config, output=str(root / "job"), accept_length=False)
     with DirLock(root):
         return _run_stage(
             config,
@@ -274,7 +275,11 @@ def expand(
             stage = root / f"round-{r}"
             shard = stage / f"round-{r}.jsonl.zst"
             round_config = msgspec.structs.replace(
-                config, inputs=inputs, output=str(stage / "job"), persona_field=field
+                config,
+                inputs=inputs,
+                output=str(stage / "job"),
+                persona_field=field,
+                accept_length=False,  # as in from_text
             )
             report = _run_stage(
                 round_config,

@@ -27,7 +27,8 @@ EXPORT_FORMATS = ("jsonl", "batch", "parquet")
 
 
 def _batch_line(r: Result, endpoint: str) -> dict[str, Any]:
-    """A record in the OpenAI Batch output format (one line of a batch's output file)."""
+    """A record in the OpenAI Batch output format (one line of a batch's output file);
+    ``endpoint`` is the job's, for records that do not say which path they were sent to."""
     request_id = f"asyncgen-{hashlib.sha256(r.custom_id.encode()).hexdigest()[:24]}"
     if r.error is not None and r.error.status is not None and r.error.status != 200:
         # The server answered with an error status: OpenAI records that as a response.
@@ -50,7 +51,7 @@ def _batch_line(r: Result, endpoint: str) -> dict[str, Any]:
             "response": None,
             "error": {"code": r.error.code, "message": r.error.message},
         }
-    if endpoint == "completions":
+    if r.url == "/completions" or (r.url is None and endpoint == "completions"):
         obj = "text_completion"
         choice: dict[str, Any] = {"index": 0, "text": r.output, "finish_reason": r.finish_reason}
     else:
@@ -83,6 +84,7 @@ _PARQUET_COLUMNS = [
     ("custom_id", "str"),
     ("output", "str"),
     ("error_code", "str"),
+    ("error_reason", "str"),
     ("error_message", "str"),
     ("finish_reason", "str"),
     ("model", "str"),
@@ -110,12 +112,13 @@ _PARQUET_COLUMNS = [
 
 
 def _parquet_row(r: Result) -> dict[str, Any]:
-    usage = r.usage or Usage(None, None, None)
+    usage = r.usage or Usage()
     dump = msgspec.json.encode
     return {
         "custom_id": r.custom_id,
         "output": r.output,
         "error_code": r.error.code if r.error else None,
+        "error_reason": r.error.reason if r.error else None,
         "error_message": r.error.message if r.error else None,
         "finish_reason": r.finish_reason,
         "model": r.model,

@@ -32,10 +32,12 @@ class JobStatus(msgspec.Struct, kw_only=True):
     failed: int
     """Standing failures (retried ones that succeeded are not counted)."""
     failed_by_reason: dict[str, int]
+    """Standing failures by normalised reason (``http_400``, ``timeout``, ``quota``, ...)."""
     bad_lines: int
     bad_lines_by_reason: dict[str, int]
     prompt_tokens: int
     completion_tokens: int
+    """Tokens the server reported; records without usage are not in them (``no_usage``)."""
     attempts: int
     first_started: float | None
     last_finished: float | None
@@ -46,6 +48,12 @@ class JobStatus(msgspec.Struct, kw_only=True):
     minute in it (between a run and a later one, say ``retry-failed`` a day after)."""
     cost: float | None = None
     """Estimated from the token counts and the prices given, if any."""
+    no_usage: int = 0
+    """Successes whose server reported no token counts (or only some): their tokens are
+    unknown, so they are left out of the totals and the cost, not priced at zero."""
+    failed_by_code: dict[str, dict[str, int]] = {}
+    """Standing failures by reason, then by the code the record gives (the server's own,
+    ``invalid_request_error`` say, where it sent one)."""
 
 
 class _Template(msgspec.Struct):
@@ -74,11 +82,11 @@ def status(
     """Summarise ``root`` by reading every record (seconds per million records).
 
     Prices are per million tokens; with either given, ``cost`` is estimated from the usage
-    the server reported.
+    the server reported (``no_usage`` counts the successes it covers not).
     """
     manifest = read_manifest(root)
     described = _described(root, manifest.spec)
-    attempts = succeeded = 0
+    attempts = succeeded = no_usage = 0
     first: float | None = None
     last: float | None = None
     # Tokens of every reply the server reported: successes, failures, rejected replies.
@@ -92,11 +100,16 @@ def status(
         succeeded += 1
         attempts += r.attempts
         add_tokens(spent, r.usage, r.rejected_usage)
+        if r.usage is None or not r.usage.known:
+            no_usage += 1
         start = r.started if r.started is not None else r.created - r.latency_s
         first = start if first is None else min(first, start)
         last = r.created if last is None else max(last, r.created)
         active.add(start, r.created)
-    by_reason = Counter(code for _, _, code in failures.values())
+    by_reason = Counter(reason for _, _, reason, _ in failures.values())
+    by_code: dict[str, Counter[str]] = {}
+    for _, _, reason, code in failures.values():
+        by_code.setdefault(reason, Counter())[code] += 1
     bad: Counter[str] = Counter()
     for path in shards(root, "errors"):
         for line in iter_lines(path):
@@ -127,6 +140,8 @@ def status(
         items_per_second=succeeded / busy if busy else None,
         active_seconds=busy,
         cost=cost,
+        no_usage=no_usage,
+        failed_by_code={r: dict(c.most_common()) for r, c in by_code.items()},
     )
 
 

@@ -31,8 +31,12 @@ __all__ = [
     "standing_failures",
 ]
 
-Standing = dict[str, tuple[int, int, str]]
-"""id -> (shard index, line index, error code) of the failure record that stands for it."""
+Standing = dict[str, tuple[int, int, str, str]]
+"""id -> (shard index, line index, normalised reason, error code) of the failure record that
+stands for it."""
+
+
+_NONE = "unknown"
 
 
 def shards(root: Path, kind: str) -> list[Path]:
@@ -85,7 +89,10 @@ def last_failures(root: Path, spent: list[int] | None = None) -> Standing:
     for n, path in enumerate(shards(root, "failures")):
         for i, line in enumerate(iter_lines(path)):
             view = _failure_decoder.decode(line)
-            latest[view.custom_id] = (n, i, view.error.code if view.error else "unknown")
+            error = view.error
+            latest[view.custom_id] = (
+                (n, i, error.reason or error.code, error.code) if error else (n, i, _NONE, _NONE)
+            )
             if spent is not None:
                 add_tokens(spent, view.usage, view.rejected_usage)
     return latest
@@ -119,7 +126,7 @@ def standing_failures(root: Path) -> Standing:
 
 def _failures_at(root: Path, standing: Standing) -> Iterator[tuple[bytes, Result]]:
     """The failure records at the positions ``standing`` names, in writing order."""
-    positions = {(n, i) for n, i, _ in standing.values()}
+    positions = {(n, i) for n, i, _, _ in standing.values()}
     if not positions:
         return
     for n, path in enumerate(shards(root, "failures")):
