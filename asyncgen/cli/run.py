@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from asyncgen.cli.args import add_inputs, run_async
-from asyncgen.cli.console import report, say
+from asyncgen.cli.console import report, say, warn
 from asyncgen.cli.exits import Exit
 from asyncgen.cli.options import add_request_arguments, api_key, job_config_from_args
 from asyncgen.cli.progress import ProgressReporter, summary
@@ -130,5 +130,7 @@ async def run_job(
                     # wait() neither raises the progress task's CancelledError nor hides ours
                     await asyncio.wait([progress])
                 reporter.finish()
+    for damage in stats.bad_files:
+        warn(f"input not read to the end: {damage}")
     report(summary(stats, config.output))
     return stats

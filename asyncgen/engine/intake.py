@@ -137,6 +137,7 @@ class Intake:
                 try:
                     batch = await read
                 except InputError as exc:
+                    counts.bad_files += (str(exc),)
                     if self._strict:
                         raise
                     await self._committer.put_bad(

@@ -1,0 +1,156 @@
+"""Input formats and damaged inputs, end to end: gzip, xz, Parquet, directories, and files cut
+or corrupted mid-stream (named with byte offset and decoder error, the lines before kept)."""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import zstandard
+
+from asyncgen import Engine
+from asyncgen.core.errors import ConfigError, InputError
+from asyncgen.mock.server import MockServer
+from asyncgen.storage.sources import ShardReader, expand_inputs
+
+from .conftest import assert_exactly_once, personas, write_shard
+from .test_cli import _cli_async
+from .test_engine import ids_for, job
+
+
+def jsonl(records: list[dict[str, Any]]) -> bytes:
+    return b"".join(msgspec.json.encode(r) + b"\n" for r in records)
+
+
+def cut_zstd(path: Path, n: int) -> Path:
+    """A zstd shard of ``n`` personas in one frame, cut in the middle of it."""
+    data = zstandard.ZstdCompressor(level=3).compress(jsonl(personas(n)))
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def read_lines(path: Path) -> list[int]:
+    reader = ShardReader(path)
+    numbers: list[int] = []
+    while batch := reader.read_batch(500):
+        numbers.extend(line.lineno for line in batch)
+    return numbers
+
+
+async def test_a_truncated_zstd_shard_is_named_and_the_lines_before_are_kept(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    big = cut_zstd(tmp_path / "big.jsonl.zst", 30000)  # several blocks: some decode
+    small = cut_zstd(tmp_path / "small.jsonl.zst", 50)  # one block: nothing decodes
+    good = write_shard(tmp_path / "good.jsonl", personas(40))
+    async with Engine(job(tmp_path, mock_server, [big, small, good])) as engine:
+        stats = await engine.run()
+    assert stats.finished
+    assert len(stats.bad_files) == 2
+    kept = int(re.search(r"lines 1-(\d+) were read", stats.bad_files[0]).group(1))  # type: ignore[union-attr]
+    assert 1000 < kept < 30000
+    expected = ids_for("big", kept) | ids_for("good", 40) | {"big:file", "small:file"}
+    found = assert_exactly_once(tmp_path / "out", expected)
+    errors = {r["custom_id"]: r for r in found["errors"]}
+    size = small.stat().st_size
+    message = errors["small:file"]["error"]["message"]
+    assert errors["small:file"]["path"] == str(small)
+    assert f"cut off at byte {size}" in message and "zstd error" in message
+    assert "no line was read before it" in message
+    assert errors["big:file"]["source"] == {"shard": "big", "line": kept}
+
+    # the command line: stderr names each file, byte offset and error; the rest goes on
+    out = tmp_path / "cli"
+    args = ["run", "-i", str(small), str(good), "-p", "math", "-m", "mock-model"]
+    args += ["--base-url", mock_server.base_url, "--quiet", "-o"]
+    result = await _cli_async(*args, str(out))
+    assert result.returncode == 1, result.stderr
+    assert "nothing to do" not in result.stderr
+    assert (
+        f"small.jsonl.zst: truncated zstd file: the frame starting at byte 0 is cut off at byte {size}"
+        in result.stderr
+    )
+    assert "40 succeeded" in result.stderr
+    strict = await _cli_async(*args, str(tmp_path / "strict"), "--strict")
+    assert strict.returncode == 2 and "small.jsonl.zst: truncated zstd" in strict.stderr
+
+
+def test_corrupt_zstd_data_names_the_bytes_and_the_zstd_error(tmp_path: Path) -> None:
+    c = zstandard.ZstdCompressor(level=3)
+    first = c.compress(jsonl(personas(10)))
+    second = bytearray(c.compress(jsonl(personas(10, "late"))))
+    second[len(second) // 2 :] = b"\xff" * (len(second) - len(second) // 2)
+    path = tmp_path / "c.jsonl.zst"
+    path.write_bytes(first + bytes(second))
+    reader = ShardReader(path)
+    assert [line.lineno for line in reader.read_batch(100)] == list(range(1, 11))
+    with pytest.raises(InputError, match=rf"frame starting at byte {len(first)}\): zstd error: "):
+        reader.read_batch(100)
+
+
+@pytest.mark.parametrize(
+    ("name", "compress"),
+    [("p.jsonl.gz", gzip.compress), ("p.jsonl.xz", lzma.compress), ("p.jsonl", gzip.compress)],
+)
+def test_gzip_and_xz_are_streamed_and_told_by_their_bytes(
+    tmp_path: Path, name: str, compress: Any
+) -> None:
+    records = personas(3000)
+    data = compress(jsonl(records[:1000])) + compress(jsonl(records[1000:]))  # two members
+    path = tmp_path / name
+    path.write_bytes(data)
+    reader = ShardReader(path)
+    assert reader.shard == "p"
+    lines = []
+    while batch := reader.read_batch(700):
+        lines.extend(batch)
+    assert [line.lineno for line in lines] == list(range(1, 3001))
+    assert msgspec.json.decode(lines[2999].raw) == records[2999]
+    assert reader.position == path.stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("name", "compress"), [("t.jsonl.gz", gzip.compress), ("t.jsonl.xz", lzma.compress)]
+)
+def test_truncated_gzip_and_xz_are_named_with_what_was_read(
+    tmp_path: Path, name: str, compress: Any
+) -> None:
+    data = compress(jsonl(personas(40000)))
+    path = tmp_path / name
+    path.write_bytes(data[: len(data) // 2])
+    kind = name.rsplit(".", 1)[1].replace("gz", "gzip")
+    reader = ShardReader(path)
+    n = 0
+    with pytest.raises(InputError) as caught:
+        while batch := reader.read_batch(1000):
+            n = batch[-1].lineno
+    message = str(caught.value)
+    assert message.startswith(f"{path}: truncated {kind} file: cut off at byte")
+    assert f"{kind} error:" in message and f"lines 1-{n} were read" in message
+    assert 1000 < n < 40000
+
+
+async def test_a_directory_is_its_supported_files_sorted(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    data = tmp_path / "data"
+    write_shard(data / "b.jsonl", personas(5, "b"))
+    (data / "a.jsonl.gz").write_bytes(gzip.compress(jsonl(personas(4, "a"))))
+    (data / "c.ndjson.xz").write_bytes(lzma.compress(jsonl(personas(3, "c"))))
+    (data / "notes.txt").write_text("not an input")
+    (data / ".hidden.jsonl").write_text("{}")
+    (data / "sub").mkdir()
+    write_shard(data / "sub" / "d.jsonl", personas(2))
+    assert [p.name for p in expand_inputs([str(data)])] == ["a.jsonl.gz", "b.jsonl", "c.ndjson.xz"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="directory .*empty holds no input file"):
+        expand_inputs([str(tmp_path / "empty")])
+    async with Engine(job(tmp_path, mock_server, [data])) as engine:
+        stats = await engine.run()
+    assert stats.succeeded == 12
+    assert_exactly_once(tmp_path / "out", ids_for("a", 4) | ids_for("b", 5) | ids_for("c", 3))
