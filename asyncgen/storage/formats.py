@@ -16,8 +16,9 @@ import gzip
 import lzma
 import zlib
 from collections.abc import Callable, Iterator
+from io import BufferedIOBase, BufferedReader
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import msgspec
 import zstandard
@@ -99,7 +100,9 @@ class _Stdlib(Decoder):
     """gzip or xz through the standard library's streaming readers (several members or
     streams, one after another, are read as one)."""
 
-    def __init__(self, path: Path, name: str, opener: Callable[[IO[bytes]], IO[bytes]]) -> None:
+    def __init__(
+        self, path: Path, name: str, opener: Callable[[BufferedReader], BufferedIOBase]
+    ) -> None:
         super().__init__(path)
         self._name = name
         self._open = opener
