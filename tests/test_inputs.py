@@ -154,3 +154,53 @@ async def test_a_directory_is_its_supported_files_sorted(
         stats = await engine.run()
     assert stats.succeeded == 12
     assert_exactly_once(tmp_path / "out", ids_for("a", 4) | ids_for("b", 5) | ids_for("c", 3))
+
+
+async def test_parquet_rows_are_lines_with_nested_columns_as_json(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    pytest.importorskip("pyarrow")
+    records = [
+        {"persona": f"A reader number {i}", "idx": i, "tags": ["a", str(i)], "where": {"x": i}}
+        for i in range(1200)
+    ]
+    records[7]["persona"] = None  # a row without a persona is a bad line with its row number
+    path = write_shard(tmp_path / "p.parquet", records)  # row groups of 500
+    reader = ShardReader(path)
+    lines = []
+    while batch := reader.read_batch(300):
+        lines.extend(batch)
+    assert [line.lineno for line in lines] == list(range(1, 1201))
+    assert msgspec.json.decode(lines[1000].raw) == records[1000]
+    assert reader.position == path.stat().st_size
+    async with Engine(job(tmp_path, mock_server, [path])) as engine:
+        stats = await engine.run()
+    assert stats.succeeded == 1199 and stats.bad_lines == 1
+    found = assert_exactly_once(tmp_path / "out", (ids_for("p", 1200) - {"p:8:math:0"}) | {"p:8"})
+    by_id = {r["custom_id"]: r for r in found["results"]}
+    assert by_id["p:1001:math:0"]["meta"] == {
+        "idx": 1000,
+        "tags": ["a", "1000"],
+        "where": {"x": 1000},
+    }
+    assert found["errors"][0]["source"] == {"shard": "p", "line": 8}
+
+
+def test_a_damaged_parquet_file_is_named(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    path = write_shard(tmp_path / "d.parquet", personas(2000))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the footer, with the schema, is gone
+    with pytest.raises(
+        InputError,
+        match=r"d\.parquet: not a readable Parquet file \(arrow error: .+\); no line was read",
+    ):
+        ShardReader(path).read_batch(10)
+    bad = bytearray(data)
+    bad[len(bad) // 2 : len(bad) // 2 + 2000] = b"\x00" * 2000  # inside the middle row groups
+    path.write_bytes(bytes(bad))
+    reader = ShardReader(path)
+    with pytest.raises(InputError, match=r"corrupt Parquet data in row group \d \(arrow error"):
+        while reader.read_batch(100):
+            pass
+    assert reader.lineno >= 500, "the row groups before the damage were read"
