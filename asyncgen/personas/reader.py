@@ -101,6 +101,8 @@ class PersonaReader:
             reason = "not a JSON object"
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             reason = bad_utf8(line.raw, exc) or str(exc)  # "JSON is malformed: ... (byte N)"
+        except RecursionError as exc:
+            reason = f"JSON nested too deeply ({exc})"
         else:
             if isinstance(text, str) and text.strip():
                 return text

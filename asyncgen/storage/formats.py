@@ -111,7 +111,8 @@ class _Stdlib(Decoder):
         with open(self.path, "rb") as raw, self._open(raw) as f:
             while True:
                 try:
-                    chunk = f.read(CHUNK)
+                    # read1: what one step decodes; read() drops what it had at a truncation
+                    chunk = f.read1(CHUNK)
                 except EOFError as exc:
                     raise CorruptFile(
                         f"truncated {self._name} file: cut off at byte {raw.tell()} inside a "
