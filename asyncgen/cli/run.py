@@ -41,7 +41,7 @@ def add_command(sub: argparse._SubParsersAction[Any]) -> None:
         "same command resumes: committed items are skipped, nothing is written twice.",
         epilog=EPILOG,
     )
-    add_inputs(run, "input shards (.jsonl or .jsonl.zst) or glob patterns")
+    add_inputs(run, "input shards")
     run.add_argument(
         "--output",
         "-o",
