@@ -143,6 +143,7 @@ async def test_a_directory_is_its_supported_files_sorted(
     (data / "a.jsonl.gz").write_bytes(gzip.compress(jsonl(personas(4, "a"))))
     (data / "c.ndjson.xz").write_bytes(lzma.compress(jsonl(personas(3, "c"))))
     (data / "notes.txt").write_text("not an input")
+    (data / "manifest.json").write_text("{}")
     (data / ".hidden.jsonl").write_text("{}")
     (data / "sub").mkdir()
     write_shard(data / "sub" / "d.jsonl", personas(2))

@@ -20,16 +20,16 @@ __all__ = ["ShardReader", "expand_inputs", "shard_name"]
 
 _MAX_LINE = 256 << 20
 _COMPRESSED = (".zst", ".zstd", ".gz", ".xz")
-_DATA = (".jsonl", ".ndjson", ".json")
-_SUFFIXES = (*_COMPRESSED, *_DATA, ".parquet")
+_SUFFIXES = (*_COMPRESSED, ".jsonl", ".ndjson", ".json", ".parquet")
 
 
 def _supported(name: str) -> bool:
-    """Whether a file in an input directory is one to read, by its name."""
+    """Whether a file in an input directory is one to read, by its name (``.json`` files
+    are not: beside shards they are usually a manifest or a report, not JSON lines)."""
     if name.startswith("."):
         return False
     base = next((name[: -len(s)] for s in _COMPRESSED if name.endswith(s)), name)
-    return base.endswith(_DATA) or name.endswith(".parquet")
+    return base.endswith((".jsonl", ".ndjson")) or name.endswith(".parquet")
 
 
 def shard_name(path: str | Path) -> str:
@@ -75,7 +75,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
                 if not inside and not glob.has_magic(pattern):
                     raise ConfigError(
                         f"input directory {match} holds no input file "
-                        "(.jsonl, .ndjson or .json, plain or .zst/.gz/.xz, or .parquet)"
+                        "(.jsonl or .ndjson, plain or .zst/.gz/.xz, or .parquet)"
                     )
                 for inner in inside:
                     add(inner)
