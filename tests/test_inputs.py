@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import lzma
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -297,3 +298,13 @@ def test_hostile_paths_are_refused_by_name(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").mkdir()
     with pytest.raises(ConfigError, match=r"input directory .*empty\.jsonl holds no input file"):
         expand_inputs([str(tmp_path / "empty.jsonl")])
+
+
+def test_parquet_without_pyarrow_is_refused_before_the_job_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "p.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails
+    with pytest.raises(ConfigError, match=r"Parquet inputs need pyarrow: pip install"):
+        expand_inputs([str(path)])

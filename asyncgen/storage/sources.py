@@ -89,6 +89,13 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
                     "write it to a file first, so a rerun can resume"
                 )
             add(path)
+    if any(path.name.endswith(".parquet") for path in paths):
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "Parquet inputs need pyarrow: pip install 'asyncgen[parquet]'"
+            ) from None
     names: dict[str, Path] = {}
     for path in paths:
         other = names.setdefault(shard_name(path), path)
