@@ -3,6 +3,7 @@ or corrupted mid-stream (named with byte offset and decoder error, the lines bef
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import lzma
 import re
@@ -13,6 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 import zstandard
+from aiohttp import web
 
 from asyncgen import Engine
 from asyncgen.core.errors import ConfigError, InputError
@@ -308,3 +310,38 @@ def test_parquet_without_pyarrow_is_refused_before_the_job_starts(
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails
     with pytest.raises(ConfigError, match=r"Parquet inputs need pyarrow: pip install"):
         expand_inputs([str(path)])
+
+
+async def test_remote_inputs_through_fsspec_over_http_and_file_urls(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    pytest.importorskip("fsspec")
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "web.jsonl.gz").write_bytes(gzip.compress(jsonl(personas(300, "web"))))
+    local = write_shard(tmp_path / "local.parquet", personas(200, "pq"))
+    app = web.Application()
+    app.router.add_static("/data", served)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    secret = "tok-very-secret-4242"
+    try:
+        url = f"http://127.0.0.1:{port}/data/web.jsonl.gz?token={secret}"
+        inputs = [url, local.as_uri()]
+        with pytest.raises(
+            ConfigError, match=r"input not found: http://127\.0\.0\.1:\d+/data/gone\.jsonl\?\*\*\*"
+        ):
+            await asyncio.to_thread(expand_inputs, [url.replace("web.jsonl.gz", "gone.jsonl")])
+        config = msgspec.structs.replace(job(tmp_path, mock_server, []), inputs=inputs)
+        async with Engine(config) as engine:
+            stats = await engine.run()
+    finally:
+        await runner.cleanup()
+    assert stats.finished and stats.succeeded == 500
+    found = assert_exactly_once(tmp_path / "out", ids_for("web", 300) | ids_for("local", 200))
+    assert {r["source"]["shard"] for r in found["results"]} == {"web", "local"}
+    manifest = (tmp_path / "out" / "manifest.json").read_text()
+    assert secret not in manifest and "data/web.jsonl.gz?***" in manifest

@@ -8,24 +8,30 @@ name. Every decoder bounds what it holds (a chunk, a batch of rows), never the w
 
 A truncated or corrupt file raises :class:`CorruptFile` naming the byte offset and the
 decoder's own error; what was decoded before it has been yielded already.
+
+An input is a local :class:`~pathlib.Path` or a :class:`Remote` URL read through fsspec (the
+``remote`` extra); both are opened by :func:`open_input`.
 """
 
 from __future__ import annotations
 
 import gzip
 import lzma
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator
-from io import BufferedIOBase, BufferedReader
+from io import BufferedIOBase
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple, TypeAlias
 
 import msgspec
 import zstandard
 
+from asyncgen.core.errors import ConfigError
+from asyncgen.core.redact import redact_url
 from asyncgen.storage.shards import ZSTD_MAGIC
 
-__all__ = ["CHUNK", "CorruptFile", "Decoder", "open_decoder"]
+__all__ = ["CHUNK", "CorruptFile", "Decoder", "Input", "Remote", "open_decoder", "open_input"]
 
 CHUNK = 1 << 20
 # Compressed bytes fed to the zstd decoder at a time. Its output is not bounded per call, so
@@ -42,6 +48,69 @@ class CorruptFile(Exception):
     """A file that cannot be decoded further; the message names where and why."""
 
 
+class _Size(NamedTuple):
+    st_size: int
+
+
+class Remote:
+    """An input named by a URL (``s3://``, ``gs://``, ``hf://``, ``https://``, ``file://``),
+    read as a stream through fsspec. ``str()`` is the URL without credentials or query: it
+    is what records, errors and the manifest name."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import fsspec
+        except ImportError:
+            raise ConfigError(
+                f"input {redact_url(url)} is a URL: remote inputs need fsspec, "
+                "pip install 'asyncgen[remote]'"
+            ) from None
+        self.url = url
+        self.name = urllib.parse.urlsplit(url).path.rstrip("/").rpartition("/")[2]
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+            info = fs.info(path)
+        except FileNotFoundError:
+            raise ConfigError(f"input not found: {self}") from None
+        except Exception as exc:  # each filesystem has its own errors
+            raise ConfigError(f"cannot read input {self}: {type(exc).__name__}: {exc}") from None
+        if info.get("type") == "directory":
+            raise ConfigError(f"input {self} is a remote directory; name its files")
+        self._fs, self._path = fs, path
+        self._size = int(info.get("size") or 0)
+
+    def stat(self) -> _Size:
+        return _Size(self._size)
+
+    def resolve(self) -> Remote:
+        return self
+
+    def open(self) -> BinaryIO:
+        f: BinaryIO = self._fs.open(self._path, "rb")
+        return f
+
+    def __str__(self) -> str:
+        return redact_url(self.url)
+
+    def __repr__(self) -> str:
+        return f"<Remote {self}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Remote) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+
+Input: TypeAlias = Path | Remote
+"""A local file or a URL: what :func:`open_input` opens."""
+
+
+def open_input(path: Input) -> BinaryIO:
+    """``path`` opened for reading bytes."""
+    return path.open() if isinstance(path, Remote) else open(path, "rb")
+
+
 class Decoder:
     """Plain JSON lines: the file's bytes as they are. ``position`` counts the file's bytes
     consumed (compressed ones, for a compressed file), for progress."""
@@ -49,12 +118,12 @@ class Decoder:
     rows = False
     """True when :meth:`records` yields whole records rather than chunks to split."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Input) -> None:
         self.path = path
         self.position = 0
 
     def records(self) -> Iterator[bytes]:
-        with open(self.path, "rb") as f:
+        with open_input(self.path) as f:
             while chunk := f.read(CHUNK):
                 self.position += len(chunk)
                 yield chunk
@@ -68,7 +137,7 @@ class _Zstd(Decoder):
         obj = dctx.decompressobj()
         frame = 0  # where the frame being decoded starts
         in_frame = False
-        with open(self.path, "rb") as f:
+        with open_input(self.path) as f:
             while raw := f.read(_ZSTD_CHUNK):
                 start = self.position
                 self.position += len(raw)
@@ -101,14 +170,14 @@ class _Stdlib(Decoder):
     streams, one after another, are read as one)."""
 
     def __init__(
-        self, path: Path, name: str, opener: Callable[[BufferedReader], BufferedIOBase]
+        self, path: Input, name: str, opener: Callable[[BinaryIO], BufferedIOBase]
     ) -> None:
         super().__init__(path)
         self._name = name
         self._open = opener
 
     def records(self) -> Iterator[bytes]:
-        with open(self.path, "rb") as raw, self._open(raw) as f:
+        with open_input(self.path) as raw, self._open(raw) as f:
             while True:
                 try:
                     # read1: what one step decodes; read() drops what it had at a truncation
@@ -144,11 +213,13 @@ class _Parquet(Decoder):
             ) from None
         encode = msgspec.json.Encoder(decimal_format="number").encode
         size = self.path.stat().st_size
+        raw = open_input(self.path)
         try:
-            source = pq.ParquetFile(self.path)
+            source = pq.ParquetFile(raw)
         except Exception as exc:  # pyarrow's errors have no common base (ArrowException, OSError)
+            raw.close()
             raise CorruptFile(f"not a readable Parquet file (arrow error: {exc})") from exc
-        with source:
+        with raw, source:
             total = source.metadata.num_rows or 1
             done = 0
             group = 0
@@ -170,9 +241,9 @@ class _Parquet(Decoder):
                 ) from exc
 
 
-def open_decoder(path: Path) -> Decoder:
+def open_decoder(path: Input) -> Decoder:
     """The decoder for ``path``, by its first bytes (and a ``.parquet`` name)."""
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         head = f.read(6)
     if head.startswith(_PARQUET_MAGIC) or path.name.endswith(".parquet"):
         return _Parquet(path)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from asyncgen.core.errors import ConfigError, InputError
 from asyncgen.core.records import Line
-from asyncgen.storage.formats import CorruptFile, open_decoder
+from asyncgen.storage.formats import CorruptFile, Decoder, Input, Remote, open_decoder
 
-__all__ = ["ShardReader", "expand_inputs", "shard_name"]
+__all__ = ["Input", "ShardReader", "expand_inputs", "shard_name"]
 
 _MAX_LINE = 256 << 20
 _COMPRESSED = (".zst", ".zstd", ".gz", ".xz")
@@ -32,9 +32,9 @@ def _supported(name: str) -> bool:
     return base.endswith((".jsonl", ".ndjson")) or name.endswith(".parquet")
 
 
-def shard_name(path: str | Path) -> str:
+def shard_name(path: str | Input) -> str:
     """The file name without compression and format extensions: ids are built from it."""
-    name = Path(path).name
+    name = path.name if isinstance(path, Remote) else Path(path).name
     changed = True
     while changed:
         changed = False
@@ -45,21 +45,24 @@ def shard_name(path: str | Path) -> str:
     return name
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[Path]:
-    """Resolve files, directories and glob patterns, in the given order (each glob and each
-    directory's supported files sorted), without repeats.
+def expand_inputs(patterns: Sequence[str]) -> list[Input]:
+    """Resolve files, directories, glob patterns and URLs (through fsspec), in the given
+    order (each glob and each directory's supported files sorted), without repeats.
 
     Two inputs with the same shard name would give the same ids, so that is refused.
     """
-    paths: list[Path] = []
-    seen: set[Path] = set()
+    paths: list[Input] = []
+    seen: set[Input] = set()
 
-    def add(path: Path) -> None:
+    def add(path: Input) -> None:
         if path.resolve() not in seen:
             seen.add(path.resolve())
             paths.append(path)
 
     for pattern in patterns:
+        if "://" in pattern:
+            add(Remote(pattern))
+            continue
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
@@ -89,19 +92,19 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
                     "write it to a file first, so a rerun can resume"
                 )
             add(path)
-    if any(path.name.endswith(".parquet") for path in paths):
+    if any(each.name.endswith(".parquet") for each in paths):
         try:
             import pyarrow.parquet  # noqa: F401
         except ImportError:
             raise ConfigError(
                 "Parquet inputs need pyarrow: pip install 'asyncgen[parquet]'"
             ) from None
-    names: dict[str, Path] = {}
-    for path in paths:
-        other = names.setdefault(shard_name(path), path)
-        if other is not path:
+    names: dict[str, Input] = {}
+    for each in paths:
+        other = names.setdefault(shard_name(each), each)
+        if other is not each:
             raise ConfigError(
-                f"inputs {other} and {path} have the same shard name {shard_name(path)!r}; "
+                f"inputs {other} and {each} have the same shard name {shard_name(each)!r}; "
                 "result ids would collide, rename one"
             )
     return paths
@@ -110,7 +113,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
 class ShardReader:
     """Reads one shard in batches of lines; tracks compressed bytes consumed for progress."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Input) -> None:
         self.path = path
         self.shard = shard_name(path)
         self.size = path.stat().st_size
@@ -118,7 +121,8 @@ class ShardReader:
         self.skipped = 0
         """Lines passed over because ``read_batch`` was told they are done."""
         self._failure: InputError | None = None
-        self._decoder = open_decoder(path)
+        self._decoder: Decoder | None = None
+        """Chosen at the first read (by the file's first bytes), in the reading thread."""
         self._lines = self._iter_lines()
 
     def read_batch(self, n: int, done: bytes | None = None) -> list[Line]:
@@ -159,7 +163,7 @@ class ShardReader:
     @property
     def position(self) -> int:
         """Bytes of the (possibly compressed) file consumed so far."""
-        return self._decoder.position
+        return self._decoder.position if self._decoder is not None else 0
 
     @property
     def lineno(self) -> int:
@@ -172,10 +176,14 @@ class ShardReader:
 
     def _iter_lines(self) -> Generator[bytes, None, None]:
         try:
-            if self._decoder.rows:
-                yield from self._decoder.records()
+            try:
+                decoder = self._decoder = open_decoder(self.path)
+            except OSError as exc:
+                raise CorruptFile(f"cannot read it ({type(exc).__name__}: {exc})") from exc
+            if decoder.rows:
+                yield from decoder.records()
             else:
-                yield from self._split(self._decoder.records())
+                yield from self._split(decoder.records())
         except CorruptFile as exc:
             raise self._error(str(exc)) from exc
 
