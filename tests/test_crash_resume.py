@@ -86,13 +86,16 @@ def run_cli(args: list[str], *, kill_after: float | None = None) -> tuple[int, s
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("mode", ["plain", "stream-two-endpoints", "gzip-and-parquet"])
+@pytest.mark.parametrize(
+    "mode", ["plain", "stream-two-endpoints", "gzip-and-parquet", "remote-gzip-and-parquet"]
+)
 def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str, mode: str) -> None:
     with contextlib.ExitStack() as stack:
         urls = [server_url]
         extra: list[str] = []
-        if mode == "gzip-and-parquet":
-            kill_and_resume(tmp_path, urls, extra, kinds=("jsonl.gz", "parquet"))
+        if mode.endswith("gzip-and-parquet"):
+            remote = mode.startswith("remote")  # file:// URLs, read through fsspec
+            kill_and_resume(tmp_path, urls, extra, kinds=("jsonl.gz", "parquet"), remote=remote)
             return
         if mode != "plain":
             # A second replica that cuts 5 % of streams; the job streams from both.
@@ -107,6 +110,8 @@ def kill_and_resume(
     urls: list[str],
     extra: list[str],
     kinds: tuple[str, str] = ("jsonl.zst", "jsonl.zst"),
+    *,
+    remote: bool = False,
 ) -> None:
     server_url = urls[0]
     n = 4000
@@ -117,7 +122,7 @@ def kill_and_resume(
     out = tmp_path / "out"
     args = [
         "--input",
-        str(tmp_path / "personas-*"),
+        *([s.as_uri() for s in shards] if remote else [str(tmp_path / "personas-*")]),
         "--prompt",
         "math",
         "--model",

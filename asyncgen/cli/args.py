@@ -61,7 +61,8 @@ non_negative_int = int_at_least(0)
 
 FORMATS = (
     "JSON lines (.jsonl, .ndjson; plain, .zst, .gz or .xz, told by content) or Parquet "
-    "(.parquet, a row a line); files, directories (their input files, sorted) or globs"
+    "(.parquet, a row a line); files, directories (their input files, sorted), globs, or "
+    "URLs read through fsspec (s3://, gs://, hf://, https://; the remote extra)"
 )
 
 
