@@ -12,13 +12,16 @@ Each measurement runs in a fresh subprocess and reports its peak RSS:
 Usage::
 
     python benchmarks/bench_memory.py --lines 100000 1000000 --modes read engine
+    python benchmarks/bench_memory.py --lines 100000 1000000 --modes read --format parquet
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
+import lzma
 import os
 import resource
 import subprocess
@@ -31,23 +34,45 @@ from typing import Any
 import msgspec
 import zstandard
 
+FORMATS = ("jsonl.zst", "jsonl.gz", "jsonl.xz", "parquet")
+
+
+def persona(i: int) -> dict[str, Any]:
+    return {
+        "persona": f"A retired engineer number {i} who restores clocks and reads "
+        "about the history of timekeeping in small coastal towns.",
+        "id": i,
+    }
+
 
 def make_shard(path: Path, n: int) -> None:
     if path.exists():
         return
-    cctx = zstandard.ZstdCompressor(level=3)
-    with open(path, "wb") as raw, cctx.stream_writer(raw) as out:
+    if path.name.endswith(".parquet"):
+        make_parquet(path, n)
+        return
+    opener: Any = {
+        ".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6),
+        ".xz": lambda raw: lzma.LZMAFile(raw, "wb", preset=1),  # noqa: SIM115 (opened by the with)
+        ".zst": lambda raw: zstandard.ZstdCompressor(level=3).stream_writer(raw),
+    }[path.suffix]
+    with open(path, "wb") as raw, opener(raw) as out:
         for i in range(n):
-            out.write(
-                msgspec.json.encode(
-                    {
-                        "persona": f"A retired engineer number {i} who restores clocks and reads "
-                        "about the history of timekeeping in small coastal towns.",
-                        "id": i,
-                    }
-                )
-                + b"\n"
-            )
+            out.write(msgspec.json.encode(persona(i)) + b"\n")
+
+
+def make_parquet(path: Path, n: int, group: int = 100_000) -> None:
+    """Row groups of ``group`` rows (the reader must never hold more than one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+    for start in range(0, n, group):
+        table = pa.Table.from_pylist([persona(i) for i in range(start, min(n, start + group))])
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    if writer is not None:
+        writer.close()
 
 
 def measure_read(shard: Path) -> dict[str, Any]:
@@ -119,6 +144,7 @@ def main() -> None:
     parser.add_argument(
         "--modes", nargs="+", default=["read", "engine"], choices=["read", "engine"]
     )
+    parser.add_argument("--format", default="jsonl.zst", choices=FORMATS, help="input format")
     parser.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "asyncgen-bench"
     )
@@ -130,7 +156,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in args.lines:
-        shard = args.workdir / f"personas-{n}.jsonl.zst"
+        shard = args.workdir / f"personas-{n}.{args.format}"
         make_shard(shard, n)
         for mode in args.modes:
             out = args.workdir / f"out-{mode}-{n}-{os.getpid()}"
@@ -142,6 +168,7 @@ def main() -> None:
             )
             row = {
                 "lines": n,
+                "format": args.format,
                 "mode": mode,
                 "shard_mb": round(shard.stat().st_size / 1e6, 1),
                 **json.loads(proc.stdout),
@@ -149,11 +176,11 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             subprocess.run(["rm", "-rf", str(out)], check=False)
-    print("\n| lines | mode | shard MB | items | seconds | peak RSS MB |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("\n| lines | format | mode | shard MB | items | seconds | peak RSS MB |")
+    print("|---:|---|---|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['lines']:,} | {r['mode']} | {r['shard_mb']} | {r['items']:,} | "
+            f"| {r['lines']:,} | {r['format']} | {r['mode']} | {r['shard_mb']} | {r['items']:,} | "
             f"{r['seconds']} | {r['peak_rss_mb']} |"
         )
 

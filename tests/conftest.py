@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import gzip
+import lzma
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -30,14 +32,25 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def write_shard(path: Path, records: Iterable[Any], *, compress: bool | None = None) -> Path:
-    """Write JSON lines (objects are encoded; bytes are written as they are)."""
+    """Write JSON lines (objects are encoded; bytes are written as they are), compressed as
+    the name says (``.zst``, ``.gz``, ``.xz``); or a Parquet file of the objects, by name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(list(records)), path, row_group_size=500)
+        return path
     lines = [r if isinstance(r, bytes) else msgspec.json.encode(r) for r in records]
     data = b"".join(line + b"\n" for line in lines)
     if compress is None:
         compress = path.name.endswith(".zst")
     if compress:
         data = zstandard.ZstdCompressor(level=3).compress(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    elif path.name.endswith(".gz"):
+        data = gzip.compress(data)
+    elif path.name.endswith(".xz"):
+        data = lzma.compress(data)
     path.write_bytes(data)
     return path
 

@@ -86,11 +86,17 @@ def run_cli(args: list[str], *, kill_after: float | None = None) -> tuple[int, s
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("mode", ["plain", "stream-two-endpoints"])
+@pytest.mark.parametrize(
+    "mode", ["plain", "stream-two-endpoints", "gzip-and-parquet", "remote-gzip-and-parquet"]
+)
 def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str, mode: str) -> None:
     with contextlib.ExitStack() as stack:
         urls = [server_url]
         extra: list[str] = []
+        if mode.endswith("gzip-and-parquet"):
+            remote = mode.startswith("remote")  # file:// URLs, read through fsspec
+            kill_and_resume(tmp_path, urls, extra, kinds=("jsonl.gz", "parquet"), remote=remote)
+            return
         if mode != "plain":
             # A second replica that cuts 5 % of streams; the job streams from both.
             cuts = ["--stream-cut", "0.05", "--stream-comments", "--token-latency", "0.0005"]
@@ -99,17 +105,24 @@ def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str, m
         kill_and_resume(tmp_path, urls, extra)
 
 
-def kill_and_resume(tmp_path: Path, urls: list[str], extra: list[str]) -> None:
+def kill_and_resume(
+    tmp_path: Path,
+    urls: list[str],
+    extra: list[str],
+    kinds: tuple[str, str] = ("jsonl.zst", "jsonl.zst"),
+    *,
+    remote: bool = False,
+) -> None:
     server_url = urls[0]
     n = 4000
     shards = [
-        write_shard(tmp_path / f"personas-{k}.jsonl.zst", personas(n // 2, f"s{k}"))
-        for k in range(2)
+        write_shard(tmp_path / f"personas-{k}.{kind}", personas(n // 2, f"s{k}"))
+        for k, kind in enumerate(kinds)
     ]
     out = tmp_path / "out"
     args = [
         "--input",
-        str(tmp_path / "personas-*.jsonl.zst"),
+        *([s.as_uri() for s in shards] if remote else [str(tmp_path / "personas-*")]),
         "--prompt",
         "math",
         "--model",

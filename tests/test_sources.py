@@ -50,7 +50,7 @@ def test_truncated_zstd_names_file_and_line(tmp_path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     reader = ShardReader(path)
-    with pytest.raises(InputError, match=r"t\.jsonl\.zst: truncated zstd file.*after line \d+"):
+    with pytest.raises(InputError, match=r"t\.jsonl\.zst: truncated zstd.*lines 1-\d+ were read"):
         while reader.read_batch(1000):
             pass
 
@@ -78,8 +78,6 @@ def test_expand_inputs(tmp_path: Path) -> None:
         expand_inputs([str(tmp_path / "*.none")])
     with pytest.raises(ConfigError, match="not found"):
         expand_inputs([str(tmp_path / "missing.jsonl")])
-    with pytest.raises(ConfigError, match="directory"):
-        expand_inputs([str(tmp_path)])
     (tmp_path / "sub").mkdir()
     write_shard(tmp_path / "sub" / "a.jsonl", personas(1))
     with pytest.raises(ConfigError, match="same shard name 'a'"):

@@ -59,11 +59,24 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+FORMATS = (
+    "JSON lines (.jsonl, .ndjson; plain, .zst, .gz or .xz, told by content) or Parquet "
+    "(.parquet, a row a line); files, directories (their input files, sorted), globs, or "
+    "URLs read through fsspec (s3://, gs://, hf://, https://; the remote extra)"
+)
+
+
 def add_inputs(p: argparse.ArgumentParser, help: str) -> None:
     """The ``--input/-i FILE...`` option every command that reads shards has (repeatable,
-    several files or globs each time)."""
+    several files or globs each time); ``help`` says what they hold, the formats follow."""
     p.add_argument(
-        "--input", "-i", nargs="+", action="extend", required=True, metavar="FILE", help=help
+        "--input",
+        "-i",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="FILE",
+        help=f"{help}: {FORMATS}",
     )
 
 

@@ -115,7 +115,7 @@ def summary(s: Statistics, output: str) -> str:
     """The closing report of a run."""
     lines = []
     new = s.succeeded + s.failed + s.bad_lines
-    if s.finished and s.lines_read == 0:
+    if s.finished and s.lines_read == 0 and not s.bad_files:
         lines.append("nothing to do: the input holds no records (empty files?); 0 requests sent")
     elif s.finished and new == 0 and s.requests == 0:
         lines.append(

@@ -41,7 +41,7 @@ def add_command(sub: argparse._SubParsersAction[Any]) -> None:
         "same command resumes: committed items are skipped, nothing is written twice.",
         epilog=EPILOG,
     )
-    add_inputs(run, "input shards (.jsonl or .jsonl.zst) or glob patterns")
+    add_inputs(run, "input shards")
     run.add_argument(
         "--output",
         "-o",
@@ -130,5 +130,7 @@ async def run_job(
                     # wait() neither raises the progress task's CancelledError nor hides ours
                     await asyncio.wait([progress])
                 reporter.finish()
+    for damage in stats.bad_files:
+        warn(f"input not read to the end: {damage}")
     report(summary(stats, config.output))
     return stats

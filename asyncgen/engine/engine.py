@@ -45,7 +45,7 @@ from asyncgen.engine.transport import AiohttpTransport, Transport, check_models
 from asyncgen.job.config import JobConfig, job_spec
 from asyncgen.job.items import Expander
 from asyncgen.job.prompts import Template, load_template
-from asyncgen.storage.sources import expand_inputs
+from asyncgen.storage.sources import Input, expand_inputs
 from asyncgen.storage.store import Store
 
 __all__ = ["Engine"]
@@ -95,7 +95,7 @@ class Engine:
         self._redo = redo
         """A retry run: send only these recorded failures again (``asyncgen retry-failed``)."""
         self._template: Template | None = None
-        self._paths: list[Path] = []
+        self._paths: list[Input] = []
         self._counts = Counts()
         self._parts: _Parts | None = None
         self._stop_requested = asyncio.Event()
@@ -117,7 +117,8 @@ class Engine:
     async def __aenter__(self) -> Engine:
         cfg = self.config
         template = self._template = load_template(cfg.prompt) if cfg.prompt else None
-        self._paths = expand_inputs(cfg.inputs)
+        # In a thread: a remote input (fsspec) is looked up over the network.
+        self._paths = await asyncio.to_thread(expand_inputs, cfg.inputs)
         store = await asyncio.to_thread(
             Store.open,
             Path(cfg.output),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from pathlib import Path
 
 from asyncgen.core.errors import InputError
 from asyncgen.core.leases import Lease
@@ -20,7 +19,7 @@ from asyncgen.engine.gate import Gate
 from asyncgen.engine.sender import UNUSED, Sender
 from asyncgen.engine.stats import Counts
 from asyncgen.job.items import Expander
-from asyncgen.storage.sources import ShardReader
+from asyncgen.storage.sources import Input, ShardReader
 
 __all__ = ["Intake"]
 
@@ -32,7 +31,7 @@ class Intake:
 
     def __init__(
         self,
-        paths: list[Path],
+        paths: list[Input],
         *,
         ledger: Ledger,
         expander: Expander,
@@ -137,6 +136,7 @@ class Intake:
                 try:
                     batch = await read
                 except InputError as exc:
+                    counts.bad_files += (str(exc),)
                     if self._strict:
                         raise
                     await self._committer.put_bad(

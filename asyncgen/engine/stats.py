@@ -31,6 +31,9 @@ class Counts(msgspec.Struct, kw_only=True):
     """Attempts answered 429 in this run."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    bad_files: tuple[str, ...] = ()
+    """Input files this run could not read to the end (truncated, corrupt), each named with
+    where and why; the lines before the damage were read."""
 
 
 # msgspec lets a frozen Struct extend a mutable one; mypy applies dataclasses' rule instead.

@@ -78,6 +78,8 @@ class Expander:
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             reason = bad_utf8(line.raw, exc) or f"malformed JSON ({exc})"
             raise self._error(line, reason) from exc
+        except RecursionError as exc:
+            raise self._error(line, f"JSON nested too deeply ({exc})") from exc
         if not isinstance(record, dict):
             raise self._error(line, f"expected a JSON object, got {type(record).__name__}")
         source = Source(line.shard, line.lineno)

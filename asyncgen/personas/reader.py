@@ -18,7 +18,7 @@ import msgspec
 
 from asyncgen.core.errors import ConfigError, InputError
 from asyncgen.core.records import Line, bad_utf8
-from asyncgen.storage.sources import ShardReader, expand_inputs
+from asyncgen.storage.sources import Input, ShardReader, expand_inputs
 
 __all__ = ["BadLine", "Persona", "PersonaReader", "refuse_overwrite"]
 
@@ -101,6 +101,8 @@ class PersonaReader:
             reason = "not a JSON object"
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             reason = bad_utf8(line.raw, exc) or str(exc)  # "JSON is malformed: ... (byte N)"
+        except RecursionError as exc:
+            reason = f"JSON nested too deeply ({exc})"
         else:
             if isinstance(text, str) and text.strip():
                 return text
@@ -121,7 +123,7 @@ class PersonaReader:
             self.on_bad(bad)
 
 
-def refuse_overwrite(inputs: Sequence[Path], *outputs: str | Path) -> None:
+def refuse_overwrite(inputs: Sequence[Input], *outputs: str | Path) -> None:
     """Refuse outputs that are one of the inputs, or one another: the temporary file renamed
     over an input would lose it."""
     resolved = {p.resolve() for p in inputs}

@@ -1,4 +1,4 @@
-"""Streaming readers for input shards: JSON lines, plain or zstd-compressed.
+"""Streaming readers for input shards: JSON lines (plain, zstd, gzip or xz) and Parquet.
 
 Memory is bounded by the read chunk and the batch size, never by file size. Lines come with
 their location (shard, 1-based line number) so errors and ids can name them. Reading blocks:
@@ -12,25 +12,29 @@ import os
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 
-import zstandard
-
 from asyncgen.core.errors import ConfigError, InputError
 from asyncgen.core.records import Line
-from asyncgen.storage.shards import ZSTD_MAGIC
+from asyncgen.storage.formats import CorruptFile, Decoder, Input, Remote, open_decoder
 
-__all__ = ["ShardReader", "expand_inputs", "shard_name"]
+__all__ = ["Input", "ShardReader", "expand_inputs", "shard_name"]
 
-_CHUNK = 1 << 20
-# Compressed bytes fed to the decoder at a time. Its output is not bounded per call, so the
-# input is: persona text compresses 10-60x, and a 1 MiB read could inflate to 60 MB at once.
-_ZSTD_CHUNK = 1 << 14
 _MAX_LINE = 256 << 20
-_SUFFIXES = (".zst", ".zstd", ".jsonl", ".ndjson", ".json")
+_COMPRESSED = (".zst", ".zstd", ".gz", ".xz")
+_SUFFIXES = (*_COMPRESSED, ".jsonl", ".ndjson", ".json", ".parquet")
 
 
-def shard_name(path: str | Path) -> str:
+def _supported(name: str) -> bool:
+    """Whether a file in an input directory is one to read, by its name (``.json`` files
+    are not: beside shards they are usually a manifest or a report, not JSON lines)."""
+    if name.startswith("."):
+        return False
+    base = next((name[: -len(s)] for s in _COMPRESSED if name.endswith(s)), name)
+    return base.endswith((".jsonl", ".ndjson")) or name.endswith(".parquet")
+
+
+def shard_name(path: str | Input) -> str:
     """The file name without compression and format extensions: ids are built from it."""
-    name = Path(path).name
+    name = path.name if isinstance(path, Remote) else Path(path).name
     changed = True
     while changed:
         changed = False
@@ -41,41 +45,66 @@ def shard_name(path: str | Path) -> str:
     return name
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[Path]:
-    """Resolve files and glob patterns, in the given order (each glob sorted), without repeats.
+def expand_inputs(patterns: Sequence[str]) -> list[Input]:
+    """Resolve files, directories, glob patterns and URLs (through fsspec), in the given
+    order (each glob and each directory's supported files sorted), without repeats.
 
     Two inputs with the same shard name would give the same ids, so that is refused.
     """
-    paths: list[Path] = []
-    seen: set[Path] = set()
+    paths: list[Input] = []
+    seen: set[Input] = set()
+
+    def add(path: Input) -> None:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            paths.append(path)
+
     for pattern in patterns:
+        if "://" in pattern:
+            add(Remote(pattern))
+            continue
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
                 raise ConfigError(f"no input file matches {pattern!r}")
         else:
-            if not os.path.exists(pattern):
+            if not os.path.lexists(pattern):
                 raise ConfigError(f"input file not found: {pattern}")
             matches = [pattern]
         for match in matches:
             path = Path(match)
             if path.is_dir():
-                raise ConfigError(f"input {match} is a directory; give files or a glob")
+                inside = sorted(p for p in path.iterdir() if _supported(p.name) and p.is_file())
+                if not inside and not glob.has_magic(pattern):
+                    raise ConfigError(
+                        f"input directory {match} holds no input file "
+                        "(.jsonl or .ndjson, plain or .zst/.gz/.xz, or .parquet)"
+                    )
+                for inner in inside:
+                    add(inner)
+                continue
+            if path.is_symlink() and not path.exists():
+                raise ConfigError(f"input {match} is a broken symlink or a symlink loop")
             if not path.is_file():
                 # Ids are line numbers in a named file; a pipe cannot be read again on resume.
                 raise ConfigError(
                     f"input {match} is not a regular file (a pipe or device?); "
                     "write it to a file first, so a rerun can resume"
                 )
-            if path.resolve() not in seen:
-                seen.add(path.resolve())
-                paths.append(path)
-    names: dict[str, Path] = {}
-    for path in paths:
-        other = names.setdefault(shard_name(path), path)
-        if other is not path:
+            add(path)
+    if any(each.name.endswith(".parquet") for each in paths):
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
             raise ConfigError(
-                f"inputs {other} and {path} have the same shard name {shard_name(path)!r}; "
+                "Parquet inputs need pyarrow: pip install 'asyncgen[parquet]'"
+            ) from None
+    names: dict[str, Input] = {}
+    for each in paths:
+        other = names.setdefault(shard_name(each), each)
+        if other is not each:
+            raise ConfigError(
+                f"inputs {other} and {each} have the same shard name {shard_name(each)!r}; "
                 "result ids would collide, rename one"
             )
     return paths
@@ -84,16 +113,16 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
 class ShardReader:
     """Reads one shard in batches of lines; tracks compressed bytes consumed for progress."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Input) -> None:
         self.path = path
         self.shard = shard_name(path)
         self.size = path.stat().st_size
-        self.position = 0
-        """Bytes of the (possibly compressed) file consumed so far."""
         self._lineno = 0
         self.skipped = 0
         """Lines passed over because ``read_batch`` was told they are done."""
         self._failure: InputError | None = None
+        self._decoder: Decoder | None = None
+        """Chosen at the first read (by the file's first bytes), in the reading thread."""
         self._lines = self._iter_lines()
 
     def read_batch(self, n: int, done: bytes | None = None) -> list[Line]:
@@ -132,6 +161,11 @@ class ShardReader:
         return batch
 
     @property
+    def position(self) -> int:
+        """Bytes of the (possibly compressed) file consumed so far."""
+        return self._decoder.position if self._decoder is not None else 0
+
+    @property
     def lineno(self) -> int:
         """Number of the last line read (blank lines included)."""
         return self._lineno
@@ -141,7 +175,19 @@ class ShardReader:
         self._lines.close()
 
     def _iter_lines(self) -> Generator[bytes, None, None]:
-        chunks = self._iter_zstd() if self._is_zstd() else self._iter_plain()
+        try:
+            try:
+                decoder = self._decoder = open_decoder(self.path)
+            except OSError as exc:
+                raise CorruptFile(f"cannot read it ({type(exc).__name__}: {exc})") from exc
+            if decoder.rows:
+                yield from decoder.records()
+            else:
+                yield from self._split(decoder.records())
+        except CorruptFile as exc:
+            raise self._error(str(exc)) from exc
+
+    def _split(self, chunks: Iterator[bytes]) -> Generator[bytes, None, None]:
         pending = b""
         partial: list[bytes] = []  # pieces of a line longer than a chunk: joined once, at its end
         partial_size = 0
@@ -171,41 +217,10 @@ class ShardReader:
         if pending.strip():
             yield pending.rstrip(b"\r")
 
-    def _is_zstd(self) -> bool:
-        with open(self.path, "rb") as f:
-            return f.read(4) == ZSTD_MAGIC
-
-    def _iter_plain(self) -> Iterator[bytes]:
-        with open(self.path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                self.position += len(chunk)
-                yield chunk
-
-    def _iter_zstd(self) -> Iterator[bytes]:
-        dctx = zstandard.ZstdDecompressor()
-        obj = dctx.decompressobj()
-        in_frame = False
-        with open(self.path, "rb") as f:
-            while raw := f.read(_ZSTD_CHUNK):
-                self.position += len(raw)
-                while raw:
-                    try:
-                        out = obj.decompress(raw)
-                    except zstandard.ZstdError as exc:
-                        raise self._error(f"corrupt zstd data ({exc})") from exc
-                    in_frame = True
-                    if out:
-                        yield out
-                    if not obj.eof:
-                        break
-                    raw = obj.unused_data
-                    obj = dctx.decompressobj()
-                    in_frame = False
-        if in_frame:
-            raise self._error("truncated zstd file (the last frame is incomplete)")
-
     def _error(self, message: str) -> InputError:
-        return InputError(f"{message}, after line {self._lineno}", path=str(self.path))
+        n = self._lineno
+        kept = f"lines 1-{n} were read" if n else "no line was read before it"
+        return InputError(f"{message}; {kept}", path=str(self.path))
 
     def __repr__(self) -> str:
         return f"<ShardReader {self.path} line={self._lineno} {self.position}/{self.size} bytes>"

@@ -95,7 +95,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "DIR/personas.jsonl.zst, each with the text shard and line it came from.",
         epilog=_EPILOG,
     )
-    add_inputs(p, "text shards (.jsonl or .jsonl.zst) or glob patterns")
+    add_inputs(p, "text shards")
     p.add_argument(
         "--text-field",
         dest="persona_field",
@@ -115,7 +115,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "text line its line descends from (origin), when known.",
         epilog=_EPILOG,
     )
-    add_inputs(p, "persona shards (.jsonl or .jsonl.zst) or glob patterns")
+    add_inputs(p, "persona shards")
     p.add_argument(
         "--rounds",
         type=positive_int,

@@ -164,7 +164,7 @@ _EPILOG = (
 
 
 def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
-    add_inputs(p, "persona shards: .jsonl or .jsonl.zst files or globs, read in the order given")
+    add_inputs(p, "persona shards, read in the order given")
     if output:
         p.add_argument(
             "--output",
