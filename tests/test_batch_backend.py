@@ -1,0 +1,171 @@
+"""The Batch API backend against the mock's /v1/files and /v1/batches on loopback, the openai
+SDK as the client: the whole lifecycle, kill -9 at each phase then rerun, failed and expired
+batches, [output] checks, the ``batches`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from asyncgen.mock.server import MockConfig, MockServer
+
+from .conftest import assert_exactly_once, clean_env, personas, write_shard
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "asyncgen",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env or clean_env(),
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+def batch_run(
+    base_url: str, inp: Path, out: Path, *extra: str, max_requests: int = 400
+) -> list[str]:
+    return [
+        "run",
+        "-i",
+        str(inp),
+        "-o",
+        str(out),
+        "-p",
+        "persona",
+        "-m",
+        "mock-model",
+        "--base-url",
+        base_url,
+        "--backend",
+        "batch",
+        "--batch-poll",
+        "0.05",
+        "--batch-max-requests",
+        str(max_requests),
+        *extra,
+    ]
+
+
+def expected_ids(n: int, shard: str = "in") -> set[str]:
+    return {f"{shard}:{i + 1}:persona:0" for i in range(n)}
+
+
+async def test_full_lifecycle_and_a_finished_rerun_sends_nothing(tmp_path: Path) -> None:
+    inp = write_shard(tmp_path / "in.jsonl", personas(1000))
+    out = tmp_path / "out"
+    async with MockServer(MockConfig(batch_delay=0.2)) as server:
+        code, text = await run_cli(*batch_run(server.base_url, inp, out))
+        assert code == 0, text
+        api = server.batches
+        assert len(api.created) == 3  # 1 000 items, 400 a file
+        assert max(api.submitted.values()) == 1
+        assert "completed, 400/400 done" in text
+        found = assert_exactly_once(out, expected_ids(1000))
+        assert len(found["results"]) == 1000
+        first = found["results"][0]
+        assert first["output"] and first["usage"]["completion_tokens"] > 0
+        assert first["endpoint"] == server.base_url
+        manifest = msgspec.json.decode((out / "manifest.json").read_bytes())
+        assert manifest["job"]["backend"] == "batch"
+        metadata = {m["asyncgen_part"] for _, m in api.created}
+        assert metadata == {"p00001", "p00002", "p00003"}
+
+        routes_before = dict(server.statistics().by_route)
+        code, text = await run_cli(*batch_run(server.base_url, inp, out))
+        assert code == 0, text
+        assert server.statistics().by_route == routes_before  # not even a list
+        assert "0 requests sent" in text
+        assert_exactly_once(out, expected_ids(1000))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["uploaded", "journaled", "created", "polling", "ingest"])
+async def test_kill_9_at_each_phase_then_rerun(tmp_path: Path, point: str) -> None:
+    n = 1200
+    inp = write_shard(tmp_path / "in.jsonl", personas(n))
+    out = tmp_path / "out"
+    flag = tmp_path / "crashed"
+    env = clean_env(ASYNCGEN_BATCH_CRASH=f"{point}:{flag}")
+    # Three pages of batches.list (20 a page by default would be one): other jobs' batches
+    # are there too, newest first.
+    async with MockServer(MockConfig(batch_delay=0.3)) as server:
+        code, text = await run_cli(*batch_run(server.base_url, inp, out), env=env)
+        assert code == -9, text
+        assert flag.exists()
+        code, text = await run_cli(*batch_run(server.base_url, inp, out), env=env)
+        assert code == 0, text
+        assert_exactly_once(out, expected_ids(n))
+        api = server.batches
+        assert max(api.submitted.values()) == 1, "an id was sent in two batches"
+        parts = [m["asyncgen_part"] for _, m in api.created]
+        assert sorted(parts) == ["p00001", "p00002", "p00003"]
+
+
+async def test_failed_and_expired_batches_are_resubmitted(tmp_path: Path) -> None:
+    n = 300
+    inp = write_shard(tmp_path / "in.jsonl", personas(n))
+    out = tmp_path / "out"
+    config = MockConfig(batch_delay=0.05, batch_fail=1, batch_expire=1)
+    async with MockServer(config) as server:
+        code, text = await run_cli(*batch_run(server.base_url, inp, out, max_requests=300))
+        assert code == 0, text
+        found = assert_exactly_once(out, expected_ids(n))
+        assert len(found["results"]) == n
+        api = server.batches
+        parts = [m["asyncgen_part"] for _, m in api.created]
+        # p00001 failed (all 300 again), its retry expired half-way (150 again).
+        assert parts == ["p00001", "p00001-r1", "p00001-r2"]
+        assert sorted(api.submitted.values()).count(3) == 150
+        rounds = sorted(r["attempts"] for r in found["results"])
+        assert rounds.count(2) == 150 and rounds.count(3) == 150
+        assert "expired" in text
+
+
+async def test_errors_retried_up_to_the_bound_then_recorded_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    n = 200
+    inp = write_shard(tmp_path / "in.jsonl", personas(n))
+    out = tmp_path / "out"
+    async with MockServer(MockConfig(batch_delay=0.0, batch_error=1.0)) as server:
+        code, text = await run_cli(
+            *batch_run(server.base_url, inp, out, "--max-attempts", "2"),
+        )
+        assert code == 1, text
+        found = assert_exactly_once(out, expected_ids(n))
+        assert len(found["failures"]) == n
+        error = found["failures"][0]["error"]
+        assert error["status"] == 500
+        assert error["message"].startswith("gave up after 2 batch rounds:")
+        assert len(server.batches.created) == 2
+
+
+async def test_invalid_replies_go_again_up_to_max_invalid(tmp_path: Path) -> None:
+    template = tmp_path / "qa.toml"
+    template.write_text(
+        'name = "qa"\nendpoint = "chat"\nuser = "Question for {persona}"\n'
+        '[output]\nformat = "json"\nschema = { question = "str", answer = "str" }\n'
+    )
+    n = 200
+    inp = write_shard(tmp_path / "in.jsonl", personas(n))
+    out = tmp_path / "out"
+    async with MockServer(MockConfig(invalid_json=0.3, seed=3)) as server:
+        args = batch_run(server.base_url, inp, out, "--max-invalid", "3")
+        args[args.index("persona")] = str(template)
+        code, text = await run_cli(*args)
+        assert code in (0, 1), text
+        found = assert_exactly_once(out, {f"in:{i + 1}:qa:0" for i in range(n)})
+        assert all(r["parsed"] for r in found["results"])
+        assert all(f["error"]["code"] == "invalid_output" for f in found["failures"])
+        assert len(found["results"]) > n * 0.9
+        assert len(server.batches.created) >= 2
