@@ -11,9 +11,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from asyncgen.engine.batch import job_batches
 from asyncgen.mock.server import MockConfig, MockServer
+from asyncgen.storage.status import status
 
-from .conftest import assert_exactly_once, clean_env, personas, write_shard
+from .conftest import assert_exactly_once, clean_env, personas, read_output, write_shard
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -60,6 +62,22 @@ def expected_ids(n: int, shard: str = "in") -> set[str]:
     return {f"{shard}:{i + 1}:persona:0" for i in range(n)}
 
 
+async def other_jobs_batches(base_url: str, n: int) -> None:
+    """``n`` batches of someone else's at the server, made with the openai SDK."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="none") as client:
+        line = b'{"custom_id":"x","method":"POST","url":"/v1/chat/completions","body":{}}\n'
+        file = await client.files.create(file=("x.jsonl", line), purpose="batch")
+        for _ in range(n):
+            await client.batches.create(
+                input_file_id=file.id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                metadata={"owner": "someone else"},
+            )
+
+
 async def test_full_lifecycle_and_a_finished_rerun_sends_nothing(tmp_path: Path) -> None:
     inp = write_shard(tmp_path / "in.jsonl", personas(1000))
     out = tmp_path / "out"
@@ -87,27 +105,65 @@ async def test_full_lifecycle_and_a_finished_rerun_sends_nothing(tmp_path: Path)
         assert "0 requests sent" in text
         assert_exactly_once(out, expected_ids(1000))
 
+        listed = sorted(await job_batches(out, api_key=None), key=lambda b: b.part)
+        assert [b.part for b in listed] == ["p00001", "p00002", "p00003"]
+        assert [(b.status, b.completed) for b in listed] == [("completed", 400)] * 2 + [
+            ("completed", 200)
+        ]
+        s = status(out, price_input=2.0, price_output=8.0)
+        assert s.batch_prompt_tokens == s.prompt_tokens > 0
+        online = (s.prompt_tokens * 2.0 + s.completion_tokens * 8.0) / 1e6
+        assert s.cost == pytest.approx(online / 2)
+
+
+@pytest.mark.slow
+async def test_cancelled_batches_are_sent_again_by_the_rerun(tmp_path: Path) -> None:
+    n = 300
+    inp = write_shard(tmp_path / "in.jsonl", personas(n))
+    out = tmp_path / "out"
+    env = clean_env(ASYNCGEN_BATCH_CRASH=f"polling:{tmp_path / 'flag'}")
+    async with MockServer(MockConfig(batch_delay=0.5)) as server:
+        args = batch_run(server.base_url, inp, out, max_requests=150)
+        code, text = await run_cli(*args, env=env)
+        assert code == -9, text
+        cancelled = await job_batches(out, api_key=None, cancel=True)
+        assert {b.status for b in cancelled} == {"cancelled"}
+        assert len(cancelled) == 2
+        code, text = await run_cli(*args)
+        assert code == 0, text
+        found = assert_exactly_once(out, expected_ids(n))
+        assert {r["attempts"] for r in found["results"]} == {2}
+        parts = [m["asyncgen_part"] for _, m in server.batches.created]
+        assert sorted(parts) == ["p00001", "p00001-r1", "p00002", "p00002-r1"]
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["uploaded", "journaled", "created", "polling", "ingest"])
 async def test_kill_9_at_each_phase_then_rerun(tmp_path: Path, point: str) -> None:
-    n = 1200
+    """Parts of 500: ingest commits 256 lines at a time, so "ingest" dies inside a file."""
+    n = 1500
     inp = write_shard(tmp_path / "in.jsonl", personas(n))
     out = tmp_path / "out"
     flag = tmp_path / "crashed"
     env = clean_env(ASYNCGEN_BATCH_CRASH=f"{point}:{flag}")
-    # Three pages of batches.list (20 a page by default would be one): other jobs' batches
-    # are there too, newest first.
     async with MockServer(MockConfig(batch_delay=0.3)) as server:
-        code, text = await run_cli(*batch_run(server.base_url, inp, out), env=env)
+        # Another job's 150 batches come first in batches.list (newest first) at the
+        # rerun: the lookup must read past the first page to find this job's.
+        args = batch_run(server.base_url, inp, out, max_requests=500)
+        code, text = await run_cli(*args, env=env)
         assert code == -9, text
-        assert flag.exists()
-        code, text = await run_cli(*batch_run(server.base_url, inp, out), env=env)
+        if point == "ingest":
+            assert len(read_output(out)["results"]) == 256  # half-way through one file
+        if point in ("journaled", "created"):
+            await other_jobs_batches(server.base_url, 150)
+        code, text = await run_cli(*args, env=env)
         assert code == 0, text
+        assert flag.exists()
         assert_exactly_once(out, expected_ids(n))
         api = server.batches
-        assert max(api.submitted.values()) == 1, "an id was sent in two batches"
-        parts = [m["asyncgen_part"] for _, m in api.created]
+        mine = [m for _, m in api.created if "asyncgen_part" in m]
+        assert max(api.submitted[i] for i in expected_ids(n)) == 1, "an id sent twice"
+        parts = [m["asyncgen_part"] for m in mine]
         assert sorted(parts) == ["p00001", "p00002", "p00003"]
 
 
@@ -153,7 +209,7 @@ async def test_errors_retried_up_to_the_bound_then_recorded_with_the_reason(
 async def test_invalid_replies_go_again_up_to_max_invalid(tmp_path: Path) -> None:
     template = tmp_path / "qa.toml"
     template.write_text(
-        'name = "qa"\nendpoint = "chat"\nuser = "Question for {persona}"\n'
+        'endpoint = "chat"\nuser = "Question for {persona}"\n'
         '[output]\nformat = "json"\nschema = { question = "str", answer = "str" }\n'
     )
     n = 200

@@ -109,6 +109,9 @@ class Result(msgspec.Struct, gc=False):
     rejected_usage: Usage | None = None
     """Tokens of the replies before this outcome that failed the template's ``[output]``
     checks: paid for, but not what ``usage`` describes."""
+    batch_id: str | None = None
+    """The OpenAI batch whose output this is (``--backend batch``): its tokens are billed
+    at the Batch API's rate."""
 
 
 class BadLine(msgspec.Struct, gc=False):

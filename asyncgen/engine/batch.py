@@ -52,7 +52,7 @@ from asyncgen.storage.files import atomic_write, fsync_path
 from asyncgen.storage.sources import ShardReader, expand_inputs
 from asyncgen.storage.store import Store
 
-__all__ = ["TERMINAL", "BatchBackend", "JobBatches", "job_token"]
+__all__ = ["TERMINAL", "BatchBackend", "BatchInfo", "JobBatches", "job_batches", "job_token"]
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 _DIR = "batch"
@@ -61,6 +61,8 @@ _TOKEN = "job.json"
 _META_JOB = "asyncgen_job"
 _META_PART = "asyncgen_part"
 _RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled", "missing", "batch_failed"})
+_INGEST_CHUNK = 256
+"""Output lines committed at a time: a crash mid-file loses no more than this."""
 _CRASH_ENV = "ASYNCGEN_BATCH_CRASH"
 """Tests only: ``uploaded``, ``journaled``, ``created``, ``polling`` or ``ingest`` makes the
 process SIGKILL itself at that point (once the flag file named by the value after ``:``
@@ -535,7 +537,7 @@ class BatchBackend:
         ledger = self._store.ledger
         attempts = part.round + 1
         chunk: list[Result] = []
-        reading = _read_lines(path, self.config.flush_records)
+        reading = _read_lines(path, min(self.config.flush_records, _INGEST_CHUNK))
         empty: list[bytes] = []
         while lines := await asyncio.to_thread(next, reading, empty):
             for raw in lines:
@@ -652,6 +654,7 @@ class BatchBackend:
             if item.sampling is not None
             else {k: v for k, v in body.items() if k not in NOT_SAMPLING},
             parsed=parsed,
+            batch_id=str(batch.id),
         )
 
     async def _commit(self, results: list[Result]) -> None:
@@ -705,3 +708,55 @@ def _read_lines(path: Path, n: int) -> Iterator[list[bytes]]:
                 lines = []
         if lines:
             yield lines
+
+
+class BatchInfo(msgspec.Struct, frozen=True):
+    """One of a job's batches as the server reports it (``asyncgen batches``)."""
+
+    id: str
+    part: str
+    status: str
+    total: int
+    completed: int
+    failed: int
+    created_at: int
+
+
+async def job_batches(root: Path, *, api_key: str | None, cancel: bool = False) -> list[BatchInfo]:
+    """The batches of the job in ``root`` at the server its manifest names (every page of
+    ``batches.list``, matched by metadata), oldest first; ``cancel``: cancel those still
+    running, and report them as the server answered the cancel."""
+    import openai
+
+    from asyncgen.storage.manifest import read_manifest
+
+    manifest = await asyncio.to_thread(read_manifest, root)
+    job = manifest.job
+    if job is None or len(job.base_url) != 1:
+        raise ConfigError(f"{root} does not record one endpoint to ask")
+    token_path = root / _DIR / _TOKEN
+    if not token_path.exists():
+        return []
+    token = msgspec.json.decode(token_path.read_bytes(), type=_Token).job
+    found: list[BatchInfo] = []
+    async with openai.AsyncOpenAI(base_url=job.base_url[0], api_key=api_key or "none") as client:
+        async for batch in client.batches.list(limit=100):
+            meta = batch.metadata or {}
+            if meta.get(_META_JOB) != token:
+                continue
+            if cancel and batch.status not in TERMINAL and batch.status != "cancelling":
+                batch = await client.batches.cancel(batch.id)
+            counts = batch.request_counts
+            found.append(
+                BatchInfo(
+                    batch.id,
+                    meta.get(_META_PART, "?"),
+                    batch.status,
+                    counts.total if counts else 0,
+                    counts.completed if counts else 0,
+                    counts.failed if counts else 0,
+                    batch.created_at,
+                )
+            )
+    found.reverse()
+    return found

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from asyncgen.mock.completions import BadRequest, Replies, read_request
 from asyncgen.mock.config import MockConfig
@@ -107,11 +107,21 @@ class BatchApi:
     async def _upload(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return self._unauthorized()
-        form = await request.post()
-        purpose, upload = form.get("purpose"), form.get("file")
-        if not isinstance(purpose, str) or not isinstance(upload, web.FileField):
+        # Read part by part (request.post() would spool the file to a temporary file).
+        purpose: str | None = None
+        name, data = "upload.jsonl", None
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "purpose":
+                purpose = await part.text()
+            elif part.name == "file":
+                name = part.filename or name
+                data = bytes(await part.read())
+        if purpose is None or data is None:
             return openai_error(400, "purpose and file are required", "invalid_request_error", None)
-        meta = self._store_file(upload.filename, purpose, upload.file.read())
+        meta = self._store_file(name, purpose, data)
         await self._at("upload", meta["id"])
         return _json(meta)
 
