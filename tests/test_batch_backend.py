@@ -153,7 +153,8 @@ async def test_kill_9_at_each_phase_then_rerun(tmp_path: Path, point: str) -> No
         code, text = await run_cli(*args, env=env)
         assert code == -9, text
         if point == "ingest":
-            assert len(read_output(out)["results"]) == 256  # half-way through one file
+            # Each part's first 256 lines (parts ingest side by side): inside their files.
+            assert len(read_output(out)["results"]) in (256, 512, 768)
         if point in ("journaled", "created"):
             await other_jobs_batches(server.base_url, 150)
         code, text = await run_cli(*args, env=env)
