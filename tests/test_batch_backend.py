@@ -226,3 +226,31 @@ async def test_invalid_replies_go_again_up_to_max_invalid(tmp_path: Path) -> Non
         assert all(f["error"]["code"] == "invalid_output" for f in found["failures"])
         assert len(found["results"]) > n * 0.9
         assert len(server.batches.created) >= 2
+
+
+@pytest.mark.slow
+async def test_kill_9_after_the_retry_part_is_written_then_rerun(tmp_path: Path) -> None:
+    n = 300
+    inp = write_shard(tmp_path / "in.jsonl", personas(n))
+    out = tmp_path / "out"
+    env = clean_env(ASYNCGEN_BATCH_CRASH=f"retried:{tmp_path / 'flag'}")
+    async with MockServer(MockConfig(batch_delay=0.05, batch_expire=1)) as server:
+        args = batch_run(server.base_url, inp, out, max_requests=300)
+        code, text = await run_cli(*args, env=env)
+        assert code == -9, text
+        code, text = await run_cli(*args, env=env)
+        assert code == 0, text
+        found = assert_exactly_once(out, expected_ids(n))
+        assert len(found["results"]) == n
+        parts = [m["asyncgen_part"] for _, m in server.batches.created]
+        assert parts == ["p00001", "p00001-r1"]
+
+
+async def test_a_refused_key_is_a_clear_error(tmp_path: Path) -> None:
+    inp = write_shard(tmp_path / "in.jsonl", personas(5))
+    async with MockServer(MockConfig(api_key="sk-right")) as server:
+        env = clean_env(OPENAI_API_KEY="sk-wrong-secret")
+        code, text = await run_cli(*batch_run(server.base_url, inp, tmp_path / "out"), env=env)
+        assert code == 2, text
+        assert "refused the API key" in text
+        assert "sk-wrong-secret" not in text

@@ -40,7 +40,7 @@ from typing import Any
 import msgspec
 
 from asyncgen._version import __version__
-from asyncgen.core.errors import ConfigError, InputError
+from asyncgen.core.errors import AsyncgenError, ConfigError, InputError, TransportError, job_error
 from asyncgen.core.ledger import bad_line_key
 from asyncgen.core.records import BadLine, Completion, ErrorInfo, Result, Source, Usage, WorkItem
 from asyncgen.core.redact import redact_text, redact_url
@@ -64,7 +64,8 @@ _RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled", "missing", "ba
 _INGEST_CHUNK = 256
 """Output lines committed at a time: a crash mid-file loses no more than this."""
 _CRASH_ENV = "ASYNCGEN_BATCH_CRASH"
-"""Tests only: ``uploaded``, ``journaled``, ``created``, ``polling`` or ``ingest`` makes the
+"""Tests only: ``uploaded``, ``journaled``, ``created``, ``polling``, ``ingest`` or
+``retried`` (a retry part written, its parent not yet logged as ingested) makes the
 process SIGKILL itself at that point (once the flag file named by the value after ``:``
 does not exist, which it then creates), so that a crash test can stop it exactly there."""
 
@@ -252,6 +253,8 @@ class BatchBackend:
         self._list_lock = asyncio.Lock()
         self._client: Any = None
         self._token = ""
+        self._claimed: set[str] = set()
+        """Parts a task of this run has taken on."""
         self.fraction = 0.0
 
     async def __aenter__(self) -> BatchBackend:
@@ -302,10 +305,16 @@ class BatchBackend:
                 max_retries=self.config.max_attempts,
                 timeout=self.config.timeout,
             )
+            self._claimed = {p.name for p in pending}
             try:
                 async with asyncio.TaskGroup() as tg:
                     for part in pending:
                         tg.create_task(self._part(part.name))
+            except BaseExceptionGroup as group:
+                error = job_error(group)
+                if error is None:
+                    raise
+                raise _mapped(error) from None
             finally:
                 await self._client.close()
                 self._journal.close()
@@ -407,7 +416,9 @@ class BatchBackend:
             retry = await self._ingest(part, items, batch)
             self._log(_Event(name, "ingested"))
             part.ingested = True
-            name = retry or ""
+            # A rerun may have found the retry part on disk already, and given it a task.
+            name = retry if retry is not None and retry not in self._claimed else ""
+            self._claimed.add(name)
 
     def _log(self, event: _Event) -> None:
         assert self._journal is not None
@@ -515,6 +526,7 @@ class BatchBackend:
         else:
             self._batches.parts.setdefault(name, _Part(name=name, round=_round_of(name)))
         self.counts.retries += len(again)
+        _crash_point("retried")
         return name
 
     async def _ingest_file(
@@ -684,6 +696,17 @@ class BatchBackend:
             finished=self._finished,
             stopped=self._stopping,
         )
+
+
+def _mapped(error: BaseException) -> BaseException:
+    """An SDK error as asyncgen's own (the message without secrets); others as they are."""
+    import openai
+
+    if isinstance(error, AsyncgenError) or not isinstance(error, openai.OpenAIError):
+        return error
+    if isinstance(error, openai.AuthenticationError | openai.PermissionDeniedError):
+        return ConfigError(f"the server refused the API key: {redact_text(str(error))}")
+    return TransportError(f"Batch API: {redact_text(str(error))}")
 
 
 def _request_file(items: dict[str, WorkItem]) -> bytes:
