@@ -215,8 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=d.batch_error,
         metavar="RATE",
-        help="Batch API: share of a batch's requests answered 500, in its error file "
-        "(default: 0)",
+        help="Batch API: share of a batch's requests answered 500, in its error file (default: 0)",
     )
     add(
         "--batch-fail",

@@ -61,6 +61,8 @@ _TOKEN = "job.json"
 _META_JOB = "asyncgen_job"
 _META_PART = "asyncgen_part"
 _RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled", "missing", "batch_failed"})
+_MAX_FILE_BYTES = 190 * 2**20
+"""A request file's size at most (OpenAI takes up to 200 MB)."""
 _INGEST_CHUNK = 256
 """Output lines committed at a time: a crash mid-file loses no more than this."""
 _CRASH_ENV = "ASYNCGEN_BATCH_CRASH"
@@ -345,14 +347,16 @@ class BatchBackend:
             persona_field=cfg.persona_field,
             overrides=overrides,
         )
-        open_parts: dict[str, list[WorkItem]] = {}
+        # Per endpoint: the part being filled, its ids and its request file's size so far.
+        open_parts: dict[str, tuple[list[WorkItem], set[str], list[int]]] = {}
         counts = self.counts
         batches.dir.mkdir(parents=True, exist_ok=True)
+        size = msgspec.json.Encoder().encode
 
         def flush(url: str) -> None:
             nonlocal number
             number += 1
-            batches.write_items(f"p{number:05d}", open_parts.pop(url))
+            batches.write_items(f"p{number:05d}", open_parts.pop(url)[0])
 
         bad: list[BadLine] = []
         for path in self._paths:
@@ -379,9 +383,18 @@ class BatchBackend:
                                 continue
                             if item.custom_id in assigned:
                                 continue
-                            assigned.add(item.custom_id)
-                            bucket = open_parts.setdefault(item.url, [])
+                            bucket, ids, used = open_parts.setdefault(item.url, ([], set(), [0]))
+                            if item.custom_id in ids:
+                                continue  # a batch line given twice: one request
+                            line_bytes = len(size(item.body)) + len(item.custom_id) + 64
+                            if bucket and used[0] + line_bytes > _MAX_FILE_BYTES:
+                                flush(item.url)
+                                bucket, ids, used = open_parts.setdefault(
+                                    item.url, ([], set(), [0])
+                                )
                             bucket.append(item)
+                            ids.add(item.custom_id)
+                            used[0] += line_bytes
                             if len(bucket) >= cfg.batch_max_requests:
                                 flush(item.url)
             finally:
