@@ -137,37 +137,6 @@ async def test_cancelled_batches_are_sent_again_by_the_rerun(tmp_path: Path) -> 
         assert sorted(parts) == ["p00001", "p00001-r1", "p00002", "p00002-r1"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("point", ["uploaded", "journaled", "created", "polling", "ingest"])
-async def test_kill_9_at_each_phase_then_rerun(tmp_path: Path, point: str) -> None:
-    """Parts of 500: ingest commits 256 lines at a time, so "ingest" dies inside a file."""
-    n = 1500
-    inp = write_shard(tmp_path / "in.jsonl", personas(n))
-    out = tmp_path / "out"
-    flag = tmp_path / "crashed"
-    env = clean_env(ASYNCGEN_BATCH_CRASH=f"{point}:{flag}")
-    async with MockServer(MockConfig(batch_delay=0.3)) as server:
-        # Another job's 150 batches come first in batches.list (newest first) at the
-        # rerun: the lookup must read past the first page to find this job's.
-        args = batch_run(server.base_url, inp, out, max_requests=500)
-        code, text = await run_cli(*args, env=env)
-        assert code == -9, text
-        if point == "ingest":
-            # Each part's first 256 lines (parts ingest side by side): inside their files.
-            assert len(read_output(out)["results"]) in (256, 512, 768)
-        if point in ("journaled", "created"):
-            await other_jobs_batches(server.base_url, 150)
-        code, text = await run_cli(*args, env=env)
-        assert code == 0, text
-        assert flag.exists()
-        assert_exactly_once(out, expected_ids(n))
-        api = server.batches
-        mine = [m for _, m in api.created if "asyncgen_part" in m]
-        assert max(api.submitted[i] for i in expected_ids(n)) == 1, "an id sent twice"
-        parts = [m["asyncgen_part"] for m in mine]
-        assert sorted(parts) == ["p00001", "p00002", "p00003"]
-
-
 async def test_failed_and_expired_batches_are_resubmitted(tmp_path: Path) -> None:
     n = 300
     inp = write_shard(tmp_path / "in.jsonl", personas(n))
@@ -229,16 +198,23 @@ async def test_invalid_replies_go_again_up_to_max_invalid(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-async def test_kill_9_after_the_retry_part_is_written_then_rerun(tmp_path: Path) -> None:
+async def test_kill_9_after_upload_after_logging_it_and_after_a_retry_part(
+    tmp_path: Path,
+) -> None:
+    """Killed after an upload (not logged: uploaded again), after logging it (not uploaded
+    again), and after an expired batch's retry part is written but before the batch is
+    logged as ingested (the rerun ingests it again and sends the same retry part once)."""
     n = 300
     inp = write_shard(tmp_path / "in.jsonl", personas(n))
     out = tmp_path / "out"
-    env = clean_env(ASYNCGEN_BATCH_CRASH=f"retried:{tmp_path / 'flag'}")
     async with MockServer(MockConfig(batch_delay=0.05, batch_expire=1)) as server:
         args = batch_run(server.base_url, inp, out, max_requests=300)
-        code, text = await run_cli(*args, env=env)
-        assert code == -9, text
-        code, text = await run_cli(*args, env=env)
+        for point in ("uploaded", "journaled", "retried"):
+            env = clean_env(ASYNCGEN_BATCH_CRASH=f"{point}:{tmp_path / point}")
+            code, text = await run_cli(*args, env=env)
+            assert code == -9, f"{point}: {text}"
+        assert server.batches.uploads == 2
+        code, text = await run_cli(*args)
         assert code == 0, text
         found = assert_exactly_once(out, expected_ids(n))
         assert len(found["results"]) == n
@@ -254,3 +230,39 @@ async def test_a_refused_key_is_a_clear_error(tmp_path: Path) -> None:
         assert code == 2, text
         assert "refused the API key" in text
         assert "sk-wrong-secret" not in text
+
+
+@pytest.mark.slow
+async def test_20000_items_killed_at_every_phase_in_turn(tmp_path: Path) -> None:
+    """Four files of 5 000; each run is killed at the next phase, resuming from where the
+    last one died: right after ``batches.create`` returned (its id not logged: the rerun
+    must find the batch in ``batches.list``, past another job's 150 batches), then
+    half-way through an output file (256 lines are committed at a time; the cancel test
+    kills one while polling).
+    Then a run finishes, and one more sends nothing."""
+    n = 20_000
+    inp = write_shard(tmp_path / "in.jsonl.zst", personas(n))
+    out = tmp_path / "out"
+    async with MockServer(MockConfig(batch_delay=0.5, batch_error=0.01, seed=4)) as server:
+        args = batch_run(server.base_url, inp, out, max_requests=5000)
+        for point in ("created", "ingest"):
+            env = clean_env(ASYNCGEN_BATCH_CRASH=f"{point}:{tmp_path / point}")
+            code, text = await run_cli(*args, env=env)
+            assert code == -9, f"{point}: {text}"
+            if point == "created":
+                await other_jobs_batches(server.base_url, 150)
+            if point == "ingest":
+                assert 0 < len(read_output(out)["results"]) < n
+        code, text = await run_cli(*args)
+        assert code == 0, text
+        ids = expected_ids(n)
+        found = assert_exactly_once(out, ids)
+        assert len(found["results"]) == n  # the 1 % of 500s went again and succeeded
+        parts = [m["asyncgen_part"] for _, m in server.batches.created if "asyncgen_part" in m]
+        assert sorted(p for p in parts if "-r" not in p) == [f"p0000{i}" for i in range(1, 5)]
+        assert len(parts) == len(set(parts)), "a part was sent in two batches"
+        first = {i: c for i, c in server.batches.submitted.items() if i in ids}
+        retried = {r["custom_id"] for r in found["results"] if r["attempts"] > 1}
+        assert {i for i, c in first.items() if c > 1} == retried, "only retries sent twice"
+        code, text = await run_cli(*args)
+        assert code == 0 and "0 requests sent" in text, text

@@ -70,6 +70,8 @@ class BatchApi:
         self._finished = 0
         self.created: list[tuple[str, dict[str, str]]] = []
         """Every batch created: its id and metadata, in order."""
+        self.uploads = 0
+        """Files uploaded."""
         self.submitted: Counter[str] = Counter()
         """How many created batches each custom_id was in."""
         self.hook: Hook | None = None
@@ -122,6 +124,7 @@ class BatchApi:
         if purpose is None or data is None:
             return openai_error(400, "purpose and file are required", "invalid_request_error", None)
         meta = self._store_file(name, purpose, data)
+        self.uploads += 1
         await self._at("upload", meta["id"])
         return _json(meta)
 
