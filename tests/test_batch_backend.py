@@ -237,7 +237,7 @@ async def test_20000_items_killed_at_every_phase_in_turn(tmp_path: Path) -> None
     """Four files of 5 000; each run is killed at the next phase, resuming from where the
     last one died: right after ``batches.create`` returned (its id not logged: the rerun
     must find the batch in ``batches.list``, past another job's 150 batches), then
-    half-way through an output file (256 lines are committed at a time; the cancel test
+    half-way through an output file (1 024 lines are committed at a time; the cancel test
     kills one while polling).
     Then a run finishes, and one more sends nothing."""
     n = 20_000

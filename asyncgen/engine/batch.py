@@ -63,7 +63,7 @@ _META_PART = "asyncgen_part"
 _RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled", "missing", "batch_failed"})
 _MAX_FILE_BYTES = 190 * 2**20
 """A request file's size at most (OpenAI takes up to 200 MB)."""
-_INGEST_CHUNK = 256
+_INGEST_CHUNK = 1024
 """Output lines committed at a time: a crash mid-file loses no more than this."""
 _CRASH_ENV = "ASYNCGEN_BATCH_CRASH"
 """Tests only: ``uploaded``, ``journaled``, ``created``, ``polling``, ``ingest`` or
@@ -94,7 +94,8 @@ class _Line(msgspec.Struct):
 
 class _Response(msgspec.Struct):
     status_code: int = 0
-    body: Any = None
+    body: msgspec.Raw = msgspec.Raw(b"null")
+    """Decoded only once the status says what it is (a completion, or an error)."""
 
 
 class _LineError(msgspec.Struct):
@@ -562,7 +563,7 @@ class BatchBackend:
         ledger = self._store.ledger
         attempts = part.round + 1
         chunk: list[Result] = []
-        reading = _read_lines(path, min(self.config.flush_records, _INGEST_CHUNK))
+        reading = _read_lines(path, _INGEST_CHUNK)
         empty: list[bytes] = []
         while lines := await asyncio.to_thread(next, reading, empty):
             for raw in lines:
@@ -596,7 +597,7 @@ class BatchBackend:
                 return None, ErrorInfo(
                     line.error.code or "batch_error", line.error.message or "", None
                 )
-            body = response.body if response is not None else None
+            body = msgspec.json.decode(response.body) if response is not None else None
             err = body.get("error") if isinstance(body, dict) else None
             message = err.get("message") if isinstance(err, dict) else None
             code = err.get("code") if isinstance(err, dict) else None
@@ -605,10 +606,10 @@ class BatchBackend:
                 str(code or f"http_{status}"), redact_text(str(message or "")), status
             )
         try:
-            completion = msgspec.convert(response.body, Completion)
+            completion = _completion.decode(response.body)
             if not completion.choices:
                 raise msgspec.ValidationError("no choices")
-        except msgspec.ValidationError as exc:
+        except msgspec.DecodeError as exc:
             return None, ErrorInfo("malformed_response", f"unexpected reply: {exc}", 200)
         choice = completion.choices[0]
         text = choice.message.content if choice.message is not None else choice.text
