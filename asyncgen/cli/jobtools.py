@@ -48,6 +48,14 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="USD",
         help="price per million completion tokens, for a cost estimate",
     )
+    status.add_argument(
+        "--batch-rate",
+        type=float,
+        default=0.5,
+        metavar="R",
+        help="outputs of --backend batch cost R times the prices (default: %(default)s, "
+        "OpenAI's Batch API discount)",
+    )
     status.set_defaults(handler=_status)
 
     export = sub.add_parser(
@@ -119,7 +127,12 @@ def _codes(codes: dict[str, int] | None, reason: str) -> str:
 
 def _status(args: argparse.Namespace) -> Exit:
     root = Path(args.output)
-    s = job_status(root, price_input=args.price_input, price_output=args.price_output)
+    s = job_status(
+        root,
+        price_input=args.price_input,
+        price_output=args.price_output,
+        batch_rate=args.batch_rate,
+    )
     if args.json:
         out(msgspec.json.encode(s).decode())
         return Exit.OK
@@ -135,6 +148,11 @@ def _status(args: argparse.Namespace) -> Exit:
         f"  bad input      {s.bad_lines:,}"
         + "".join(f"\n    {code:20} {n:,}" for code, n in s.bad_lines_by_reason.items()),
         f"  tokens         {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion"
+        + (
+            f" ({s.batch_prompt_tokens:,} + {s.batch_completion_tokens:,} by the Batch API)"
+            if s.batch_prompt_tokens or s.batch_completion_tokens
+            else ""
+        )
         + (
             f"\n  no usage       {s.no_usage:,} successes the server reported no token "
             "counts for (unknown: not in the tokens or the cost)"

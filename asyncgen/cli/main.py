@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Sequence
 
 from asyncgen._version import __version__
-from asyncgen.cli import bench, demo, jobtools, mock_server, personas, prompts, run
+from asyncgen.cli import batches, bench, demo, jobtools, mock_server, personas, prompts, run
 from asyncgen.cli.console import error, say
 from asyncgen.cli.exits import Exit
 from asyncgen.core.errors import AsyncgenError
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_command(sub)
     personas.add_command(sub)
     jobtools.add_commands(sub)
+    batches.add_command(sub)
     prompts.add_command(sub)
     return parser
 

@@ -203,6 +203,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of structured replies (response_format json_schema / json_object) that "
         "are invalid: cut short or missing a field (default: 0)",
     )
+    add(
+        "--batch-delay",
+        type=float,
+        default=d.batch_delay,
+        metavar="SECONDS",
+        help="Batch API: seconds from a batch's creation until it is finished (default: 0)",
+    )
+    add(
+        "--batch-error",
+        type=float,
+        default=d.batch_error,
+        metavar="RATE",
+        help="Batch API: share of a batch's requests answered 500, in its error file (default: 0)",
+    )
+    add(
+        "--batch-fail",
+        type=int,
+        default=d.batch_fail,
+        metavar="N",
+        help="Batch API: the first N batches end failed, without output (default: 0)",
+    )
+    add(
+        "--batch-expire",
+        type=int,
+        default=d.batch_expire,
+        metavar="N",
+        help="Batch API: the next N end expired with half their requests done (default: 0)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> MockConfig:
@@ -242,6 +270,10 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
         stream_cut=args.stream_cut,
         stream_stall=args.stream_stall,
         invalid_json=args.invalid_json,
+        batch_delay=args.batch_delay,
+        batch_error=args.batch_error,
+        batch_fail=args.batch_fail,
+        batch_expire=args.batch_expire,
     )
 
 

@@ -8,7 +8,7 @@ import argparse
 import os
 
 from asyncgen.cli.args import json_object, number, positive_float, positive_int
-from asyncgen.job.config import JobConfig
+from asyncgen.job.config import BACKENDS, JobConfig
 
 __all__ = [
     "OPENAI_BASE_URL",
@@ -21,7 +21,35 @@ __all__ = [
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
+def _add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backend")
+    g.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="online",
+        help="online (default): one HTTP request per item, results in seconds; batch: the "
+        "OpenAI Batch API (files of requests, results within its 24 h window, at half the "
+        "price); rerunning a batch job picks up its batches where they stand",
+    )
+    g.add_argument(
+        "--batch-poll",
+        type=positive_float,
+        default=30.0,
+        metavar="S",
+        help="batch: seconds between looks at a running batch, growing to 4x (default: "
+        "%(default)s)",
+    )
+    g.add_argument(
+        "--batch-max-requests",
+        type=positive_int,
+        default=50_000,
+        metavar="N",
+        help="batch: requests per batch file at most (default and OpenAI's limit: %(default)s)",
+    )
+
+
 def _add_job_arguments(p: argparse.ArgumentParser) -> None:
+    _add_backend_arguments(p)
     g = p.add_argument_group("endpoint")
     g.add_argument(
         "--base-url",
@@ -204,6 +232,9 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
         strict=args.strict,
         drain_timeout=args.drain_timeout,
         check_endpoint=not args.no_check,
+        backend=args.backend,
+        batch_poll=args.batch_poll,
+        batch_max_requests=args.batch_max_requests,
     )
 
 

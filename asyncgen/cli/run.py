@@ -16,7 +16,9 @@ from asyncgen.cli.exits import Exit
 from asyncgen.cli.options import add_request_arguments, api_key, job_config_from_args
 from asyncgen.cli.progress import ProgressReporter, summary
 from asyncgen.cli.signals import StopSignals
+from asyncgen.core.errors import ConfigError
 from asyncgen.core.ledger import Redo
+from asyncgen.engine.batch import BatchBackend
 from asyncgen.engine.engine import Engine
 from asyncgen.engine.stats import Statistics
 from asyncgen.job.config import JobConfig
@@ -100,6 +102,10 @@ async def run_job(
     """Run one job with progress on stderr and its summary at the end; the first Ctrl-C or
     SIGTERM stops intake and drains, the second stops at once (``finished`` is then False).
     ``redo``: a retry run of recorded failures. A cancellation from elsewhere propagates."""
+    if config.backend == "batch":
+        if redo is not None:
+            raise ConfigError("retry-failed runs online: give it --backend online")
+        return await _run_batch_job(config, api_key=api_key, quiet=quiet)
     async with Engine(config, api_key=api_key, redo=redo, warn=warn) as engine:
         reporter = ProgressReporter(engine.statistics, sys.stderr, interval=progress_interval)
 
@@ -132,5 +138,29 @@ async def run_job(
                 reporter.finish()
     for damage in stats.bad_files:
         warn(f"input not read to the end: {damage}")
+    report(summary(stats, config.output))
+    return stats
+
+
+async def _run_batch_job(config: JobConfig, *, api_key: str | None, quiet: bool) -> Statistics:
+    """The job through the Batch API; Ctrl-C stops polling (the batches go on at the
+    server, and a rerun picks them up), a second one stops at once."""
+    progress = (lambda _: None) if quiet else say
+    async with BatchBackend(config, api_key=api_key, report=progress) as job:
+
+        def graceful(signum: signal.Signals) -> None:
+            say(f"{signum.name}: no more polling; rerun the same command to pick up the batches")
+            job.stop()
+
+        def now(signum: signal.Signals) -> None:
+            say("stopping now")
+
+        with StopSignals(graceful, now) as signals:
+            try:
+                stats = await job.run()
+            except asyncio.CancelledError:
+                if not signals.absorb():
+                    raise
+                stats = job.statistics()
     report(summary(stats, config.output))
     return stats

@@ -151,6 +151,9 @@ class Result(msgspec.Struct, gc=False):
     url: str | None = None
     """The request's path (``/chat/completions`` or ``/completions``); None in records
     written before it was kept."""
+    batch_id: str | None = None
+    """The OpenAI batch whose output this is (``--backend batch``): its tokens are billed
+    at the Batch API's rate."""
 
 
 class BadLine(msgspec.Struct, gc=False):

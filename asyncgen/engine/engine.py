@@ -20,7 +20,6 @@ wires them together and runs them in one task group.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -33,7 +32,6 @@ from asyncgen._version import __version__
 from asyncgen.core.errors import ConfigError, TransportError, job_error
 from asyncgen.core.flow import FlowControl
 from asyncgen.core.ledger import Redo
-from asyncgen.core.redact import redact_url
 from asyncgen.engine.attempt import Attempter
 from asyncgen.engine.clock import Clock
 from asyncgen.engine.commit import Committer, Emit, Record
@@ -42,7 +40,7 @@ from asyncgen.engine.intake import Intake
 from asyncgen.engine.sender import Sender
 from asyncgen.engine.stats import Counts, Statistics
 from asyncgen.engine.transport import AiohttpTransport, Transport, check_models
-from asyncgen.job.config import JobConfig, job_spec
+from asyncgen.job.config import JobConfig, job_record, job_spec
 from asyncgen.job.items import Expander
 from asyncgen.job.prompts import Template, load_template
 from asyncgen.storage.sources import Input, expand_inputs
@@ -244,17 +242,7 @@ class Engine:
         return job_spec(self.config, self._template)
 
     def _job_record(self) -> dict[str, Any]:
-        """This run's settings as the manifest records them: enough to run the job again
-        from anywhere (absolute input paths), never a secret (no key, no URL credentials)."""
-        cfg = self.config
-        record: dict[str, Any] = msgspec.to_builtins(cfg)
-        record["inputs"] = [str(p.resolve()) for p in self._paths]
-        record["output"] = str(Path(cfg.output).resolve())
-        record["base_url"] = [redact_url(u) for u in cfg.base_urls]
-        if cfg.prompt is not None and os.path.isfile(cfg.prompt):
-            record["prompt"] = str(Path(cfg.prompt).resolve())
-        record["template_endpoint"] = self._template.endpoint if self._template else None
-        return record
+        return job_record(self.config, self._paths, self._template)
 
     def stop(self) -> None:
         """Stop: nothing new is sent (no first attempt, no retry); the attempts in flight

@@ -7,17 +7,21 @@ setting.
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from asyncgen.core.errors import ConfigError
+from asyncgen.core.redact import redact_url
 from asyncgen.job.prompts import RESERVED_BODY, Template, load_template
 
-__all__ = ["DEFAULT_BASE_URL", "JobConfig", "job_spec"]
+__all__ = ["BACKENDS", "DEFAULT_BASE_URL", "JobConfig", "job_record", "job_spec"]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+BACKENDS = ("online", "batch")
 
 AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -70,6 +74,13 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
     flush_interval: float = 1.0
     drain_timeout: float = 30.0
     check_endpoint: bool = True
+    backend: Literal["online", "batch"] = "online"
+    """``online``: one HTTP request per item; ``batch``: OpenAI Batch API files (half the
+    price, results within the completion window; see :mod:`asyncgen.engine.batch`)."""
+    batch_poll: Positive = 30.0
+    """Batch backend: seconds between the first looks at a batch (growing to 4 x)."""
+    batch_max_requests: Annotated[int, msgspec.Meta(ge=1, le=50_000)] = 50_000
+    """Batch backend: requests per batch file at most (OpenAI's limit is 50 000)."""
 
     def validate(self) -> None:
         """Raise ConfigError, naming the setting, for settings that cannot work (wrong types
@@ -139,3 +150,16 @@ def job_spec(cfg: JobConfig, template: Template | None = None) -> dict[str, Any]
         "persona_field": cfg.persona_field,
         "extra_body": cfg.extra_body,
     }
+
+
+def job_record(cfg: JobConfig, paths: list[Path], template: Template | None) -> dict[str, Any]:
+    """A run's settings as the manifest records them: enough to run the job again from
+    anywhere (absolute input paths), never a secret (no key, no URL credentials)."""
+    record: dict[str, Any] = msgspec.to_builtins(cfg)
+    record["inputs"] = [str(p.resolve()) for p in paths]
+    record["output"] = str(Path(cfg.output).resolve())
+    record["base_url"] = [redact_url(u) for u in cfg.base_urls]
+    if cfg.prompt is not None and os.path.isfile(cfg.prompt):
+        record["prompt"] = str(Path(cfg.prompt).resolve())
+    record["template_endpoint"] = template.endpoint if template else None
+    return record

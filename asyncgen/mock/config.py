@@ -19,6 +19,7 @@ _PROBABILITIES = (
     "stream_cut",
     "stream_stall",
     "invalid_json",
+    "batch_error",
 )
 _NON_NEGATIVE = (
     "latency",
@@ -26,6 +27,7 @@ _NON_NEGATIVE = (
     "retry_after",
     "hang_seconds",
     "token_latency",
+    "batch_delay",
     "load_slowdown",
 )
 
@@ -95,6 +97,15 @@ class MockConfig(msgspec.Struct, kw_only=True):
     """Share of structured replies (``response_format`` JSON) that are invalid: cut short
     (``finish_reason`` "length") or missing a field."""
 
+    batch_delay: float = 0.0
+    """Batch API: seconds from a batch's creation until a look at it finds it finished."""
+    batch_error: float = 0.0
+    """Batch API: share of a batch's requests answered with a 500 (in the error file)."""
+    batch_fail: int = 0
+    """Batch API: the first this many batches to finish end ``failed``, without output."""
+    batch_expire: int = 0
+    """Batch API: the next this many end ``expired`` with half their requests done."""
+
     def __post_init__(self) -> None:
         for name in _PROBABILITIES:
             value = getattr(self, name)
@@ -103,6 +114,8 @@ class MockConfig(msgspec.Struct, kw_only=True):
         for name in _NON_NEGATIVE:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.batch_fail < 0 or self.batch_expire < 0:
+            raise ValueError("batch_fail and batch_expire must not be negative")
         if self.output_tokens < 1:
             raise ValueError("output_tokens must be at least 1")
         for name in ("rpm_limit", "tpm_limit"):

@@ -1,7 +1,8 @@
 """An OpenAI/vLLM-compatible mock server with latency, load, rate limits and fault injection.
 
 Routes (under ``/v1`` like OpenAI and ``vllm serve``): ``POST /chat/completions``,
-``POST /completions``, ``GET /models``; plus ``GET /health`` (vLLM) and, for tests and
+``POST /completions``, ``GET /models``, the Batch API's ``/files`` and ``/batches`` (see
+:mod:`asyncgen.mock.batches`); plus ``GET /health`` (vLLM) and, for tests and
 benchmarks, ``GET /mock/stats`` (the :meth:`MockServer.statistics`) and ``POST /mock/reset``.
 
 A generation request goes through, in order:
@@ -42,6 +43,7 @@ from types import TracebackType
 import msgspec
 from aiohttp import web
 
+from asyncgen.mock.batches import BatchApi
 from asyncgen.mock.budget import RateBudgets, RunningSlots
 from asyncgen.mock.completions import (
     DEFAULT_MODEL,
@@ -79,6 +81,10 @@ class MockStats(msgspec.Struct, frozen=True):
     max_running_seen: int = 0
     invalid_json: int = 0
     """Complete structured replies that were made invalid on purpose."""
+    batches_created: int = 0
+    """Batch API: batches created (never reset: they are the server's state)."""
+    batch_most_submissions: int = 0
+    """Batch API: the most created batches any one custom_id was in."""
 
 
 class MockServer:
@@ -102,6 +108,10 @@ class MockServer:
         if cfg.rpm_limit is not None or cfg.tpm_limit is not None:
             self._budgets = RateBudgets(cfg.rpm_limit, cfg.tpm_limit, cfg.limit_burst)
         self._slots = RunningSlots(cfg.max_running)
+        self.batches = BatchApi(
+            cfg, self._replies, self._authorized, self._unauthorized, self._rng.random
+        )
+        """The Batch API's files and batches (see :mod:`asyncgen.mock.batches`)."""
         self._runner: web.AppRunner | None = None
 
     @property
@@ -121,6 +131,8 @@ class MockServer:
             rate_limited=self._rate_limited,
             max_running_seen=self._slots.peak,
             invalid_json=self._invalid_json,
+            batches_created=len(self.batches.created),
+            batch_most_submissions=max(self.batches.submitted.values(), default=0),
         )
 
     def reset_statistics(self) -> None:
@@ -166,6 +178,7 @@ class MockServer:
         app.router.add_get("/health", self._health)
         app.router.add_get("/mock/stats", self._statistics)
         app.router.add_post("/mock/reset", self._reset)
+        self.batches.add_routes(app)
         # Hung handlers are cancelled at shutdown instead of holding it for hang_seconds.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2, handle_signals=False)
         await runner.setup()

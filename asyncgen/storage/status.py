@@ -47,7 +47,11 @@ class JobStatus(msgspec.Struct, kw_only=True):
     """The span from the first attempt to the last outcome, less the pauses of more than a
     minute in it (between a run and a later one, say ``retry-failed`` a day after)."""
     cost: float | None = None
-    """Estimated from the token counts and the prices given, if any."""
+    """Estimated from the token counts and the prices given, if any; tokens of Batch API
+    outputs at ``batch_rate`` times the prices."""
+    batch_prompt_tokens: int = 0
+    """Of ``prompt_tokens``, those of successes the Batch API produced."""
+    batch_completion_tokens: int = 0
     no_usage: int = 0
     """Successes whose server reported no token counts (or only some): their tokens are
     unknown, so they are left out of the totals and the cost, not priced at zero."""
@@ -77,12 +81,17 @@ def _described(root: Path, spec: dict[str, Any]) -> _Described:
 
 
 def status(
-    root: Path, *, price_input: float | None = None, price_output: float | None = None
+    root: Path,
+    *,
+    price_input: float | None = None,
+    price_output: float | None = None,
+    batch_rate: float = 0.5,
 ) -> JobStatus:
     """Summarise ``root`` by reading every record (seconds per million records).
 
     Prices are per million tokens; with either given, ``cost`` is estimated from the usage
-    the server reported (``no_usage`` counts the successes it covers not).
+    the server reported (``no_usage`` counts the successes it covers not), the successes
+    of Batch API outputs at ``batch_rate`` times them (OpenAI bills batches at half price).
     """
     manifest = read_manifest(root)
     described = _described(root, manifest.spec)
@@ -91,6 +100,7 @@ def status(
     last: float | None = None
     # Tokens of every reply the server reported: successes, failures, rejected replies.
     spent = [0, 0]
+    batch = [0, 0]
     # One pass over the successes: totals, and the failures that retries settled.
     failures = last_failures(root, spent)
     active = _ActiveTime()
@@ -102,6 +112,8 @@ def status(
         add_tokens(spent, r.usage, r.rejected_usage)
         if r.usage is None or not r.usage.known:
             no_usage += 1
+        if r.batch_id is not None:
+            add_tokens(batch, r.usage)
         start = r.started if r.started is not None else r.created - r.latency_s
         first = start if first is None else min(first, start)
         last = r.created if last is None else max(last, r.created)
@@ -117,9 +129,10 @@ def status(
     prompt_tokens, completion_tokens = spent
     cost = None
     if price_input is not None or price_output is not None:
-        cost = (
-            prompt_tokens * (price_input or 0.0) + completion_tokens * (price_output or 0.0)
-        ) / 1e6
+        prices = (price_input or 0.0, price_output or 0.0)
+        online = sum((s - b) * p for s, b, p in zip(spent, batch, prices, strict=True))
+        batched = sum(b * p * batch_rate for b, p in zip(batch, prices, strict=True))
+        cost = (online + batched) / 1e6
     busy = active.seconds()
     return JobStatus(
         output=str(root),
@@ -142,6 +155,8 @@ def status(
         cost=cost,
         no_usage=no_usage,
         failed_by_code={r: dict(c.most_common()) for r, c in by_code.items()},
+        batch_prompt_tokens=batch[0],
+        batch_completion_tokens=batch[1],
     )
 
 
