@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from asyncgen._version import __version__
-from asyncgen.core.errors import TransportError, job_error
+from asyncgen.core.errors import ConfigError, TransportError, job_error
 from asyncgen.core.flow import FlowControl
 from asyncgen.core.ledger import Redo
 from asyncgen.core.redact import redact_url
@@ -107,6 +107,8 @@ class Engine:
     async def __aenter__(self) -> Engine:
         cfg = self.config
         template = self._template = load_template(cfg.prompt) if cfg.prompt else None
+        if template is not None and template.endpoint == "embeddings" and cfg.stream:
+            raise ConfigError(f"template {template.name!r} is for embeddings, which do not stream")
         self._paths = expand_inputs(cfg.inputs)
         store = await asyncio.to_thread(
             Store.open,

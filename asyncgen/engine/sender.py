@@ -11,6 +11,7 @@ import msgspec
 
 from asyncgen.core.leases import Feedback, Lease, Signal
 from asyncgen.core.ledger import Ledger
+from asyncgen.core.embedding import vector_bytes
 from asyncgen.core.records import Completion, ErrorInfo, Result, Usage, WorkItem
 from asyncgen.core.retry import Outcome, RetryPolicy
 from asyncgen.core.validate import Checked
@@ -261,7 +262,7 @@ class Sender:
         """The template's ``[output]`` checks on a reply (batch lines have none). A reply that
         fails them still cost tokens, so they are counted here."""
         spec = self._output
-        if spec is None or item.template is None:
+        if spec is None or item.template is None or not c.choices:
             return _UNCHECKED
         choice = c.choices[0]
         text = choice.message.content if choice.message is not None else choice.text
@@ -297,8 +298,14 @@ class Sender:
         is given, else a failure."""
         body = item.body
         model = body.get("model")
-        output = finish_reason = reasoning = tool_calls = usage = None
-        if completion is not None:
+        output = finish_reason = reasoning = tool_calls = usage = embedding = None
+        if completion is not None and completion.data:
+            usage = completion.usage
+            if usage is not None:
+                self._counts.prompt_tokens += usage.prompt_tokens or 0
+            embedding = vector_bytes(completion.data[0].embedding)  # checked by interpret
+            model = completion.model or model
+        elif completion is not None:
             choice = completion.choices[0]
             message = choice.message
             usage = completion.usage
@@ -341,6 +348,7 @@ class Sender:
             self._redo,
             parsed,
             rejected,
+            embedding,
         )
 
     def __repr__(self) -> str:

@@ -1,7 +1,8 @@
 """An OpenAI/vLLM-compatible mock server with latency, load, rate limits and fault injection.
 
 Routes (under ``/v1`` like OpenAI and ``vllm serve``): ``POST /chat/completions``,
-``POST /completions``, ``GET /models``; plus ``GET /health`` (vLLM) and, for tests and
+``POST /completions``, ``POST /embeddings`` (see :mod:`asyncgen.mock.embeddings`),
+``GET /models``; plus ``GET /health`` (vLLM) and, for tests and
 benchmarks, ``GET /mock/stats`` (the :meth:`MockServer.statistics`) and ``POST /mock/reset``.
 
 A generation request goes through, in order:
@@ -52,6 +53,7 @@ from asyncgen.mock.completions import (
     read_request,
 )
 from asyncgen.mock.config import MockConfig
+from asyncgen.mock.embeddings import embeddings_reply, read_embed
 from asyncgen.mock.faults import fault_reply, openai_error, pick_fault, set_retry_after, vllm_error
 from asyncgen.mock.stream import COMPLETE, send_stream
 
@@ -151,7 +153,7 @@ class MockServer:
         if not self.config.broken or request.path.startswith("/mock/"):
             return await handler(request)
         self._routes[request.path] += 1
-        if request.path in ("/v1/chat/completions", "/v1/completions"):
+        if request.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             self._requests += 1
             self._outcomes["500"] += 1
         return openai_error(
@@ -162,6 +164,7 @@ class MockServer:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._broken])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/mock/stats", self._statistics)
@@ -244,6 +247,56 @@ class MockServer:
         self._outcomes[outcome] += 1
         return response
 
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        self._routes[request.path] += 1
+        self._requests += 1
+        outcome, response = await self._embed(request)
+        self._outcomes[outcome] += 1
+        return response
+
+    async def _embed(self, request: web.Request) -> tuple[str, web.StreamResponse]:
+        """An embeddings request through the same checks, budgets, faults and slots as a
+        generation (no decode time: the latency is the whole of it)."""
+        cfg = self.config
+        if not self._authorized(request):
+            return "401", self._unauthorized()
+        if cfg.quota_exhausted:
+            return "quota", openai_error(
+                429, "You exceeded your current quota.", "insufficient_quota", "insufficient_quota"
+            )
+        try:
+            ask = read_embed(await request.read(), models=cfg.models)
+        except BadRequest as exc:
+            refusal = openai_error(exc.status, str(exc), "invalid_request_error", exc.code)
+            return str(exc.status), refusal
+        body, tokens = embeddings_reply(ask)
+        headers: dict[str, str] = {}
+        if self._budgets is not None:
+            verdict = self._budgets.admit(tokens, asyncio.get_running_loop().time())
+            if cfg.ratelimit_headers:
+                headers = verdict.headers
+            if not verdict.admitted:
+                self._rate_limited += 1
+                refusal = openai_error(429, verdict.message, verdict.kind, "rate_limit_exceeded")
+                set_retry_after(refusal, math.ceil(verdict.wait * 1000))
+                refusal.headers.update(headers)
+                return "rate_limited", refusal
+        fault = pick_fault(cfg, self._rng.random())
+        if fault == "drop":
+            await self._sleep_latency()
+            if request.transport is not None:
+                request.transport.abort()
+            return "drop", web.Response(status=500)
+        if fault == "hang":
+            await asyncio.sleep(cfg.hang_seconds)
+        elif fault is not None:
+            return fault, fault_reply(fault, cfg, lambda: body, self._rng, headers)
+        async with self._slots.hold():
+            await self._sleep_latency()
+        self._prompt_tokens += tokens
+        reply = web.Response(body=body, content_type="application/json", headers=headers)
+        return ("hang" if fault == "hang" else "ok"), reply
+
     # -- one generation request --------------------------------------------------------------
 
     async def _answer(self, request: web.Request, chat: bool) -> tuple[str, web.StreamResponse]:
@@ -292,13 +345,13 @@ class MockServer:
             outcome, response = await self._send(request, ask, reply, headers)
             return ("hang" if outcome == "ok" else outcome), response
         if fault == "429":
-            return fault, fault_reply(fault, cfg, reply, self._rng, headers)
+            return fault, fault_reply(fault, cfg, reply.body, self._rng, headers)
         if cfg.max_waiting is not None and self._slots.full(cfg.max_waiting):
             return "shed", vllm_error(503, "The server is overloaded.", "ServiceUnavailableError")
         async with self._slots.hold():
             await self._sleep_latency()
             if fault is not None:
-                return fault, fault_reply(fault, cfg, reply, self._rng, headers)
+                return fault, fault_reply(fault, cfg, reply.body, self._rng, headers)
             if not ask.stream:
                 await self._decode(reply.steps)
             return await self._send(request, ask, reply, headers)
