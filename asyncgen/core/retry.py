@@ -99,7 +99,9 @@ def interpret(status: int, body: bytes) -> Outcome:
 def _embedding(completion: Completion) -> Outcome:
     """An embeddings reply holds one vector that is a vector (one text per request)."""
     if len(completion.data) != 1:
-        error = ErrorInfo("malformed_response", f"{len(completion.data)} vectors for one input", 200)
+        error = ErrorInfo(
+            "malformed_response", f"{len(completion.data)} vectors for one input", 200
+        )
         return Outcome(None, error, True)
     try:
         vector_bytes(completion.data[0].embedding)

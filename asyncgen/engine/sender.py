@@ -9,9 +9,9 @@ from typing import Any
 
 import msgspec
 
+from asyncgen.core.embedding import vector_bytes
 from asyncgen.core.leases import Feedback, Lease, Signal
 from asyncgen.core.ledger import Ledger
-from asyncgen.core.embedding import vector_bytes
 from asyncgen.core.records import Completion, ErrorInfo, Result, Usage, WorkItem
 from asyncgen.core.retry import Outcome, RetryPolicy
 from asyncgen.core.validate import Checked

@@ -158,8 +158,7 @@ class Template:
         where = f"template {name!r}" + (f" ({path})" if path else "")
         if endpoint not in _ENDPOINTS:
             raise ConfigError(
-                f"{where}: endpoint must be 'chat', 'completions' or 'embeddings', "
-                f"not {endpoint!r}"
+                f"{where}: endpoint must be 'chat', 'completions' or 'embeddings', not {endpoint!r}"
             )
         if not user.strip():
             raise ConfigError(f"{where}: 'user' is empty")

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from asyncgen.cli.args import add_inputs, number, positive_int
-from asyncgen.cli.console import out, say
+from asyncgen.cli.console import error, out, say, warn
 from asyncgen.cli.exits import Exit
 from asyncgen.personas.dedup_files import dedup_files
 from asyncgen.personas.reader import BadLine, PersonaReader, refuse_overwrite
@@ -119,7 +119,42 @@ def format_stats(s: PersonaStats) -> str:
     return "\n".join(lines)
 
 
+def _run_semantic_dedup(args: argparse.Namespace) -> Exit:
+    if args.embeddings is None:
+        error("dedup --semantic needs --embeddings DIR (the output of an embedding job)")
+        return Exit.USAGE
+    from asyncgen.personas.semantic_files import semantic_dedup_files
+
+    log = _BadLog("dedup")
+    s = semantic_dedup_files(
+        args.input,
+        args.output,
+        embeddings=args.embeddings,
+        report=args.report,
+        field=args.field,
+        threshold=args.threshold,
+        strict=args.strict,
+        on_bad=log,
+    )
+    log.close()
+    rss = "" if s.peak_rss_mb is None else f", peak RSS {s.peak_rss_mb:,.0f} MB"
+    say(
+        f"dedup: read {s.read:,} records, kept {s.kept:,}; dropped {s.dropped:,} semantic "
+        f"duplicates (cosine >= {args.threshold:g}); {s.bad_lines:,} bad lines; "
+        f"{s.seconds:.1f} s{rss}"
+    )
+    if s.without_vector:
+        warn(
+            f"dedup: {s.without_vector:,} personas have no vector in {args.embeddings} "
+            "(kept unchecked; is the embedding job finished, over these shards?)"
+        )
+    say(f"dedup: output {s.output}, report {s.report}")
+    return _status(s.bad_lines)
+
+
 def _run_dedup(args: argparse.Namespace) -> Exit:
+    if args.semantic:
+        return _run_semantic_dedup(args)
     log = _BadLog("dedup")
     s = dedup_files(
         args.input,
@@ -275,8 +310,8 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "--threshold",
         type=_fraction,
         default=0.9,
-        help="least estimated Jaccard similarity of word sets for a near duplicate "
-        "(default: %(default)s, as Persona Hub)",
+        help="least estimated Jaccard similarity of word sets for a near duplicate, or with "
+        "--semantic the least cosine similarity (default: %(default)s, as Persona Hub)",
     )
     dedup.add_argument(
         "--num-perm",
@@ -287,5 +322,19 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     )
     dedup.add_argument(
         "--no-near", action="store_true", help="exact duplicates only (fast, little memory)"
+    )
+    dedup.add_argument(
+        "--semantic",
+        action="store_true",
+        help="instead of MinHash: drop a persona whose embedding has cosine similarity of at "
+        "least --threshold with one kept before it (an approximate nearest-neighbour index "
+        "over the kept vectors; needs --embeddings and the 'semantic' extra); the report "
+        "names the nearest kept persona and the cosine",
+    )
+    dedup.add_argument(
+        "--embeddings",
+        metavar="DIR",
+        help="with --semantic: the output directory of an embedding job over the same shards "
+        "(asyncgen run --prompt embed ...); vectors are matched by shard and line",
     )
     dedup.set_defaults(handler=_run_dedup)
