@@ -228,3 +228,46 @@ def test_semantic_dedup_needs_embeddings(tmp_path: Path) -> None:
     args = ["personas", "dedup", "--semantic", "--input", str(shard), "-o", str(tmp_path / "o")]
     assert main(args) == 2
     assert main([*args, "--embeddings", str(tmp_path / "nothing")]) == 2
+
+
+def test_diversity_of_near_copies_is_lower_than_of_distinct_vectors() -> None:
+    import numpy as np
+
+    from asyncgen.personas.diversity import diversity
+
+    rng = np.random.default_rng(0)
+    distinct = rng.standard_normal((400, 32)).astype(np.float32)
+    close = np.repeat(distinct[:100], 4, axis=0) + 0.05 * rng.standard_normal((400, 32))
+    wide, narrow = diversity(distinct, sample=400, pairs=5000), diversity(close, sample=400)
+    assert wide.exact and wide.vectors == 400 and wide.dimensions == 32
+    assert wide.nearest is not None and narrow.nearest is not None and wide.pairs is not None
+    assert wide.nearest.count == 400 and wide.pairs.count == 5000
+    assert narrow.nearest.p50 > 0.99 > 0.8 > wide.nearest.p90  # copies have a twin
+    assert abs(wide.pairs.mean) < 0.05 and wide.pairs.p10 < 0 < wide.pairs.p90
+    # No vector is its own neighbour: exact copies are found as each other's, at 1.
+    twins = diversity(np.concatenate([distinct, distinct]), sample=100)
+    assert twins.nearest is not None and twins.nearest.p10 > 0.999
+
+
+def test_stats_semantic_prints_the_similarity_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asyncgen.cli.main import main
+    from asyncgen.storage.shards import LinesWriter
+
+    out = tmp_path / "emb"
+    out.mkdir()
+    shard = write_shard(tmp_path / "p.jsonl", persona_lines(30))
+    with LinesWriter(out / "results-000001.jsonl.zst") as w:
+        for i in range(1, 31):
+            vector = vector_bytes(embed_text(f"persona {i % 10} who likes maps", 16))
+            record = {"custom_id": f"p:{i}:e:0", "source": {"shard": "p", "line": i}}
+            w.write(msgspec.json.encode({**record, "embedding": vector}))
+    args = ["personas", "stats", "--input", str(shard), "--semantic", "--embeddings", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "vectors            30 x 16" in text and "nearest (exact)" in text
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["semantic"]["nearest"]["p50"] > 0.99  # every text has nine equal ones
+    assert report["text"]["records"] == 30

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-__all__ = ["SemanticDeduplicator", "SemanticStats", "Verdict", "unit_rows"]
+__all__ = ["SemanticDeduplicator", "SemanticStats", "Verdict", "hnsw_index", "modules", "unit_rows"]
 
 _M = 16  # HNSW links per node: recall of near copies is high at this, memory is modest
 _EF_SEARCH = 64
@@ -47,7 +47,7 @@ class SemanticStats(msgspec.Struct, frozen=True):
     dimensions: int | None
 
 
-def _modules() -> tuple[Any, Any]:
+def modules() -> tuple[Any, Any]:
     try:
         import faiss
         import numpy
@@ -60,12 +60,23 @@ def _modules() -> tuple[Any, Any]:
 
 def unit_rows(vectors: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     """``vectors`` as float32 rows of length 1 (a zero row stays zero)."""
-    numpy, _ = _modules()
+    numpy, _ = modules()
     rows = numpy.ascontiguousarray(vectors, dtype=numpy.float32)
     norms = numpy.linalg.norm(rows, axis=1, keepdims=True)
     norms[norms == 0] = 1.0
     out: npt.NDArray[np.float32] = rows / norms
     return out
+
+
+def hnsw_index(dimensions: int) -> Any:
+    """An empty faiss HNSW index over fp16-quantised vectors, by inner product."""
+    _, faiss = modules()
+    index = faiss.IndexHNSWSQ(
+        dimensions, faiss.ScalarQuantizer.QT_fp16, _M, faiss.METRIC_INNER_PRODUCT
+    )
+    index.hnsw.efSearch = _EF_SEARCH
+    index.hnsw.efConstruction = _EF_CONSTRUCTION
+    return index
 
 
 class SemanticDeduplicator:
@@ -74,7 +85,7 @@ class SemanticDeduplicator:
     def __init__(self, *, threshold: float = 0.9, threads: int = 1) -> None:
         if not -1.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (-1, 1], got {threshold}")
-        self._np, self._faiss = _modules()
+        self._np, self._faiss = modules()
         self._faiss.omp_set_num_threads(threads)
         self.threshold = threshold
         self._index: Any = None
@@ -82,15 +93,6 @@ class SemanticDeduplicator:
         """Key of each vector in the index, by its position there."""
         self._seen = 0
         self._dimensions: int | None = None
-
-    def _make_index(self, dimensions: int) -> Any:
-        faiss = self._faiss
-        index = faiss.IndexHNSWSQ(
-            dimensions, faiss.ScalarQuantizer.QT_fp16, _M, faiss.METRIC_INNER_PRODUCT
-        )
-        index.hnsw.efSearch = _EF_SEARCH
-        index.hnsw.efConstruction = _EF_CONSTRUCTION
-        return index
 
     def check_block(self, vectors: npt.NDArray[Any], keys: Sequence[int]) -> list[Verdict]:
         """The verdicts for ``vectors`` (one row per persona, in input order); kept ones join
@@ -104,7 +106,7 @@ class SemanticDeduplicator:
             return []
         if self._index is None:
             self._dimensions = rows.shape[1]
-            self._index = self._make_index(rows.shape[1])
+            self._index = hnsw_index(rows.shape[1])
         elif rows.shape[1] != self._dimensions:
             raise ValueError(f"vectors of {rows.shape[1]} dimensions after {self._dimensions}")
         self._seen += n

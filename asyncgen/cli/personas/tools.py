@@ -18,6 +18,7 @@ from asyncgen.cli.args import add_inputs, number, positive_int
 from asyncgen.cli.console import error, out, say, warn
 from asyncgen.cli.exits import Exit
 from asyncgen.personas.dedup_files import dedup_files
+from asyncgen.personas.diversity import Diversity
 from asyncgen.personas.reader import BadLine, PersonaReader, refuse_overwrite
 from asyncgen.personas.select import PersonaFilter, reservoir_sample
 from asyncgen.personas.stats import PersonaStats, StatsCollector
@@ -94,8 +95,39 @@ def _run_stats(args: argparse.Namespace) -> Exit:
         collector.add(persona.text)
     log.close()
     stats = collector.result(reader.bad)
+    if args.semantic:
+        if args.embeddings is None:
+            error("stats --semantic needs --embeddings DIR (the output of an embedding job)")
+            return Exit.USAGE
+        from asyncgen.personas.diversity import diversity
+        from asyncgen.personas.semantic_files import load_vectors
+
+        spread = diversity(load_vectors(args.embeddings).matrix, seed=args.seed)
+        if args.json:
+            both = {"text": stats, "semantic": spread}
+            out(msgspec.json.encode(both).decode())
+        else:
+            out(format_stats(stats) + "\n" + format_diversity(spread))
+        return _status(reader.bad)
     out(msgspec.json.encode(stats).decode() if args.json else format_stats(stats))
     return _status(reader.bad)
+
+
+def format_diversity(d: Diversity) -> str:
+    """The similarity table ``stats --semantic`` prints without ``--json``."""
+    how = "exact" if d.exact else "HNSW"
+    lines = [
+        f"vectors            {d.vectors:,} x {d.dimensions}",
+        f"{'cosine':18} {'n':>9} "
+        + " ".join(f"{h:>7}" for h in ("mean", "p10", "p50", "p90", "p99", "max")),
+    ]
+    for name, s in ((f"nearest ({how})", d.nearest), ("random pairs", d.pairs)):
+        if s is not None:
+            cells = (
+                f"{s.mean:7.4f} {s.p10:7.4f} {s.p50:7.4f} {s.p90:7.4f} {s.p99:7.4f} {s.max:7.4f}"
+            )
+            lines.append(f"{name:18} {s.count:9,} {cells}")
+    return "\n".join(lines)
 
 
 def format_stats(s: PersonaStats) -> str:
@@ -283,6 +315,22 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     stats.add_argument("--json", action="store_true", help="print one JSON object instead")
     stats.add_argument(
         "--top", type=positive_int, default=20, metavar="N", help="top terms (default: 20)"
+    )
+    stats.add_argument(
+        "--semantic",
+        action="store_true",
+        help="also the diversity of the personas' embeddings (--embeddings): each sampled "
+        "vector's cosine to its nearest neighbour (10 000 sampled; exact up to 50 000 vectors, "
+        "else HNSW) and of 100 000 random pairs, mean and quantiles; needs the 'semantic' extra",
+    )
+    stats.add_argument(
+        "--embeddings",
+        metavar="DIR",
+        help="with --semantic: the output directory of an embedding job (asyncgen run "
+        "--prompt embed ...); all its vectors are measured",
+    )
+    stats.add_argument(
+        "--seed", type=int, default=0, help="with --semantic: the sample's seed (default: 0)"
     )
     stats.set_defaults(handler=_run_stats)
 
