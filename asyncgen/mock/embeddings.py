@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from asyncgen.mock.completions import BadRequest
+from asyncgen.mock.completions import BadRequest, read_body
 
 __all__ = ["DEFAULT_DIMENSIONS", "EmbedAsk", "embed_text", "embeddings_reply", "read_embed"]
 
@@ -42,17 +42,7 @@ class EmbedAsk(msgspec.Struct, frozen=True):
 
 def read_embed(raw: bytes, *, models: list[str]) -> EmbedAsk:
     """The request in ``raw``, or :class:`BadRequest` worded like OpenAI's refusal."""
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        raise BadRequest(400, "We could not parse the JSON body of your request.") from None
-    if not isinstance(body, dict):
-        raise BadRequest(400, "The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest(400, "You must provide a model parameter.")
-    if models and model not in models:
-        raise BadRequest(404, f"The model `{model}` does not exist.", "model_not_found")
+    body, model = read_body(raw, models=models)
     texts = body.get("input")
     if isinstance(texts, str):
         texts = [texts]

@@ -270,23 +270,12 @@ class MockServer:
             refusal = openai_error(exc.status, str(exc), "invalid_request_error", exc.code)
             return str(exc.status), refusal
         body, tokens = embeddings_reply(ask)
-        headers: dict[str, str] = {}
-        if self._budgets is not None:
-            verdict = self._budgets.admit(tokens, asyncio.get_running_loop().time())
-            if cfg.ratelimit_headers:
-                headers = verdict.headers
-            if not verdict.admitted:
-                self._rate_limited += 1
-                refusal = openai_error(429, verdict.message, verdict.kind, "rate_limit_exceeded")
-                set_retry_after(refusal, math.ceil(verdict.wait * 1000))
-                refusal.headers.update(headers)
-                return "rate_limited", refusal
+        headers, refused = self._admit(tokens)
+        if refused is not None:
+            return "rate_limited", refused
         fault = pick_fault(cfg, self._rng.random())
         if fault == "drop":
-            await self._sleep_latency()
-            if request.transport is not None:
-                request.transport.abort()
-            return "drop", web.Response(status=500)
+            return "drop", await self._drop(request)
         if fault == "hang":
             await asyncio.sleep(cfg.hang_seconds)
         elif fault is not None:
@@ -296,6 +285,28 @@ class MockServer:
         self._prompt_tokens += tokens
         reply = web.Response(body=body, content_type="application/json", headers=headers)
         return ("hang" if fault == "hang" else "ok"), reply
+
+    def _admit(self, tokens: int) -> tuple[dict[str, str], web.Response | None]:
+        """The rate budgets' verdict on a request costing ``tokens``: the headers to send,
+        and OpenAI's 429 if it does not fit."""
+        if self._budgets is None:
+            return {}, None
+        verdict = self._budgets.admit(tokens, asyncio.get_running_loop().time())
+        headers = verdict.headers if self.config.ratelimit_headers else {}
+        if verdict.admitted:
+            return headers, None
+        self._rate_limited += 1
+        refusal = openai_error(429, verdict.message, verdict.kind, "rate_limit_exceeded")
+        set_retry_after(refusal, math.ceil(verdict.wait * 1000))
+        refusal.headers.update(headers)
+        return headers, refusal
+
+    async def _drop(self, request: web.Request) -> web.Response:
+        """The ``drop`` fault: the connection closes after the latency, with no reply."""
+        await self._sleep_latency()
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=500)
 
     # -- one generation request --------------------------------------------------------------
 
@@ -318,28 +329,16 @@ class MockServer:
             return str(exc.status), refusal
         reply = self._replies.make(ask, chat=chat)
 
-        headers: dict[str, str] = {}
-        if self._budgets is not None:
-            now = asyncio.get_running_loop().time()
-            output = reply.completion_tokens
-            if cfg.charge_max_tokens and ask.limit is not None:
-                output = max(output, ask.limit)
-            verdict = self._budgets.admit(reply.prompt_tokens + output, now)
-            if cfg.ratelimit_headers:
-                headers = verdict.headers
-            if not verdict.admitted:
-                self._rate_limited += 1
-                refusal = openai_error(429, verdict.message, verdict.kind, "rate_limit_exceeded")
-                set_retry_after(refusal, math.ceil(verdict.wait * 1000))
-                refusal.headers.update(headers)
-                return "rate_limited", refusal
+        output = reply.completion_tokens
+        if cfg.charge_max_tokens and ask.limit is not None:
+            output = max(output, ask.limit)
+        headers, refused = self._admit(reply.prompt_tokens + output)
+        if refused is not None:
+            return "rate_limited", refused
 
         fault = pick_fault(cfg, self._rng.random())
         if fault == "drop":
-            await self._sleep_latency()
-            if request.transport is not None:
-                request.transport.abort()
-            return "drop", web.Response(status=500)
+            return "drop", await self._drop(request)
         if fault == "hang":
             await asyncio.sleep(cfg.hang_seconds)
             outcome, response = await self._send(request, ask, reply, headers)
