@@ -13,7 +13,12 @@ from typing import Any
 import msgspec
 
 from asyncgen.core.errors import ConfigError, InputError
-from asyncgen.personas.dedup_files import DropRecord, default_report_path, peak_rss_mb
+from asyncgen.personas.dedup_files import (
+    DropRecord,
+    bad_line_reporter,
+    default_report_path,
+    peak_rss_mb,
+)
 from asyncgen.personas.reader import BadLine, PersonaReader, refuse_overwrite
 from asyncgen.storage.shards import LinesWriter
 from asyncgen.storage.sources import shard_name
@@ -119,14 +124,7 @@ def semantic_dedup_files(
 
     encoder = msgspec.json.Encoder()
     with LinesWriter(output) as out, LinesWriter(report_path) as rep:
-
-        def bad(line: BadLine) -> None:
-            where = line.shard if line.lineno is None else f"{line.shard}:{line.lineno}"
-            rep.write(encoder.encode(DropRecord(where, "bad", None, None, line.reason)))
-            if on_bad is not None:
-                on_bad(line)
-
-        reader.on_bad = bad
+        reader.on_bad = bad_line_reporter(rep, encoder, on_bad)
         for batch in reader.batches():
             found = [table.rows.get((p.line.shard, p.line.lineno)) for p in batch]
             with_vector = [i for i, row in enumerate(found) if row is not None]
