@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncgen.personas.semantic import SemanticDeduplicator
+from asyncgen.personas.semantic import EF_SEARCH, SemanticDeduplicator
 
 WORDS, VOCABULARY, BLOCK = 30, 20_000, 2048
 
@@ -36,14 +36,14 @@ def planted(n: int, dims: int, share: float, seed: int) -> tuple[Any, Any]:
         words[i] = words[rng.integers(0, i)]
         words[i, rng.integers(0, WORDS)] = rng.integers(0, VOCABULARY)
     out = np.empty((n, dims), dtype=np.float16)
-    for s in range(0, n, 65_536):
-        block = signs[words[s : s + 65_536]].sum(axis=1)
-        out[s : s + 65_536] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    for s in range(0, n, 4096):  # a small block: signs[words] is 30 x the output
+        block = signs[words[s : s + 4096]].sum(axis=1)
+        out[s : s + 4096] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out, is_copy
 
 
-def run_asyncgen(vectors: Any, is_copy: Any, threshold: float) -> dict[str, Any]:
-    dedup = SemanticDeduplicator(threshold=threshold)
+def run_asyncgen(vectors: Any, is_copy: Any, threshold: float, ef: int) -> dict[str, Any]:
+    dedup = SemanticDeduplicator(threshold=threshold, ef_search=ef)
     removed = np.zeros(len(vectors), dtype=bool)
     started = time.perf_counter()
     for s in range(0, len(vectors), BLOCK):
@@ -53,6 +53,7 @@ def run_asyncgen(vectors: Any, is_copy: Any, threshold: float) -> dict[str, Any]
     seconds = time.perf_counter() - started
     return {
         "library": "faiss IndexHNSWSQ fp16 (asyncgen)",
+        "ef_search": ef,
         "n": len(vectors),
         "seconds": round(seconds, 1),
         "per_second": round(len(vectors) / seconds),
@@ -95,6 +96,7 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--compare", action="store_true", help="time faiss and usearch first")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--ef-search", type=int, default=EF_SEARCH, help="HNSW search breadth")
     args = p.parse_args()
     vectors, is_copy = planted(args.n, args.dims, args.copies, args.seed)
     if args.compare:
@@ -108,7 +110,7 @@ def main() -> None:
         ):
             print(json.dumps({"n": args.n, **row}), flush=True)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    row = run_asyncgen(vectors, is_copy, args.threshold)
+    row = run_asyncgen(vectors, is_copy, args.threshold, args.ef_search)
     row["vectors_mb"] = round(vectors.nbytes / 2**20)
     row["peak_rss_mb_before"] = round(rss_before)
     row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

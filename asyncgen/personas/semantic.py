@@ -25,10 +25,20 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-__all__ = ["SemanticDeduplicator", "SemanticStats", "Verdict", "hnsw_index", "modules", "unit_rows"]
+__all__ = [
+    "EF_SEARCH",
+    "SemanticDeduplicator",
+    "SemanticStats",
+    "Verdict",
+    "hnsw_index",
+    "modules",
+    "unit_rows",
+]
 
 _M = 16  # HNSW links per node: recall of near copies is high at this, memory is modest
-_EF_SEARCH = 64
+EF_SEARCH = 128
+"""Candidates an HNSW search keeps: at 64, 89 % of planted copies were found among 200 000
+random-like vectors; 128 is the default (see benchmarks/README.md, semantic dedup)."""
 _EF_CONSTRUCTION = 64
 
 
@@ -68,13 +78,13 @@ def unit_rows(vectors: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     return out
 
 
-def hnsw_index(dimensions: int) -> Any:
+def hnsw_index(dimensions: int, ef_search: int = EF_SEARCH) -> Any:
     """An empty faiss HNSW index over fp16-quantised vectors, by inner product."""
     _, faiss = modules()
     index = faiss.IndexHNSWSQ(
         dimensions, faiss.ScalarQuantizer.QT_fp16, _M, faiss.METRIC_INNER_PRODUCT
     )
-    index.hnsw.efSearch = _EF_SEARCH
+    index.hnsw.efSearch = ef_search
     index.hnsw.efConstruction = _EF_CONSTRUCTION
     return index
 
@@ -82,12 +92,15 @@ def hnsw_index(dimensions: int) -> Any:
 class SemanticDeduplicator:
     """Sans-IO: give it blocks of vectors in input order with their keys, get a verdict each."""
 
-    def __init__(self, *, threshold: float = 0.9, threads: int = 1) -> None:
+    def __init__(
+        self, *, threshold: float = 0.9, threads: int = 1, ef_search: int = EF_SEARCH
+    ) -> None:
         if not -1.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (-1, 1], got {threshold}")
         self._np, self._faiss = modules()
         self._faiss.omp_set_num_threads(threads)
         self.threshold = threshold
+        self._ef_search = ef_search
         self._index: Any = None
         self._keys: list[int] = []
         """Key of each vector in the index, by its position there."""
@@ -106,7 +119,7 @@ class SemanticDeduplicator:
             return []
         if self._index is None:
             self._dimensions = rows.shape[1]
-            self._index = hnsw_index(rows.shape[1])
+            self._index = hnsw_index(rows.shape[1], self._ef_search)
         elif rows.shape[1] != self._dimensions:
             raise ValueError(f"vectors of {rows.shape[1]} dimensions after {self._dimensions}")
         self._seen += n

@@ -98,6 +98,7 @@ def semantic_dedup_files(
     report: str | Path | None = None,
     field: str = "persona",
     threshold: float = 0.9,
+    ef_search: int | None = None,
     strict: bool = False,
     on_bad: Callable[[BadLine], None] | None = None,
 ) -> SemanticSummary:
@@ -109,7 +110,9 @@ def semantic_dedup_files(
     from asyncgen.personas.semantic import SemanticDeduplicator
 
     try:
-        dedup = SemanticDeduplicator(threshold=threshold)
+        dedup = SemanticDeduplicator(
+            threshold=threshold, **({} if ef_search is None else {"ef_search": ef_search})
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     reader = PersonaReader(inputs, field=field, strict=strict)

@@ -165,6 +165,7 @@ def _run_semantic_dedup(args: argparse.Namespace) -> Exit:
         report=args.report,
         field=args.field,
         threshold=args.threshold,
+        ef_search=args.ef_search,
         strict=args.strict,
         on_bad=log,
     )
@@ -378,6 +379,13 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "least --threshold with one kept before it (an approximate nearest-neighbour index "
         "over the kept vectors; needs --embeddings and the 'semantic' extra); the report "
         "names the nearest kept persona and the cosine",
+    )
+    dedup.add_argument(
+        "--ef-search",
+        type=positive_int,
+        metavar="N",
+        help="with --semantic: candidates the HNSW search keeps (default 128); higher finds "
+        "more copies, slower (benchmarks/README.md, semantic dedup)",
     )
     dedup.add_argument(
         "--embeddings",
