@@ -86,6 +86,8 @@ def load_vectors(job_dir: str | Path) -> VectorTable:
             flush()
     if pending:
         flush()
+    if not chunks:
+        raise InputError(f"{job_dir}: the embedding job has no vectors yet")
     matrix = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
     return VectorTable(matrix, rows)
 
