@@ -72,9 +72,13 @@ def test_vector_bytes_reads_floats_and_base64_and_refuses_the_rest() -> None:
     for bad in ("not base64!", base64.b64encode(b"12345").decode(), [], None, ["x"]):
         with pytest.raises(EmbeddingError):
             vector_bytes(bad)
-    good = interpret(200, b'{"data": [{"embedding": [0.1, 0.2], "index": 0}], "model": "e"}')
+    reply = b'{"data": [{"embedding": [0.1, 0.2], "index": 0}], "model": "e"}'
+    good = interpret(200, reply, embeddings=True)
     assert good.completion is not None and good.error is None
-    broken = interpret(200, b'{"data": [{"embedding": "@@@", "index": 0}]}')
+    # The same reply to a chat request is not a completion.
+    wrong = interpret(200, reply)
+    assert wrong.error is not None and wrong.error.message == "200 with no choices"
+    broken = interpret(200, b'{"data": [{"embedding": "@@@", "index": 0}]}', embeddings=True)
     assert broken.error is not None and broken.error.code == "malformed_response"
     assert broken.retryable
 

@@ -75,8 +75,9 @@ _NO_MODEL = re.compile(
 )
 
 
-def interpret(status: int, body: bytes) -> Outcome:
-    """Classify an HTTP response to a completion request."""
+def interpret(status: int, body: bytes, *, embeddings: bool = False) -> Outcome:
+    """Classify an HTTP response to a completion request (``embeddings``: to an embeddings
+    request, whose good reply holds one vector in ``data`` instead of choices)."""
     if status == 200:
         try:
             completion = _completion_decoder.decode(body)
@@ -86,7 +87,7 @@ def interpret(status: int, body: bytes) -> Outcome:
                 None, ErrorInfo("malformed_response", f"200 with {kind} body: {exc}", 200), True
             )
         if not completion.choices:
-            if completion.data:
+            if embeddings and completion.data:
                 return _embedding(completion)
             return Outcome(None, ErrorInfo("malformed_response", "200 with no choices", 200), True)
         return Outcome(completion, None, False)
