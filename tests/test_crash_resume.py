@@ -3,6 +3,7 @@ every item is there exactly once, every file decodes, and a finished rerun sends
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import random
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import assert_exactly_once, clean_env, personas, write_shard
+from .conftest import assert_exactly_once, clean_env, personas, read_output, write_shard
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +88,8 @@ def run_cli(args: list[str], *, kill_after: float | None = None) -> tuple[int, s
 
 
 @pytest.mark.parametrize(
-    "mode", ["plain", "stream-two-endpoints", "gzip-and-parquet", "remote-gzip-and-parquet"]
+    "mode",
+    ["plain", "stream-two-endpoints", "gzip-and-parquet", "remote-gzip-and-parquet", "embeddings"],
 )
 def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str, mode: str) -> None:
     with contextlib.ExitStack() as stack:
@@ -96,6 +98,11 @@ def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str, m
         if mode.endswith("gzip-and-parquet"):
             remote = mode.startswith("remote")  # file:// URLs, read through fsspec
             kill_and_resume(tmp_path, urls, extra, kinds=("jsonl.gz", "parquet"), remote=remote)
+            return
+        if mode == "embeddings":
+            kill_and_resume(tmp_path, urls, [], prompt="embed")
+            found = read_output(tmp_path / "out")
+            assert all(len(base64.b64decode(r["embedding"])) == 256 * 4 for r in found["results"])
             return
         if mode != "plain":
             # A second replica that cuts 5 % of streams; the job streams from both.
@@ -112,6 +119,7 @@ def kill_and_resume(
     kinds: tuple[str, str] = ("jsonl.zst", "jsonl.zst"),
     *,
     remote: bool = False,
+    prompt: str = "math",
 ) -> None:
     server_url = urls[0]
     n = 4000
@@ -124,7 +132,7 @@ def kill_and_resume(
         "--input",
         *([s.as_uri() for s in shards] if remote else [str(tmp_path / "personas-*")]),
         "--prompt",
-        "math",
+        prompt,
         "--model",
         "mock-model",
         "--output",
@@ -155,7 +163,7 @@ def kill_and_resume(
         pytest.fail("the job never finished")
     assert kills >= 3, f"the job finished before it could be killed often enough (seed {seed})"
     expected = {
-        f"personas-{k}:{i}:math:0" for k in range(len(shards)) for i in range(1, n // 2 + 1)
+        f"personas-{k}:{i}:{prompt}:0" for k in range(len(shards)) for i in range(1, n // 2 + 1)
     }
     found = assert_exactly_once(out, expected)
     assert len(found["results"]) == n

@@ -35,6 +35,10 @@ def test_every_shipped_template_renders(name: str) -> None:
         user = body["messages"][-1]
         assert user["role"] == "user"
         text = "\n".join(m["content"] for m in body["messages"])
+    elif template.endpoint == "embeddings":
+        assert template.url == "/embeddings"
+        assert body == {"input": PERSONA, "encoding_format": "base64"}
+        return
     else:
         assert template.url == "/completions"
         text = body["prompt"]
@@ -161,7 +165,7 @@ def test_bad_records_raise_input_error(record: dict[str, object], message: str) 
         ('system = "only a system"', "'user' .* is required"),
         ('user = "   "', "'user' is empty"),
         ('user = "no placeholder at all"', "uses no placeholder"),
-        ('user = "{persona}"\nendpoint = "embeddings"', "endpoint must be"),
+        ('user = "{persona}"\nendpoint = "images"', "endpoint must be"),
         ('user = "{persona}"\nendpoint = "completions"\nsystem = "s"', "no system message"),
         ('user = "{persona}"\n[sampling]\nmodel = "x"', r"may not set model"),
         ('user = "{persona}"\n[sampling]\nstream = true', r"may not set stream"),

@@ -154,6 +154,9 @@ class Result(msgspec.Struct, gc=False):
     batch_id: str | None = None
     """The OpenAI batch whose output this is (``--backend batch``): its tokens are billed
     at the Batch API's rate."""
+    embedding: bytes | None = None
+    """An embeddings reply's vector as little-endian float32 bytes (base64 in the JSON
+    line; see :mod:`asyncgen.core.embedding`)."""
 
 
 class BadLine(msgspec.Struct, gc=False):
@@ -182,12 +185,19 @@ class _Choice(msgspec.Struct, gc=False):
     finish_reason: str | None = None
 
 
-class Completion(msgspec.Struct, gc=False):
-    """The part of a chat or text completion response that asyncgen keeps."""
+class _Embedding(msgspec.Struct, gc=False):
+    embedding: list[float] | str | None = None
+    index: int = 0
 
-    choices: list[_Choice]
+
+class Completion(msgspec.Struct, gc=False):
+    """The part of a chat or text completion response, or of an embeddings response
+    (``data``), that asyncgen keeps."""
+
+    choices: list[_Choice] = []
     model: str | None = None
     usage: Usage | None = None
+    data: list[_Embedding] = []
 
 
 def bad_utf8(raw: bytes, exc: Exception) -> str | None:

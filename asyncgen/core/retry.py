@@ -20,6 +20,7 @@ import re
 
 import msgspec
 
+from asyncgen.core.embedding import EmbeddingError, vector_bytes
 from asyncgen.core.records import Completion, ErrorInfo
 
 __all__ = ["QUOTA_CODE", "Outcome", "RetryPolicy", "Stop", "interpret", "retryable_status"]
@@ -74,8 +75,9 @@ _NO_MODEL = re.compile(
 )
 
 
-def interpret(status: int, body: bytes) -> Outcome:
-    """Classify an HTTP response to a completion request."""
+def interpret(status: int, body: bytes, *, embeddings: bool = False) -> Outcome:
+    """Classify an HTTP response to a completion request (``embeddings``: to an embeddings
+    request, whose good reply holds one vector in ``data`` instead of choices)."""
     if status == 200:
         try:
             completion = _completion_decoder.decode(body)
@@ -85,12 +87,28 @@ def interpret(status: int, body: bytes) -> Outcome:
                 None, ErrorInfo("malformed_response", f"200 with {kind} body: {exc}", 200), True
             )
         if not completion.choices:
+            if embeddings and completion.data:
+                return _embedding(completion)
             return Outcome(None, ErrorInfo("malformed_response", "200 with no choices", 200), True)
         return Outcome(completion, None, False)
     error = _error_info(status, body)
     stop = _stop(status, error)
     retryable = retryable_status(status) and stop is not Stop.QUOTA
     return Outcome(None, error, retryable, stop)
+
+
+def _embedding(completion: Completion) -> Outcome:
+    """An embeddings reply holds one vector that is a vector (one text per request)."""
+    if len(completion.data) != 1:
+        error = ErrorInfo(
+            "malformed_response", f"{len(completion.data)} vectors for one input", 200
+        )
+        return Outcome(None, error, True)
+    try:
+        vector_bytes(completion.data[0].embedding)
+    except EmbeddingError as exc:
+        return Outcome(None, ErrorInfo("malformed_response", str(exc), 200), True)
+    return Outcome(completion, None, False)
 
 
 def _stop(status: int, error: ErrorInfo) -> Stop | None:

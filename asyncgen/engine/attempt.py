@@ -133,7 +133,7 @@ class Attempter:
                     self.deadlines.pop(task, None)  # the sweep may have taken it
                     self.expired.discard(task)
                 status, headers = resp.status, resp.headers
-                outcome = interpret(resp.status, resp.body)
+                outcome = interpret(resp.status, resp.body, embeddings=item.url == "/embeddings")
         except TimeoutError as exc:
             message = str(exc) or f"no complete response within {self._timeout:g}s"
             return Outcome(None, ErrorInfo("timeout", message), True), _TIMEOUT, None

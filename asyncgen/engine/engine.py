@@ -115,6 +115,8 @@ class Engine:
     async def __aenter__(self) -> Engine:
         cfg = self.config
         template = self._template = load_template(cfg.prompt) if cfg.prompt else None
+        if template is not None and template.endpoint == "embeddings" and cfg.stream:
+            raise ConfigError(f"template {template.name!r} is for embeddings, which do not stream")
         # In a thread: a remote input (fsspec) is looked up over the network.
         self._paths = await asyncio.to_thread(expand_inputs, cfg.inputs)
         store = await asyncio.to_thread(

@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from asyncgen.core.embedding import vector_bytes
 from asyncgen.core.leases import Feedback, Lease, Signal
 from asyncgen.core.ledger import Ledger
 from asyncgen.core.records import Completion, ErrorInfo, Result, Usage, WorkItem
@@ -289,7 +290,7 @@ class Sender:
         """The template's ``[output]`` checks on a reply (batch lines have none). A reply that
         fails them still cost tokens, so they are counted here."""
         spec = self._output
-        if spec is None or item.template is None:
+        if spec is None or item.template is None or not c.choices:
             return _UNCHECKED
         choice = c.choices[0]
         calls = choice.message is not None and bool(choice.message.tool_calls)
@@ -329,8 +330,14 @@ class Sender:
         is given, else a failure."""
         body = item.body
         model = body.get("model")
-        output = finish_reason = reasoning = tool_calls = usage = None
-        if completion is not None:
+        output = finish_reason = reasoning = tool_calls = usage = embedding = None
+        if completion is not None and completion.data:
+            usage = completion.usage
+            if usage is not None:
+                self._counts.prompt_tokens += usage.prompt_tokens or 0
+            embedding = vector_bytes(completion.data[0].embedding)  # checked by interpret
+            model = completion.model or model
+        elif completion is not None:
             choice = completion.choices[0]
             message = choice.message
             usage = completion.usage
@@ -375,6 +382,8 @@ class Sender:
             rejected,
             rejected_text,
             item.url,
+            None,  # batch_id: the batch backend's
+            embedding,
         )
 
     def __repr__(self) -> str:

@@ -23,9 +23,11 @@ BATCH_URLS = {
     "/v1/completions": "/completions",
     "/chat/completions": "/chat/completions",
     "/completions": "/completions",
+    "/v1/embeddings": "/embeddings",
+    "/embeddings": "/embeddings",
 }
 _decoder = msgspec.json.Decoder()
-NOT_SAMPLING = frozenset({"model", "messages", "prompt"})
+NOT_SAMPLING = frozenset({"model", "messages", "prompt", "input"})
 """Request fields that are content, not parameters (a result's ``sampling`` leaves them out)."""
 
 
@@ -40,9 +42,10 @@ def _estimate_prompt_tokens(body: dict[str, Any]) -> int:
             chars += sum(
                 len(str(part.get("text", ""))) for part in content if isinstance(part, dict)
             )
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        chars += len(prompt)
+    for key in ("prompt", "input"):
+        text = body.get(key)
+        if isinstance(text, str):
+            chars += len(text)
     return chars // 4 + 1
 
 

@@ -3,7 +3,8 @@
 A template file looks like this::
 
     description = "a hard math problem in the persona's voice"
-    endpoint = "chat"                # or "completions" for /v1/completions
+    endpoint = "chat"                # or "completions" for /v1/completions, "embeddings"
+                                     # for /v1/embeddings (``user`` is the text embedded)
     fields = ["topic"]               # record fields usable besides {persona}
     system = "You are ..."           # optional
     user = "As {persona}, ..."       # required; becomes the prompt for "completions"
@@ -45,9 +46,13 @@ __all__ = [
 ]
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_ENDPOINTS = {"chat": "/chat/completions", "completions": "/completions"}
+_ENDPOINTS = {
+    "chat": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+}
 _KEYS = {"description", "endpoint", "fields", "system", "user", "sampling", "output"}
-RESERVED_BODY = frozenset({"model", "messages", "prompt", "stream", "n"})
+RESERVED_BODY = frozenset({"model", "messages", "prompt", "input", "stream", "n"})
 """Request fields that neither a template's ``[sampling]`` nor ``extra_body`` may set: the
 model is the job's, the prompt the template's, ``stream`` the job's ``--stream``, and ``n``
 would ask for choices of which one is kept per request."""
@@ -153,12 +158,14 @@ class Template:
         where = f"template {name!r}" + (f" ({path})" if path else "")
         if endpoint not in _ENDPOINTS:
             raise ConfigError(
-                f"{where}: endpoint must be 'chat' or 'completions', not {endpoint!r}"
+                f"{where}: endpoint must be 'chat', 'completions' or 'embeddings', not {endpoint!r}"
             )
         if not user.strip():
             raise ConfigError(f"{where}: 'user' is empty")
-        if endpoint == "completions" and system:
-            raise ConfigError(f"{where}: a 'completions' template has no system message")
+        if endpoint in ("completions", "embeddings") and system:
+            raise ConfigError(f"{where}: a {endpoint!r} template has no system message")
+        if endpoint == "embeddings" and output is not None:
+            raise ConfigError(f"{where}: an 'embeddings' template has no [output] checks")
         allowed = {"persona", *fields}
         for part, text in (("system", system or ""), ("user", user)):
             unknown = sorted(_placeholders(text) - allowed)
@@ -172,6 +179,10 @@ class Template:
         if "persona" not in _placeholders(user) | _placeholders(system or "") and not fields:
             raise ConfigError(f"{where}: the template uses no placeholder; add {{persona}}")
         sampling = dict(sampling or {})
+        if endpoint == "embeddings":
+            # Vectors travel as base64 float32 unless the template asks for floats: a third
+            # of the bytes, and decoded without parsing decimals.
+            sampling.setdefault("encoding_format", "base64")
         reserved = sorted(RESERVED_BODY & sampling.keys())
         if reserved:
             raise ConfigError(f"{where}: [sampling] may not set {', '.join(reserved)}")
@@ -245,6 +256,8 @@ class Template:
         body: dict[str, Any]
         if self.endpoint == "completions":
             body = {"prompt": user}
+        elif self.endpoint == "embeddings":
+            body = {"input": user}
         else:
             message = {"role": "user", "content": user}
             if self.system:

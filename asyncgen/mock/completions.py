@@ -21,7 +21,7 @@ import msgspec
 from asyncgen.mock.config import MockConfig
 from asyncgen.mock.jsonreply import break_json, requested_schema, sample_json
 
-__all__ = ["DEFAULT_MODEL", "Ask", "BadRequest", "Replies", "Reply", "read_request"]
+__all__ = ["DEFAULT_MODEL", "Ask", "BadRequest", "Replies", "Reply", "read_body", "read_request"]
 
 _VOCABULARY = (
     "the quiet river turns north past old mills where a clockmaker counts gears and measures"
@@ -59,9 +59,8 @@ class Ask(NamedTuple):
     """The JSON schema a ``response_format`` asks for (``{}`` for any JSON object)."""
 
 
-def read_request(raw: bytes, *, chat: bool, models: list[str]) -> Ask:
-    """The request in ``raw``, or :class:`BadRequest` worded like OpenAI's refusal of it
-    (``models``: those served; empty accepts any)."""
+def read_body(raw: bytes, *, models: list[str]) -> tuple[dict[str, Any], str]:
+    """A request's JSON object and its model, or :class:`BadRequest` as OpenAI words it."""
     try:
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError:
@@ -73,6 +72,13 @@ def read_request(raw: bytes, *, chat: bool, models: list[str]) -> Ask:
         raise BadRequest(400, "You must provide a model parameter.")
     if models and model not in models:
         raise BadRequest(404, f"The model `{model}` does not exist.", "model_not_found")
+    return body, model
+
+
+def read_request(raw: bytes, *, chat: bool, models: list[str]) -> Ask:
+    """The request in ``raw``, or :class:`BadRequest` worded like OpenAI's refusal of it
+    (``models``: those served; empty accepts any)."""
+    body, model = read_body(raw, models=models)
     prompt = _prompt_text(body, chat)
     if prompt is None:
         what = "'messages' must be a non-empty list" if chat else "'prompt' is required"

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import Literal
 
 import msgspec
 from aiohttp import web
 
-from asyncgen.mock.completions import Reply
 from asyncgen.mock.config import MockConfig
 
 __all__ = ["Fault", "fault_reply", "openai_error", "pick_fault", "set_retry_after", "vllm_error"]
@@ -66,11 +66,12 @@ def set_retry_after(response: web.StreamResponse, ms: int) -> None:
 def fault_reply(
     fault: Literal["429", "500", "503", "malformed"],
     config: MockConfig,
-    reply: Reply,
+    body_of: Callable[[], bytes],
     rng: random.Random,
     headers: dict[str, str],
 ) -> web.Response:
-    """The reply of an injected failure (``rng`` picks the malformed body), with ``headers``."""
+    """The reply of an injected failure (``rng`` picks the malformed body, cut from what
+    ``body_of`` gives), with ``headers``."""
     if fault == "429":
         response = openai_error(
             429, "Rate limit reached for requests (mock).", "requests", "rate_limit_exceeded"
@@ -87,7 +88,7 @@ def fault_reply(
         if config.retry_after_503:
             set_retry_after(response, round(config.retry_after * 1000))
     else:
-        full = reply.body()
+        full = body_of()
         variants = (b"", full[: len(full) // 2], b"<html>Bad Gateway</html>", b"{}")
         broken = variants[rng.randrange(len(variants))]
         return web.Response(

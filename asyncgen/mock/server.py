@@ -1,7 +1,8 @@
 """An OpenAI/vLLM-compatible mock server with latency, load, rate limits and fault injection.
 
 Routes (under ``/v1`` like OpenAI and ``vllm serve``): ``POST /chat/completions``,
-``POST /completions``, ``GET /models``, the Batch API's ``/files`` and ``/batches`` (see
+``POST /completions``, ``POST /embeddings`` (see :mod:`asyncgen.mock.embeddings`),
+``GET /models``, the Batch API's ``/files`` and ``/batches`` (see
 :mod:`asyncgen.mock.batches`); plus ``GET /health`` (vLLM) and, for tests and
 benchmarks, ``GET /mock/stats`` (the :meth:`MockServer.statistics`) and ``POST /mock/reset``.
 
@@ -54,6 +55,7 @@ from asyncgen.mock.completions import (
     read_request,
 )
 from asyncgen.mock.config import MockConfig
+from asyncgen.mock.embeddings import embeddings_reply, read_embed
 from asyncgen.mock.faults import fault_reply, openai_error, pick_fault, set_retry_after, vllm_error
 from asyncgen.mock.stream import COMPLETE, send_stream
 
@@ -163,7 +165,7 @@ class MockServer:
         if not self.config.broken or request.path.startswith("/mock/"):
             return await handler(request)
         self._routes[request.path] += 1
-        if request.path in ("/v1/chat/completions", "/v1/completions"):
+        if request.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             self._requests += 1
             self._outcomes["500"] += 1
         return openai_error(
@@ -174,6 +176,7 @@ class MockServer:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._broken])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/mock/stats", self._statistics)
@@ -257,6 +260,67 @@ class MockServer:
         self._outcomes[outcome] += 1
         return response
 
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        self._routes[request.path] += 1
+        self._requests += 1
+        outcome, response = await self._embed(request)
+        self._outcomes[outcome] += 1
+        return response
+
+    async def _embed(self, request: web.Request) -> tuple[str, web.StreamResponse]:
+        """An embeddings request through the same checks, budgets, faults and slots as a
+        generation (no decode time: the latency is the whole of it)."""
+        cfg = self.config
+        if not self._authorized(request):
+            return "401", self._unauthorized()
+        if cfg.quota_exhausted:
+            return "quota", openai_error(
+                429, "You exceeded your current quota.", "insufficient_quota", "insufficient_quota"
+            )
+        try:
+            ask = read_embed(await request.read(), models=cfg.models)
+        except BadRequest as exc:
+            refusal = openai_error(exc.status, str(exc), "invalid_request_error", exc.code)
+            return str(exc.status), refusal
+        body, tokens = embeddings_reply(ask)
+        headers, refused = self._admit(tokens)
+        if refused is not None:
+            return "rate_limited", refused
+        fault = pick_fault(cfg, self._rng.random())
+        if fault == "drop":
+            return "drop", await self._drop(request)
+        if fault == "hang":
+            await asyncio.sleep(cfg.hang_seconds)
+        elif fault is not None:
+            return fault, fault_reply(fault, cfg, lambda: body, self._rng, headers)
+        async with self._slots.hold():
+            await self._sleep_latency()
+        self._prompt_tokens += tokens
+        reply = web.Response(body=body, content_type="application/json", headers=headers)
+        return ("hang" if fault == "hang" else "ok"), reply
+
+    def _admit(self, tokens: int) -> tuple[dict[str, str], web.Response | None]:
+        """The rate budgets' verdict on a request costing ``tokens``: the headers to send,
+        and OpenAI's 429 if it does not fit."""
+        if self._budgets is None:
+            return {}, None
+        verdict = self._budgets.admit(tokens, asyncio.get_running_loop().time())
+        headers = verdict.headers if self.config.ratelimit_headers else {}
+        if verdict.admitted:
+            return headers, None
+        self._rate_limited += 1
+        refusal = openai_error(429, verdict.message, verdict.kind, "rate_limit_exceeded")
+        set_retry_after(refusal, math.ceil(verdict.wait * 1000))
+        refusal.headers.update(headers)
+        return headers, refusal
+
+    async def _drop(self, request: web.Request) -> web.Response:
+        """The ``drop`` fault: the connection closes after the latency, with no reply."""
+        await self._sleep_latency()
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=500)
+
     # -- one generation request --------------------------------------------------------------
 
     async def _answer(self, request: web.Request, chat: bool) -> tuple[str, web.StreamResponse]:
@@ -278,40 +342,28 @@ class MockServer:
             return str(exc.status), refusal
         reply = self._replies.make(ask, chat=chat)
 
-        headers: dict[str, str] = {}
-        if self._budgets is not None:
-            now = asyncio.get_running_loop().time()
-            output = reply.completion_tokens
-            if cfg.charge_max_tokens and ask.limit is not None:
-                output = max(output, ask.limit)
-            verdict = self._budgets.admit(reply.prompt_tokens + output, now)
-            if cfg.ratelimit_headers:
-                headers = verdict.headers
-            if not verdict.admitted:
-                self._rate_limited += 1
-                refusal = openai_error(429, verdict.message, verdict.kind, "rate_limit_exceeded")
-                set_retry_after(refusal, math.ceil(verdict.wait * 1000))
-                refusal.headers.update(headers)
-                return "rate_limited", refusal
+        output = reply.completion_tokens
+        if cfg.charge_max_tokens and ask.limit is not None:
+            output = max(output, ask.limit)
+        headers, refused = self._admit(reply.prompt_tokens + output)
+        if refused is not None:
+            return "rate_limited", refused
 
         fault = pick_fault(cfg, self._rng.random())
         if fault == "drop":
-            await self._sleep_latency()
-            if request.transport is not None:
-                request.transport.abort()
-            return "drop", web.Response(status=500)
+            return "drop", await self._drop(request)
         if fault == "hang":
             await asyncio.sleep(cfg.hang_seconds)
             outcome, response = await self._send(request, ask, reply, headers)
             return ("hang" if outcome == "ok" else outcome), response
         if fault == "429":
-            return fault, fault_reply(fault, cfg, reply, self._rng, headers)
+            return fault, fault_reply(fault, cfg, reply.body, self._rng, headers)
         if cfg.max_waiting is not None and self._slots.full(cfg.max_waiting):
             return "shed", vllm_error(503, "The server is overloaded.", "ServiceUnavailableError")
         async with self._slots.hold():
             await self._sleep_latency()
             if fault is not None:
-                return fault, fault_reply(fault, cfg, reply, self._rng, headers)
+                return fault, fault_reply(fault, cfg, reply.body, self._rng, headers)
             if not ask.stream:
                 await self._decode(reply.steps)
             return await self._send(request, ask, reply, headers)

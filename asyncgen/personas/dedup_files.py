@@ -16,7 +16,14 @@ from asyncgen.personas.reader import BadLine, PersonaReader, refuse_overwrite
 from asyncgen.storage.shards import LinesWriter
 from asyncgen.storage.sources import shard_name
 
-__all__ = ["DedupSummary", "DropRecord", "dedup_files", "default_report_path", "peak_rss_mb"]
+__all__ = [
+    "DedupSummary",
+    "DropRecord",
+    "bad_line_reporter",
+    "dedup_files",
+    "default_report_path",
+    "peak_rss_mb",
+]
 
 _LINE_BITS = 40  # dedup keys: input index << 40 | line number
 
@@ -84,14 +91,7 @@ def dedup_files(
 
     encoder = msgspec.json.Encoder()
     with LinesWriter(output) as out, LinesWriter(report_path) as rep:
-
-        def bad(line: BadLine) -> None:
-            where = line.shard if line.lineno is None else f"{line.shard}:{line.lineno}"
-            rep.write(encoder.encode(DropRecord(where, "bad", None, None, line.reason)))
-            if on_bad is not None:
-                on_bad(line)
-
-        reader.on_bad = bad
+        reader.on_bad = bad_line_reporter(rep, encoder, on_bad)
         for batch in reader.batches():
             keys = [index[p.line.path] << _LINE_BITS | p.line.lineno for p in batch]
             verdicts = dedup.check_batch([p.text for p in batch], keys)
@@ -116,6 +116,20 @@ def dedup_files(
         output=str(output),
         report=str(report_path),
     )
+
+
+def bad_line_reporter(
+    rep: LinesWriter, encoder: msgspec.json.Encoder, on_bad: Callable[[BadLine], None] | None
+) -> Callable[[BadLine], None]:
+    """What a dedup does with a bad line: a ``bad`` report line, then ``on_bad``."""
+
+    def bad(line: BadLine) -> None:
+        where = line.shard if line.lineno is None else f"{line.shard}:{line.lineno}"
+        rep.write(encoder.encode(DropRecord(where, "bad", None, None, line.reason)))
+        if on_bad is not None:
+            on_bad(line)
+
+    return bad
 
 
 def peak_rss_mb() -> float | None:

@@ -15,9 +15,10 @@ from typing import Any
 import msgspec
 
 from asyncgen.cli.args import add_inputs, number, positive_int
-from asyncgen.cli.console import out, say
+from asyncgen.cli.console import error, out, say, warn
 from asyncgen.cli.exits import Exit
 from asyncgen.personas.dedup_files import dedup_files
+from asyncgen.personas.diversity import Diversity
 from asyncgen.personas.reader import BadLine, PersonaReader, refuse_overwrite
 from asyncgen.personas.select import PersonaFilter, reservoir_sample
 from asyncgen.personas.stats import PersonaStats, StatsCollector
@@ -94,8 +95,39 @@ def _run_stats(args: argparse.Namespace) -> Exit:
         collector.add(persona.text)
     log.close()
     stats = collector.result(reader.bad)
+    if args.semantic:
+        if args.embeddings is None:
+            error("stats --semantic needs --embeddings DIR (the output of an embedding job)")
+            return Exit.USAGE
+        from asyncgen.personas.diversity import diversity
+        from asyncgen.personas.semantic_files import load_vectors
+
+        spread = diversity(load_vectors(args.embeddings).matrix, seed=args.seed)
+        if args.json:
+            both = {"text": stats, "semantic": spread}
+            out(msgspec.json.encode(both).decode())
+        else:
+            out(format_stats(stats) + "\n" + format_diversity(spread))
+        return _status(reader.bad)
     out(msgspec.json.encode(stats).decode() if args.json else format_stats(stats))
     return _status(reader.bad)
+
+
+def format_diversity(d: Diversity) -> str:
+    """The similarity table ``stats --semantic`` prints without ``--json``."""
+    how = "exact" if d.exact else "HNSW"
+    lines = [
+        f"vectors            {d.vectors:,} x {d.dimensions}",
+        f"{'cosine':18} {'n':>9} "
+        + " ".join(f"{h:>7}" for h in ("mean", "p10", "p50", "p90", "p99", "max")),
+    ]
+    for name, s in ((f"nearest ({how})", d.nearest), ("random pairs", d.pairs)):
+        if s is not None:
+            cells = (
+                f"{s.mean:7.4f} {s.p10:7.4f} {s.p50:7.4f} {s.p90:7.4f} {s.p99:7.4f} {s.max:7.4f}"
+            )
+            lines.append(f"{name:18} {s.count:9,} {cells}")
+    return "\n".join(lines)
 
 
 def format_stats(s: PersonaStats) -> str:
@@ -119,7 +151,43 @@ def format_stats(s: PersonaStats) -> str:
     return "\n".join(lines)
 
 
+def _run_semantic_dedup(args: argparse.Namespace) -> Exit:
+    if args.embeddings is None:
+        error("dedup --semantic needs --embeddings DIR (the output of an embedding job)")
+        return Exit.USAGE
+    from asyncgen.personas.semantic_files import semantic_dedup_files
+
+    log = _BadLog("dedup")
+    s = semantic_dedup_files(
+        args.input,
+        args.output,
+        embeddings=args.embeddings,
+        report=args.report,
+        field=args.field,
+        threshold=args.threshold,
+        ef_search=args.ef_search,
+        strict=args.strict,
+        on_bad=log,
+    )
+    log.close()
+    rss = "" if s.peak_rss_mb is None else f", peak RSS {s.peak_rss_mb:,.0f} MB"
+    say(
+        f"dedup: read {s.read:,} records, kept {s.kept:,}; dropped {s.dropped:,} semantic "
+        f"duplicates (cosine >= {args.threshold:g}); {s.bad_lines:,} bad lines; "
+        f"{s.seconds:.1f} s{rss}"
+    )
+    if s.without_vector:
+        warn(
+            f"dedup: {s.without_vector:,} personas have no vector in {args.embeddings} "
+            "(kept unchecked; is the embedding job finished, over these shards?)"
+        )
+    say(f"dedup: output {s.output}, report {s.report}")
+    return _status(s.bad_lines)
+
+
 def _run_dedup(args: argparse.Namespace) -> Exit:
+    if args.semantic:
+        return _run_semantic_dedup(args)
     log = _BadLog("dedup")
     s = dedup_files(
         args.input,
@@ -249,6 +317,22 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     stats.add_argument(
         "--top", type=positive_int, default=20, metavar="N", help="top terms (default: 20)"
     )
+    stats.add_argument(
+        "--semantic",
+        action="store_true",
+        help="also the diversity of the personas' embeddings (--embeddings): each sampled "
+        "vector's cosine to its nearest neighbour (10 000 sampled; exact up to 50 000 vectors, "
+        "else HNSW) and of 100 000 random pairs, mean and quantiles; needs the 'semantic' extra",
+    )
+    stats.add_argument(
+        "--embeddings",
+        metavar="DIR",
+        help="with --semantic: the output directory of an embedding job (asyncgen run "
+        "--prompt embed ...); all its vectors are measured",
+    )
+    stats.add_argument(
+        "--seed", type=int, default=0, help="with --semantic: the sample's seed (default: 0)"
+    )
     stats.set_defaults(handler=_run_stats)
 
     dedup = sub.add_parser(
@@ -275,8 +359,8 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "--threshold",
         type=_fraction,
         default=0.9,
-        help="least estimated Jaccard similarity of word sets for a near duplicate "
-        "(default: %(default)s, as Persona Hub)",
+        help="least estimated Jaccard similarity of word sets for a near duplicate, or with "
+        "--semantic the least cosine similarity (default: %(default)s, as Persona Hub)",
     )
     dedup.add_argument(
         "--num-perm",
@@ -287,5 +371,26 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     )
     dedup.add_argument(
         "--no-near", action="store_true", help="exact duplicates only (fast, little memory)"
+    )
+    dedup.add_argument(
+        "--semantic",
+        action="store_true",
+        help="instead of MinHash: drop a persona whose embedding has cosine similarity of at "
+        "least --threshold with one kept before it (an approximate nearest-neighbour index "
+        "over the kept vectors; needs --embeddings and the 'semantic' extra); the report "
+        "names the nearest kept persona and the cosine",
+    )
+    dedup.add_argument(
+        "--ef-search",
+        type=positive_int,
+        metavar="N",
+        help="with --semantic: candidates the HNSW search keeps (default 128); higher finds "
+        "more copies, slower (benchmarks/README.md, semantic dedup)",
+    )
+    dedup.add_argument(
+        "--embeddings",
+        metavar="DIR",
+        help="with --semantic: the output directory of an embedding job over the same shards "
+        "(asyncgen run --prompt embed ...); vectors are matched by shard and line",
     )
     dedup.set_defaults(handler=_run_dedup)

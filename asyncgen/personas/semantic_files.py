@@ -1,0 +1,167 @@
+"""Semantic dedup of persona shards: :func:`semantic_dedup_files` reads the vectors of an
+embedding job over the same shards, streams the shards through
+:class:`~asyncgen.personas.semantic.SemanticDeduplicator`, and writes the kept lines, byte
+for byte, and a report line for every line left out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from asyncgen.core.errors import ConfigError, InputError
+from asyncgen.personas.dedup_files import (
+    DropRecord,
+    bad_line_reporter,
+    default_report_path,
+    peak_rss_mb,
+)
+from asyncgen.personas.reader import BadLine, PersonaReader, refuse_overwrite
+from asyncgen.storage.shards import LinesWriter
+from asyncgen.storage.sources import shard_name
+from asyncgen.storage.vectors import iter_vectors
+
+__all__ = ["SemanticSummary", "VectorTable", "load_vectors", "semantic_dedup_files"]
+
+_LINE_BITS = 40
+_CHUNK = 65_536
+
+
+class SemanticSummary(msgspec.Struct, frozen=True):
+    read: int
+    kept: int
+    dropped: int
+    without_vector: int
+    """Personas the embedding job has no vector for (kept: nothing says they are copies)."""
+    bad_lines: int
+    dimensions: int | None
+    seconds: float
+    peak_rss_mb: float | None
+    output: str
+    report: str
+
+
+class VectorTable:
+    """An embedding job's vectors as one float16 matrix, and each source line's row."""
+
+    def __init__(self, matrix: Any, rows: dict[tuple[str, int], int]) -> None:
+        self.matrix = matrix
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def load_vectors(job_dir: str | Path) -> VectorTable:
+    """Every vector of the embedding job in ``job_dir`` (float16: 2 bytes a dimension, ample
+    for cosines to three decimals), by ``(shard, line)`` of the line it embeds."""
+    import numpy as np
+
+    rows: dict[tuple[str, int], int] = {}
+    chunks: list[Any] = []
+    pending: list[bytes] = []
+    width: int | None = None
+
+    def flush() -> None:
+        block = np.frombuffer(b"".join(pending), dtype="<f4").reshape(len(pending), -1)
+        chunks.append(block.astype(np.float16))
+        pending.clear()
+
+    for source, raw in iter_vectors(Path(job_dir)):
+        if width is None:
+            width = len(raw)
+        elif len(raw) != width:
+            raise InputError(
+                f"{job_dir}: vectors of {len(raw) // 4} and {width // 4} dimensions in one job"
+            )
+        key = (source.shard, source.line)
+        if key in rows:
+            raise InputError(f"{job_dir}: two vectors for {source.shard}:{source.line}")
+        rows[key] = len(rows)
+        pending.append(raw)
+        if len(pending) >= _CHUNK:
+            flush()
+    if pending:
+        flush()
+    if not chunks:
+        raise InputError(f"{job_dir}: the embedding job has no vectors yet")
+    matrix = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+    return VectorTable(matrix, rows)
+
+
+def semantic_dedup_files(
+    inputs: Sequence[str],
+    output: str | Path,
+    *,
+    embeddings: str | Path,
+    report: str | Path | None = None,
+    field: str = "persona",
+    threshold: float = 0.9,
+    ef_search: int | None = None,
+    strict: bool = False,
+    on_bad: Callable[[BadLine], None] | None = None,
+) -> SemanticSummary:
+    """Write every persona of ``inputs`` whose vector (from the embedding job in
+    ``embeddings``) is below ``threshold`` cosine to all kept before it; one report line for
+    every other input line (a semantic copy or a bad line)."""
+    started = time.perf_counter()
+    report_path = Path(report) if report is not None else default_report_path(output)
+    from asyncgen.personas.semantic import SemanticDeduplicator
+
+    try:
+        dedup = SemanticDeduplicator(
+            threshold=threshold, **({} if ef_search is None else {"ef_search": ef_search})
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    reader = PersonaReader(inputs, field=field, strict=strict)
+    refuse_overwrite(reader.paths, output, report_path)
+    table = load_vectors(embeddings)
+    index = {str(p): i for i, p in enumerate(reader.paths)}
+    shards = [shard_name(p) for p in reader.paths]
+    missing = 0
+
+    def ident(key: int) -> str:
+        return f"{shards[key >> _LINE_BITS]}:{key & ((1 << _LINE_BITS) - 1)}"
+
+    encoder = msgspec.json.Encoder()
+    with LinesWriter(output) as out, LinesWriter(report_path) as rep:
+        reader.on_bad = bad_line_reporter(rep, encoder, on_bad)
+        for batch in reader.batches():
+            found = [table.rows.get((p.line.shard, p.line.lineno)) for p in batch]
+            with_vector = [i for i, row in enumerate(found) if row is not None]
+            missing += len(batch) - len(with_vector)
+            keys = [
+                index[batch[i].line.path] << _LINE_BITS | batch[i].line.lineno for i in with_vector
+            ]
+            vectors = table.matrix[[found[i] for i in with_vector]]
+            verdicts = iter(dedup.check_block(vectors, keys))
+            for i, persona in enumerate(batch):
+                verdict = next(verdicts) if found[i] is not None else None
+                if verdict is None or verdict.kept:
+                    out.write(persona.line.raw)
+                    continue
+                assert verdict.neighbour is not None
+                drop = DropRecord(
+                    f"{persona.line.shard}:{persona.line.lineno}",
+                    "semantic",
+                    ident(verdict.neighbour),
+                    verdict.similarity,
+                )
+                rep.write(encoder.encode(drop))
+    s = dedup.statistics()
+    return SemanticSummary(
+        read=s.seen + missing,
+        kept=s.kept + missing,
+        dropped=s.dropped,
+        without_vector=missing,
+        bad_lines=reader.bad,
+        dimensions=s.dimensions,
+        seconds=round(time.perf_counter() - started, 3),
+        peak_rss_mb=peak_rss_mb(),
+        output=str(output),
+        report=str(report_path),
+    )

@@ -1,0 +1,277 @@
+"""Embedding jobs (/v1/embeddings as an endpoint kind), the mock's vectors, and semantic
+dedup over them on loopback."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import random
+import struct
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from asyncgen import Engine, JobConfig
+from asyncgen.core.embedding import EmbeddingError, vector_bytes, vector_floats
+from asyncgen.core.errors import ConfigError
+from asyncgen.core.retry import interpret
+from asyncgen.job.prompts import parse_template
+from asyncgen.mock.completions import BadRequest
+from asyncgen.mock.embeddings import embed_text, embeddings_reply, read_embed
+from asyncgen.mock.server import MockConfig, MockServer
+
+from .conftest import assert_exactly_once, read_output, write_shard
+
+FAST = {"backoff_base": 0.01, "backoff_cap": 0.05, "flush_interval": 0.05}
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(
+        sum(x * x for x in a) * sum(y * y for y in b)
+    )
+
+
+def test_mock_vectors_are_unit_deterministic_and_close_for_shared_words() -> None:
+    a = embed_text("a retired nurse who grows tomatoes and reads crime novels on the porch")
+    assert a == embed_text("A retired nurse who grows tomatoes and reads crime novels on the porch")
+    assert len(a) == 256 and abs(sum(x * x for x in a) - 1) < 1e-9
+    one_word = embed_text("a retired nurse who grows peppers and reads crime novels on the porch")
+    other = embed_text("an astrophysicist studying pulsar timing with radio telescopes in Chile")
+    assert cosine(a, one_word) > 0.85 > 0.3 > cosine(a, other)
+    assert len(embed_text("x", 64)) == 64
+
+
+def test_mock_reply_in_floats_and_base64_holds_the_same_vectors() -> None:
+    raw = json.dumps({"model": "m", "input": ["one text", "two texts"], "dimensions": 8})
+    floats = msgspec.json.decode(embeddings_reply(read_embed(raw.encode(), models=[]))[0])
+    ask = read_embed(
+        raw.replace('"dimensions"', '"encoding_format": "base64", "dimensions"').encode(), models=[]
+    )
+    packed = msgspec.json.decode(embeddings_reply(ask)[0])
+    assert [d["index"] for d in floats["data"]] == [0, 1]
+    for f, p in zip(floats["data"], packed["data"], strict=True):
+        unpacked = struct.unpack("<8f", base64.b64decode(p["embedding"]))
+        assert all(abs(x - y) < 1e-6 for x, y in zip(f["embedding"], unpacked, strict=True))
+    assert floats["usage"]["prompt_tokens"] == floats["usage"]["total_tokens"] > 0
+    for bad, message in (
+        ({"model": "m", "input": ""}, "'input' must be"),
+        ({"model": "m", "input": "t", "dimensions": 0}, "'dimensions' must be between"),
+        ({"model": "m", "input": "t", "encoding_format": "int8"}, "'encoding_format'"),
+    ):
+        with pytest.raises(BadRequest, match=message):
+            read_embed(json.dumps(bad).encode(), models=[])
+
+
+def test_vector_bytes_reads_floats_and_base64_and_refuses_the_rest() -> None:
+    as_floats = vector_bytes([0.5, -0.25, 1.0])
+    assert vector_floats(as_floats) == [0.5, -0.25, 1.0]
+    assert vector_bytes(base64.b64encode(as_floats).decode()) == as_floats
+    for bad in ("not base64!", base64.b64encode(b"12345").decode(), [], None, ["x"]):
+        with pytest.raises(EmbeddingError):
+            vector_bytes(bad)
+    reply = b'{"data": [{"embedding": [0.1, 0.2], "index": 0}], "model": "e"}'
+    good = interpret(200, reply, embeddings=True)
+    assert good.completion is not None and good.error is None
+    # The same reply to a chat request is not a completion.
+    wrong = interpret(200, reply)
+    assert wrong.error is not None and wrong.error.message == "200 with no choices"
+    broken = interpret(200, b'{"data": [{"embedding": "@@@", "index": 0}]}', embeddings=True)
+    assert broken.error is not None and broken.error.code == "malformed_response"
+    assert broken.retryable
+
+
+def test_embeddings_template_renders_input_and_keeps_sampling() -> None:
+    t = parse_template(
+        'endpoint = "embeddings"\nuser = "{persona}"\n[sampling]\ndimensions = 64\n', name="e"
+    )
+    assert t.url == "/embeddings"
+    body = t.render({"persona": "a baker"})
+    assert body == {"input": "a baker", "dimensions": 64, "encoding_format": "base64"}
+    floats = parse_template(
+        'endpoint = "embeddings"\nuser = "{persona}"\n[sampling]\nencoding_format = "float"\n',
+        name="f",
+    )
+    assert floats.render({"persona": "p"})["encoding_format"] == "float"
+    for text, message in (
+        ('endpoint = "embeddings"\nsystem = "s"\nuser = "{persona}"', "no system message"),
+        ('endpoint = "embeddings"\nuser = "{persona}"\n[sampling]\ninput = "x"', "input"),
+        (
+            'endpoint = "embeddings"\nuser = "{persona}"\n[output]\nformat = "json_object"',
+            "no \\[output",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_template(text, name="bad")
+
+
+def persona_lines(n: int) -> list[dict[str, Any]]:
+    return [{"persona": f"a chemist number {i} who collects maps of lost rivers"} for i in range(n)]
+
+
+def embed_job(tmp_path: Path, urls: list[str], inputs: list[Path], **kw: Any) -> JobConfig:
+    prompt = tmp_path / "emb.toml"
+    prompt.write_text('endpoint = "embeddings"\nuser = "{persona}"\n[sampling]\ndimensions = 48\n')
+    settings: dict[str, Any] = {
+        "inputs": [str(p) for p in inputs],
+        "output": str(tmp_path / "out"),
+        "prompt": str(prompt),
+        "model": "mock-model",
+        "base_url": urls if len(urls) > 1 else urls[0],
+        "concurrency": 32,
+        "max_attempts": 12,
+        **FAST,
+        **kw,
+    }
+    return JobConfig(**settings)
+
+
+async def test_embedding_job_with_faults_on_two_endpoints_exactly_once(tmp_path: Path) -> None:
+    faults = {"fail_500": 0.05, "fail_429": 0.05, "retry_after": 0.01, "malformed": 0.05}
+    inputs = [write_shard(tmp_path / "p.jsonl", persona_lines(600))]
+    async with (
+        MockServer(MockConfig(seed=1, **faults)) as one,  # type: ignore[arg-type]
+        MockServer(MockConfig(seed=2, **faults)) as two,  # type: ignore[arg-type]
+    ):
+        config = embed_job(tmp_path, [one.base_url, two.base_url], inputs, rpm=60_000)
+        async with Engine(config, rng=random.Random(3)) as engine:
+            stats = await engine.run()
+        served = [s.statistics().by_route.get("/v1/embeddings", 0) for s in (one, two)]
+    assert stats.finished and stats.succeeded == 600 and stats.retries > 10
+    assert min(served) > 50, served  # both endpoints took a share
+    found = assert_exactly_once(tmp_path / "out", {f"p:{i}:emb:0" for i in range(1, 601)})
+    for record in found["results"][:50]:
+        vector = struct.unpack("<48f", base64.b64decode(record["embedding"]))
+        expected = embed_text(record["persona"], 48)
+        assert all(abs(x - y) < 1e-6 for x, y in zip(vector, expected, strict=True))
+        assert record["output"] is None and record["sampling"]["dimensions"] == 48
+        assert record["usage"]["prompt_tokens"] > 0
+    # A finished job sends nothing again.
+    async with MockServer(MockConfig()) as three:
+        config = embed_job(tmp_path, [three.base_url], inputs)
+        async with Engine(config) as engine:
+            again = await engine.run()
+        assert three.statistics().requests == 0 and again.succeeded == 0
+
+
+async def test_embeddings_do_not_stream(tmp_path: Path) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", persona_lines(2))]
+    with pytest.raises(ConfigError, match="do not stream"):
+        async with Engine(embed_job(tmp_path, ["http://127.0.0.1:9/v1"], inputs, stream=True)):
+            pass
+
+
+def planted(rng: random.Random, distinct: int, copies: int) -> tuple[list[str], set[int]]:
+    """Distinct personas over a large vocabulary, with near copies (one word of about thirty
+    changed) of earlier ones among them; returns the texts and the positions of the copies."""
+    vocabulary = [f"w{k}" for k in range(20_000)]
+    originals: list[str] = []
+    texts: list[str] = []
+    copy_at: set[int] = set()
+    for _ in range(distinct):
+        text = "a person who " + " ".join(rng.choice(vocabulary) for _ in range(30))
+        originals.append(text)
+        texts.append(text)
+        if rng.random() < copies / distinct:
+            words = rng.choice(originals).split()
+            words[rng.randrange(3, len(words))] = rng.choice(vocabulary)
+            copy_at.add(len(texts))
+            texts.append(" ".join(words))
+    return texts, copy_at
+
+
+async def test_semantic_dedup_removes_planted_copies_and_keeps_distinct(tmp_path: Path) -> None:
+    from asyncgen.cli.main import main
+
+    rng = random.Random(7)
+    texts, copies = planted(rng, 1500, 150)
+    # The planted data is what the issue describes, under the mock's vectors.
+    vectors = [embed_text(t, 48 * 4) for t in texts]
+    originals = [i for i in range(len(texts)) if i not in copies]
+    for i in sorted(copies)[:40]:
+        assert max(cosine(vectors[i], vectors[j]) for j in originals if j < i) >= 0.95
+    sample = rng.sample(originals, 200)
+    assert max(cosine(vectors[a], vectors[b]) for a in sample for b in sample if a < b) <= 0.8
+
+    shard = write_shard(tmp_path / "p.jsonl", [{"persona": t} for t in texts])
+    prompt = tmp_path / "emb.toml"
+    prompt.write_text('endpoint = "embeddings"\nuser = "{persona}"\n[sampling]\ndimensions = 192\n')
+    async with MockServer(MockConfig(seed=1)) as server:
+        config = JobConfig(
+            inputs=[str(shard)], output=str(tmp_path / "emb"), prompt=str(prompt),
+            model="mock-model", base_url=server.base_url, concurrency=32, **FAST,
+        )  # fmt: skip
+        async with Engine(config) as engine:
+            assert (await engine.run()).succeeded == len(texts)
+    out, report = tmp_path / "kept.jsonl", tmp_path / "report.jsonl"
+    args = ["personas", "dedup", "--semantic", "--threshold", "0.9",
+            "--embeddings", str(tmp_path / "emb"), "--input", str(shard),
+            "-o", str(out), "--report", str(report)]  # fmt: skip
+    assert main(args) == 0
+    kept = [json.loads(line)["persona"] for line in out.read_text().splitlines()]
+    dropped = [json.loads(line) for line in report.read_text().splitlines()]
+    removed = {int(d["id"].split(":")[1]) - 1 for d in dropped}
+    caught = len(removed & copies) / len(copies)
+    wrong = len(removed - copies) / len(originals)
+    assert caught >= 0.95 and wrong <= 0.01, (caught, wrong)
+    assert len(kept) + len(dropped) == len(texts)
+    for d in dropped:
+        assert d["reason"] == "semantic" and d["similarity"] >= 0.9
+        i, j = int(d["id"].split(":")[1]) - 1, int(d["duplicate_of"].split(":")[1]) - 1
+        assert j < i and j not in removed  # first kept wins: the neighbour is earlier, kept
+        assert abs(cosine(vectors[i], vectors[j]) - d["similarity"]) < 0.01
+    assert read_output(tmp_path / "emb")["failures"] == []
+
+
+def test_semantic_dedup_needs_embeddings(tmp_path: Path) -> None:
+    from asyncgen.cli.main import main
+
+    shard = write_shard(tmp_path / "p.jsonl", persona_lines(3))
+    args = ["personas", "dedup", "--semantic", "--input", str(shard), "-o", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert main([*args, "--embeddings", str(tmp_path / "nothing")]) == 2
+
+
+def test_diversity_of_near_copies_is_lower_than_of_distinct_vectors() -> None:
+    import numpy as np
+
+    from asyncgen.personas.diversity import diversity
+
+    rng = np.random.default_rng(0)
+    distinct = rng.standard_normal((400, 32)).astype(np.float32)
+    close = np.repeat(distinct[:100], 4, axis=0) + 0.05 * rng.standard_normal((400, 32))
+    wide, narrow = diversity(distinct, sample=400, pairs=5000), diversity(close, sample=400)
+    assert wide.exact and wide.vectors == 400 and wide.dimensions == 32
+    assert wide.nearest is not None and narrow.nearest is not None and wide.pairs is not None
+    assert wide.nearest.count == 400 and wide.pairs.count == 5000
+    assert narrow.nearest.p50 > 0.99 > 0.8 > wide.nearest.p90  # copies have a twin
+    assert abs(wide.pairs.mean) < 0.05 and wide.pairs.p10 < 0 < wide.pairs.p90
+    # No vector is its own neighbour: exact copies are found as each other's, at 1.
+    twins = diversity(np.concatenate([distinct, distinct]), sample=100)
+    assert twins.nearest is not None and twins.nearest.p10 > 0.999
+
+
+def test_stats_semantic_prints_the_similarity_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asyncgen.cli.main import main
+    from asyncgen.storage.shards import LinesWriter
+
+    out = tmp_path / "emb"
+    out.mkdir()
+    shard = write_shard(tmp_path / "p.jsonl", persona_lines(30))
+    with LinesWriter(out / "results-000001.jsonl.zst") as w:
+        for i in range(1, 31):
+            vector = vector_bytes(embed_text(f"persona {i % 10} who likes maps", 16))
+            record = {"custom_id": f"p:{i}:e:0", "source": {"shard": "p", "line": i}}
+            w.write(msgspec.json.encode({**record, "embedding": vector}))
+    args = ["personas", "stats", "--input", str(shard), "--semantic", "--embeddings", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "vectors            30 x 16" in text and "nearest (exact)" in text
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["semantic"]["nearest"]["p50"] > 0.99  # every text has nine equal ones
+    assert report["text"]["records"] == 30
