@@ -49,6 +49,7 @@ from asyncgen.job.config import JobConfig, job_record, job_spec
 from asyncgen.job.items import NOT_SAMPLING, Expander
 from asyncgen.job.prompts import Template, load_template
 from asyncgen.storage.files import atomic_write, fsync_path
+from asyncgen.storage.formats import Input
 from asyncgen.storage.sources import ShardReader, expand_inputs
 from asyncgen.storage.store import Store
 
@@ -249,7 +250,7 @@ class BatchBackend:
         self._endpoint = redact_url(config.base_urls[0])
         self._template: Template | None = None
         self._template_sha: str | None = None
-        self._paths: list[Path] = []
+        self._paths: list[Input] = []
         self._store_: Store | None = None
         self._journal: _Journal | None = None
         self._listed: dict[str, str] | None = None
@@ -264,7 +265,8 @@ class BatchBackend:
         cfg = self.config
         template = self._template = load_template(cfg.prompt) if cfg.prompt else None
         self._template_sha = template.digest[:16] if template is not None else None
-        self._paths = expand_inputs(cfg.inputs)
+        # In a thread: a remote input (fsspec) is looked up over the network.
+        self._paths = await asyncio.to_thread(expand_inputs, cfg.inputs)
         self._store_ = await asyncio.to_thread(
             Store.open,
             Path(cfg.output),

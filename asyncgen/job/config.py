@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
 
@@ -152,7 +153,13 @@ def job_spec(cfg: JobConfig, template: Template | None = None) -> dict[str, Any]
     }
 
 
-def job_record(cfg: JobConfig, paths: list[Path], template: Template | None) -> dict[str, Any]:
+class _Resolvable(Protocol):
+    def resolve(self) -> object: ...
+
+
+def job_record(
+    cfg: JobConfig, paths: Sequence[_Resolvable], template: Template | None
+) -> dict[str, Any]:
     """A run's settings as the manifest records them: enough to run the job again from
     anywhere (absolute input paths), never a secret (no key, no URL credentials)."""
     record: dict[str, Any] = msgspec.to_builtins(cfg)
