@@ -498,12 +498,12 @@ def _queueing_server(flow: FlowControl, seconds: float, slots: int = 64) -> tupl
 
 def test_a_server_that_queues_is_found_at_its_capacity() -> None:
     """Told it may send 1 024 at once, against a server that runs 64 and queues the rest (vLLM
-    past its batch capacity): the window settles near twice the capacity (the latency
-    tolerance), not near the cap, and keeps the server busy. A cut in proportion to the
+    past its batch capacity): the window settles near 1.5 times the capacity (where it stops
+    growing), not near the cap, and keeps the server busy. A cut in proportion to the
     slowdown went on cutting while the backlog drained and ended at 31, the server idle
     half the time."""
     window, busy = _queueing_server(FlowControl(["a"], concurrency=1024), 120.0)
-    assert 64 <= window <= 160
+    assert 64 <= window <= 140
     assert busy >= 0.9
 
 

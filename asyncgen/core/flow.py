@@ -196,8 +196,8 @@ class FlowControl:
                 if slowdown >= Latency.TOLERANCE:
                     # Replies take more than TOLERANCE times their unloaded pace: the server
                     # queues. By Little's law it serves ``rate x unloaded time`` at once; the
-                    # window goes to TOLERANCE times that, so the queue drains and the pace
-                    # returns while the server stays busy.
+                    # window goes to GROW_BELOW times that (where growth stops), so the
+                    # queue drains and the pace returns while the server stays busy.
                     unloaded = ep.pace.base * max(feedback.completion_tokens or 1, 1)
                     self._queueing(ep, rate * unloaded, slowdown, now)
                     return NOT_EXCUSED
@@ -379,7 +379,7 @@ class FlowControl:
             bucket.set_rate(bucket.per_minute * 1.02, now=now)
 
     def _queueing(self, ep: EndpointState, serving: float, slowdown: float, now: float) -> None:
-        """Shrink the window of an endpoint that queues to TOLERANCE times what it serves at
+        """Shrink the window of an endpoint that queues to GROW_BELOW times what it serves at
         once (``serving``). Unlike a cut in proportion to the slowdown, this does not go on
         shrinking while replies still come back from a backlog the window has already cut
         (a server running 64 was cut to 31 and left idle half the time): what the server
@@ -387,7 +387,7 @@ class FlowControl:
         if serving <= 0.0:  # no reply rate yet: in proportion, once per round trip
             self._decrease(ep, now, max(0.5, Latency.TOLERANCE / slowdown))
             return
-        target = max(self.floor, Latency.TOLERANCE * serving)
+        target = max(self.floor, self.GROW_BELOW * serving)
         if target < ep.window:
             ep.window = target
             ep.ssthresh = min(ep.ssthresh, target)
