@@ -26,6 +26,7 @@ from asyncgen.core.errors import (
 )
 from asyncgen.core.records import BadLine, ErrorInfo, Result, Source, Usage, WorkItem
 from asyncgen.engine.engine import Engine
+from asyncgen.engine.metrics import Metrics
 from asyncgen.engine.runtime import tune_gc
 from asyncgen.engine.stats import Statistics
 from asyncgen.engine.transport import AiohttpTransport, HttpResponse, Transport
@@ -44,6 +45,7 @@ __all__ = [
     "HttpResponse",
     "InputError",
     "JobConfig",
+    "Metrics",
     "OutputError",
     "RequestTimeout",
     "Result",

@@ -13,6 +13,7 @@ Usage::
 
     python benchmarks/bench_instructions.py                    # 6 000 items vs 200
     python benchmarks/bench_instructions.py --items 12000 --repeat 3
+    python benchmarks/bench_instructions.py --metrics          # with Prometheus metrics
 
 Needs ``valgrind`` (``apt install valgrind``). Each run takes ~30 s per 6 000 items.
 """
@@ -57,6 +58,12 @@ def child(items: int, workdir: Path) -> None:
     make_shard(shard, items)
     out = workdir / f"instr-out-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
+    metrics = None
+    if os.environ.get("BENCH_METRICS"):
+        from asyncgen import Metrics
+
+        # made before tune_gc's freeze, as the CLI freezes it with its start-up
+        metrics = Metrics(price_in=1.0, price_out=2.0)
     tune_gc()
 
     async def main() -> int:
@@ -68,7 +75,7 @@ def child(items: int, workdir: Path) -> None:
             concurrency=256,
             check_endpoint=False,
         )
-        async with Engine(config, transport=OneTurnTransport()) as engine:
+        async with Engine(config, transport=OneTurnTransport(), metrics=metrics) as engine:
             return (await engine.run()).succeeded
 
     done = uvloop.run(main())
@@ -111,10 +118,17 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=1, help="pairs of runs; the median")
     parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="attach Prometheus metrics (asyncgen.engine.metrics.Metrics) to the engine",
+    )
+    parser.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "asyncgen-bench"
     )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.metrics:
+        os.environ["BENCH_METRICS"] = "1"
     if args.command == "child":
         child(args.items_arg, args.workdir)
         return

@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import glob
 import gzip
+import logging
 import lzma
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +154,15 @@ async def until(done: Callable[[], bool]) -> None:
     async with asyncio.timeout(60):
         while not done():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+@pytest.fixture(autouse=True)
+def _asyncgen_logger_restored() -> Iterator[None]:
+    """A command run in process (``main([...])``) configures the ``asyncgen`` logger; the
+    next test gets it as it was."""
+    logger = logging.getLogger("asyncgen")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    yield
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]

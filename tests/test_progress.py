@@ -98,3 +98,12 @@ def test_endpoint_health_is_shown() -> None:
     assert "429s 4" in reporter.line(two_up)
     text = summary(stats(finished=True, endpoints=two_up.endpoints), "out")
     assert "http://b/v1: 9 ok, 1 429s, 0 errors, ejected 0 times" in text
+
+
+def test_line_counts_retries_and_the_cost_when_prices_are_given() -> None:
+    plain = ProgressReporter(lambda: stats(), io.StringIO(), live=False)
+    assert "retries 20" in plain.line(stats()) and "$" not in plain.line(stats())
+    priced = ProgressReporter(lambda: stats(), io.StringIO(), live=False, prices=(2.0, 10.0))
+    # 5 000 prompt tokens at $2/M + 9 000 completion tokens at $10/M
+    assert " $0.10 " in priced.line(stats(prompt_tokens=5000, completion_tokens=9000))
+    assert " $1,200.00 " in priced.line(stats(prompt_tokens=0, completion_tokens=120_000_000))

@@ -66,7 +66,7 @@ FORMATS = (
 )
 
 
-def add_inputs(p: argparse.ArgumentParser, help: str) -> None:
+def add_inputs(p: argparse.ArgumentParser, help: str, *, required: bool = True) -> None:
     """The ``--input/-i FILE...`` option every command that reads shards has (repeatable,
     several files or globs each time); ``help`` says what they hold, the formats follow."""
     p.add_argument(
@@ -74,7 +74,7 @@ def add_inputs(p: argparse.ArgumentParser, help: str) -> None:
         "-i",
         nargs="+",
         action="extend",
-        required=True,
+        required=required,
         metavar="FILE",
         help=f"{help}: {FORMATS}",
     )

@@ -5,17 +5,29 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
-from asyncgen.cli.args import json_object, number, positive_float, positive_int
+from asyncgen.cli.args import (
+    json_object,
+    non_negative_int,
+    number,
+    positive_float,
+    positive_int,
+)
+from asyncgen.cli.console import say
+from asyncgen.engine.metrics import Metrics
 from asyncgen.job.config import BACKENDS, JobConfig
 
 __all__ = [
     "OPENAI_BASE_URL",
     "add_api_key_env",
+    "add_operations_arguments",
     "add_request_arguments",
     "api_key",
+    "api_keys",
     "job_config_from_args",
+    "metrics_server",
 ]
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -213,6 +225,7 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
         inputs=list(args.input),
         output=args.output,
         prompt=args.prompt,
+        template=getattr(args, "template", None),
         model=args.model,
         base_url=base_url[0] if len(base_url) == 1 else base_url,
         samples=args.samples,
@@ -235,7 +248,66 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
         backend=args.backend,
         batch_poll=args.batch_poll,
         batch_max_requests=args.batch_max_requests,
+        job_file=getattr(args, "job_file", None),
+        job_file_sha256=getattr(args, "job_file_sha256", None),
     )
+
+
+def add_operations_arguments(p: argparse.ArgumentParser) -> None:
+    """How a long job is watched: structured logs and a Prometheus endpoint."""
+    g = p.add_argument_group("logs and metrics")
+    g.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="events (pauses, ejections, bad input lines, the job's stop) on stderr as "
+        "'asyncgen: ...' lines, or one JSON object a line (default: %(default)s)",
+    )
+    g.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="the least severe event shown (default: %(default)s)",
+    )
+    g.add_argument(
+        "--metrics-port",
+        type=non_negative_int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (needs the 'metrics' extra; default: none)",
+    )
+    g.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the metrics server binds (default: %(default)s; 0.0.0.0 exposes it)",
+    )
+    g.add_argument(
+        "--price-in",
+        type=number,
+        metavar="USD",
+        help="price of a million prompt tokens, for the estimated-cost metric",
+    )
+    g.add_argument(
+        "--price-out",
+        type=number,
+        metavar="USD",
+        help="price of a million completion tokens, for the estimated-cost metric",
+    )
+
+
+def metrics_server(args: argparse.Namespace) -> Metrics | None:
+    """The job's metrics, served on ``--metrics-port`` (None when not asked for)."""
+    if args.metrics_port is None:
+        return None
+    metrics = Metrics(price_in=args.price_in, price_out=args.price_out)
+    port = metrics.serve(args.metrics_port, host=args.metrics_host)
+    if gc.get_freeze_count():
+        # A process tuned for a long job (asyncgen.tune_gc) froze its start-up; prometheus-
+        # client, imported just now, is start-up too. Left to the collector, its objects cost
+        # 2 % more instructions per item (benchmarks/README.md, instructions).
+        gc.freeze()
+    say(f"metrics on http://{args.metrics_host}:{port}/metrics")
+    return metrics
 
 
 def add_api_key_env(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -252,3 +324,16 @@ def add_api_key_env(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
 def api_key(args: argparse.Namespace) -> str | None:
     """The API key from the variable ``--api-key-env`` names (None when unset or empty)."""
     return os.environ.get(args.api_key_env) or None
+
+
+def api_keys(args: argparse.Namespace) -> str | dict[str, str | None] | None:
+    """:func:`api_key`, or with a job file's ``[[endpoints]]`` that name their own
+    variable, one key per base URL."""
+    default = api_key(args)
+    envs = getattr(args, "endpoint_key_envs", None)
+    if not envs:
+        return default
+    return {
+        url: (os.environ.get(env) or None) if env else default
+        for url, env in zip(args.base_url, envs, strict=True)
+    }

@@ -36,8 +36,11 @@ class ProgressReporter:
         *,
         interval: float | None = None,
         live: bool | None = None,
+        prices: tuple[float | None, float | None] = (None, None),
     ) -> None:
         self._stats = stats
+        self._prices = prices
+        """USD per million prompt and completion tokens (for the cost so far)."""
         self._stream = stream
         self.live = stream.isatty() if live is None else live
         self.interval = interval if interval is not None else (0.5 if self.live else 30.0)
@@ -62,10 +65,19 @@ class ProgressReporter:
         return (
             f"[{format_duration(s.elapsed)}] done {s.succeeded:,} failed {s.failed:,} "
             f"bad {s.bad_lines:,} skipped {s.skipped:,} | in flight {s.in_flight} "
-            f"retrying {s.retrying} 429s {s.throttled:,} | {_si(rate)} req/s "
-            f"{_si(tok_rate)} tok/s | input {100 * s.input_fraction:.1f}% ETA {eta}"
-            f"{endpoint_note(s)}"
+            f"retrying {s.retrying} retries {s.retries:,} 429s {s.throttled:,} | "
+            f"{_si(rate)} req/s {_si(tok_rate)} tok/s{self._cost(s)} | "
+            f"input {100 * s.input_fraction:.1f}% ETA {eta}{endpoint_note(s)}"
         )
+
+    def _cost(self, s: Statistics) -> str:
+        price_in, price_out = self._prices
+        if price_in is None and price_out is None:
+            return ""
+        cost = (
+            s.prompt_tokens * (price_in or 0.0) + s.completion_tokens * (price_out or 0.0)
+        ) / 1e6
+        return f" ${cost:,.2f}"
 
     def show(self) -> None:
         text = self.line(self._stats())

@@ -6,22 +6,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import signal
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from asyncgen.cli.args import add_inputs, run_async
-from asyncgen.cli.console import report, say, warn
+from asyncgen.cli.console import out, report, say, warn
 from asyncgen.cli.exits import Exit
-from asyncgen.cli.options import add_request_arguments, api_key, job_config_from_args
+from asyncgen.cli.logs import configure_logging
+from asyncgen.cli.options import (
+    OPENAI_BASE_URL,
+    add_operations_arguments,
+    add_request_arguments,
+    api_keys,
+    job_config_from_args,
+    metrics_server,
+)
 from asyncgen.cli.progress import ProgressReporter, summary
 from asyncgen.cli.signals import StopSignals
 from asyncgen.core.errors import ConfigError
 from asyncgen.core.ledger import Redo
+from asyncgen.core.redact import redact_url
 from asyncgen.engine.batch import BatchBackend
 from asyncgen.engine.engine import Engine
+from asyncgen.engine.events import event
+from asyncgen.engine.metrics import Metrics
 from asyncgen.engine.stats import Statistics
 from asyncgen.job.config import JobConfig
+from asyncgen.job.jobfile import read_job_file, render_job_file
 from asyncgen.job.prompts import available_templates
 
 __all__ = ["EPILOG", "add_command", "exit_status", "run_job"]
@@ -43,13 +59,30 @@ def add_command(sub: argparse._SubParsersAction[Any]) -> None:
         "same command resumes: committed items are skipped, nothing is written twice.",
         epilog=EPILOG,
     )
-    add_inputs(run, "input shards")
+    run.add_argument(
+        "job",
+        nargs="?",
+        metavar="JOB.toml",
+        help="a TOML job file setting any of the options below (inputs, template, endpoints "
+        "with their key variables, sampling, limits, logs, metrics); options given on the "
+        "command line override it. See README, 'Running a long job'",
+    )
+    run.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the job (the job file merged with the options given) as a job file, "
+        "and exit without running it",
+    )
+    add_inputs(
+        run,
+        "input shards (required, here or in the job file)",
+        required=False,
+    )
     run.add_argument(
         "--output",
         "-o",
-        required=True,
         metavar="DIR",
-        help="output directory (created; one job per directory)",
+        help="output directory (created; one job per directory; required, here or in the job file)",
     )
     run.add_argument(
         "--prompt",
@@ -65,18 +98,65 @@ def add_command(sub: argparse._SubParsersAction[Any]) -> None:
         help="input field holding the persona text (default: %(default)s)",
     )
     add_request_arguments(run)
-    run.set_defaults(handler=_run)
+    add_operations_arguments(run)
+    run.set_defaults(handler=_run, parser=run)
+
+
+def _with_job_file(args: argparse.Namespace) -> argparse.Namespace:
+    """The options of ``run``: the job file's, overridden by those on the command line."""
+    parser: argparse.ArgumentParser = args.parser
+    if args.job is not None:
+        job = read_job_file(args.job)
+        # argparse fills in a default only where the namespace has no value yet, so the
+        # file's values stand unless the command line sets them. Lists are the exception
+        # (argparse extends them), so a list from the command line replaces the file's after.
+        lists = {"input", "base_url", "endpoint_key_envs"}
+        given = argparse.Namespace(**{k: v for k, v in job.options.items() if k not in lists})
+        argv = args.argv
+        args = parser.parse_args(argv[2:], namespace=given)
+        args.argv = argv
+        if args.input is None:
+            args.input = job.options.get("input")
+        if args.base_url is None:
+            args.base_url = job.options.get("base_url")
+            args.endpoint_key_envs = job.options.get("endpoint_key_envs")
+        args.job_file = str(Path(job.path).resolve())
+        args.job_file_sha256 = job.sha256
+    if args.base_url is None:
+        args.base_url = [os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL]
+    if not args.print_config:
+        missing = [f"--{n}" for n in ("input", "output") if not getattr(args, n)]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
 
 
 def _run(args: argparse.Namespace) -> Exit:
-    stats = run_async(
-        run_job(
-            job_config_from_args(args),
-            api_key=api_key(args),
-            progress_interval=args.progress_interval,
-            quiet=args.quiet,
+    args = _with_job_file(args)
+    if args.print_config:
+        # Credentials in a URL are secrets: the printed job names the endpoint without them.
+        shown = {**vars(args), "base_url": [redact_url(u) for u in args.base_url]}
+        out(render_job_file(shown).rstrip("\n"))
+        return Exit.OK
+    config = job_config_from_args(args)
+    config.validate()  # before the metrics server takes its port
+    configure_logging(args.log_format, args.log_level)
+    metrics = metrics_server(args)
+    try:
+        stats = run_async(
+            run_job(
+                config,
+                api_key=api_keys(args),
+                progress_interval=args.progress_interval,
+                # Progress lines would break a stream of JSON lines; metrics show progress.
+                quiet=args.quiet or args.log_format == "json",
+                metrics=metrics,
+                prices=(args.price_in, args.price_out),
+            )
         )
-    )
+    finally:
+        if metrics is not None:
+            metrics.close()
     return exit_status(stats)
 
 
@@ -94,20 +174,28 @@ def exit_status(s: Statistics, *, retry: bool = False) -> Exit:
 async def run_job(
     config: JobConfig,
     *,
-    api_key: str | None,
+    api_key: str | Mapping[str, str | None] | None,
     progress_interval: float | None = None,
     quiet: bool = False,
     redo: Redo | None = None,
+    metrics: Metrics | None = None,
+    prices: tuple[float | None, float | None] = (None, None),
 ) -> Statistics:
     """Run one job with progress on stderr and its summary at the end; the first Ctrl-C or
     SIGTERM stops intake and drains, the second stops at once (``finished`` is then False).
-    ``redo``: a retry run of recorded failures. A cancellation from elsewhere propagates."""
+    ``redo``: a retry run of recorded failures; ``metrics``: served while it runs;
+    ``prices``: USD per million prompt and completion tokens, for the cost on the progress
+    line. A cancellation from elsewhere propagates."""
     if config.backend == "batch":
         if redo is not None:
             raise ConfigError("retry-failed runs online: give it --backend online")
+        if isinstance(api_key, Mapping):
+            raise ConfigError("the batch backend takes one key (api_key_env), not one per endpoint")
         return await _run_batch_job(config, api_key=api_key, quiet=quiet)
-    async with Engine(config, api_key=api_key, redo=redo, warn=warn) as engine:
-        reporter = ProgressReporter(engine.statistics, sys.stderr, interval=progress_interval)
+    async with Engine(config, api_key=api_key, redo=redo, warn=warn, metrics=metrics) as engine:
+        reporter = ProgressReporter(
+            engine.statistics, sys.stderr, interval=progress_interval, prices=prices
+        )
 
         def graceful(signum: signal.Signals) -> None:
             reporter.finish()
@@ -136,6 +224,21 @@ async def run_job(
                     # wait() neither raises the progress task's CancelledError nor hides ours
                     await asyncio.wait([progress])
                 reporter.finish()
+    event(
+        logging.INFO,
+        "job_end",
+        "job finished" if stats.finished else "job stopped; rerun to resume",
+        finished=stats.finished,
+        stopped=stats.stopped,
+        succeeded=stats.succeeded,
+        failed=stats.failed,
+        bad_lines=stats.bad_lines,
+        requests=stats.requests,
+        retries=stats.retries,
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        elapsed_s=round(stats.elapsed, 3),
+    )
     for damage in stats.bad_files:
         warn(f"input not read to the end: {damage}")
     report(summary(stats, config.output))

@@ -8,10 +8,12 @@ is bounded: past four flushes' worth, :attr:`Committer.space` clears and senders
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 from asyncgen.core.ledger import Claim, bad_line_key
 from asyncgen.core.records import BadLine, ErrorInfo, Result, Source
+from asyncgen.engine.events import event
 from asyncgen.engine.stats import Counts
 from asyncgen.storage.store import Store
 
@@ -39,6 +41,8 @@ class Committer:
         """Set while the buffer takes more; wait for it before :meth:`put_nowait`."""
         self.space.set()
         self._closing = False
+        self.observe: Callable[[list[Result]], None] | None = None
+        """Shown each committed batch of results (the metrics' histograms), on the loop."""
 
     def put_nowait(self, result: Result) -> None:
         """Buffer an item's outcome (its id stays claimed until it is committed)."""
@@ -99,12 +103,24 @@ class Committer:
         ids = await asyncio.to_thread(self._store.commit, results, bad)
         self._store.ledger.commit(ids)
         counts = self._counts
+        if self.observe is not None:
+            self.observe(results)
         for r in results:
             if r.error is None:
                 counts.succeeded += 1
             else:
                 counts.failed += 1
         counts.bad_lines += len(bad)
+        for b in bad:
+            event(
+                logging.WARNING,
+                "bad_input_line",
+                f"{b.path}:{b.source.line}: {b.error.message}",
+                path=b.path,
+                line=b.source.line,
+                code=b.error.code,
+                cause=b.error.message,
+            )
         return [*results, *bad]
 
     def __repr__(self) -> str:

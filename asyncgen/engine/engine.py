@@ -20,8 +20,9 @@ wires them together and runs them in one task group.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -35,14 +36,16 @@ from asyncgen.core.ledger import Redo
 from asyncgen.engine.attempt import Attempter
 from asyncgen.engine.clock import Clock
 from asyncgen.engine.commit import Committer, Emit, Record
+from asyncgen.engine.events import EndpointWatcher, event, listened
 from asyncgen.engine.gate import Gate
 from asyncgen.engine.intake import Intake
+from asyncgen.engine.metrics import Metrics
 from asyncgen.engine.sender import Sender
-from asyncgen.engine.stats import Counts, Statistics
+from asyncgen.engine.stats import Counts, ErrorCount, Statistics
 from asyncgen.engine.transport import AiohttpTransport, Transport, check_models
 from asyncgen.job.config import JobConfig, job_record, job_spec
 from asyncgen.job.items import Expander
-from asyncgen.job.prompts import Template, load_template
+from asyncgen.job.prompts import Template
 from asyncgen.storage.sources import Input, expand_inputs
 from asyncgen.storage.store import Store
 
@@ -71,14 +74,17 @@ class Engine:
         self,
         config: JobConfig,
         *,
-        api_key: str | None = None,
+        api_key: str | Mapping[str, str | None] | None = None,
         transport: Transport | Sequence[Transport] | None = None,
         rng: random.Random | None = None,
         clock: Clock | None = None,
         redo: Redo | None = None,
         warn: Callable[[str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         config.validate()
+        self._metrics = metrics
+        """Read at each scrape while the engine is open (see :mod:`asyncgen.engine.metrics`)."""
         self.config = config
         self._api_key = api_key
         if transport is None:
@@ -109,12 +115,13 @@ class Engine:
         self.notices.append(message)
         if self._warn is not None:
             self._warn(message)
+        self._watcher = EndpointWatcher()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Engine:
         cfg = self.config
-        template = self._template = load_template(cfg.prompt) if cfg.prompt else None
+        template = self._template = cfg.load_template()
         if template is not None and template.endpoint == "embeddings" and cfg.stream:
             raise ConfigError(f"template {template.name!r} is for embeddings, which do not stream")
         # In a thread: a remote input (fsspec) is looked up over the network.
@@ -131,6 +138,9 @@ class Engine:
         except BaseException:
             await asyncio.to_thread(store.close)
             raise
+        if self._metrics is not None:
+            self._metrics.attach(self.statistics, streamed=cfg.stream)
+            self._parts.committer.observe = self._metrics.observe
         return self
 
     def _assemble(self, store: Store, template: Template | None) -> _Parts:
@@ -139,7 +149,7 @@ class Engine:
             store.ledger.reopen(self._redo.ids)
         if self._owns_transport:
             self._transports = [
-                AiohttpTransport(url, api_key=self._api_key, limit=cfg.concurrency)
+                AiohttpTransport(url, api_key=self._key_for(url), limit=cfg.concurrency)
                 for url in cfg.base_urls
             ]
         # Transports keep credentials out of base_url: it is what results record.
@@ -217,6 +227,8 @@ class Engine:
         try:
             await self._cancel_pipeline()
         finally:
+            if self._metrics is not None:
+                self._metrics.detach()
             try:
                 if self._owns_transport:
                     for transport in self._transports:
@@ -239,6 +251,12 @@ class Engine:
             if caller is not None and caller.cancelling():
                 raise
 
+    def _key_for(self, url: str) -> str | None:
+        """The API key for ``url``: the one key, or the endpoint's own from a mapping."""
+        if isinstance(self._api_key, Mapping):
+            return self._api_key.get(url)
+        return self._api_key
+
     def job_spec(self) -> dict[str, Any]:
         """What decides the meaning of a result; an output directory serves one spec only."""
         return job_spec(self.config, self._template)
@@ -250,6 +268,14 @@ class Engine:
         """Stop: nothing new is sent (no first attempt, no retry); the attempts in flight
         get ``drain_timeout`` seconds to finish, and the job ends as soon as they have.
         Items stopped before their record are left to the next run."""
+        if not self._stop_requested.is_set():
+            event(
+                logging.WARNING,
+                "job_stopping",
+                "stopping: no new requests; in-flight ones may finish",
+                cause="stop requested",
+                drain_timeout=self.config.drain_timeout,
+            )
         if self._parts is not None:
             self._parts.intake.stop()
             self._parts.sender.stop()
@@ -352,6 +378,8 @@ class Engine:
                 tg.create_task(parts.attempter.expire_overdue()),
                 tg.create_task(self._drain_on_stop(parts.sender)),
             ]
+            if self._metrics is not None or listened():
+                helpers.append(tg.create_task(self._watcher.run(parts.gate.statistics)))
             try:
                 async with asyncio.TaskGroup() as senders:
                     await parts.intake.run(senders)
@@ -383,7 +411,16 @@ class Engine:
             stopped=self._stop_requested.is_set(),
             endpoints=[] if gate is None else list(gate.endpoints),
             waiting_for_endpoint=gate is not None and gate.waiting_for_endpoint,
+            errors=[] if parts is None else self._error_counts(parts.sender),
+            pauses=dict(self._watcher.pauses),
         )
+
+    def _error_counts(self, sender: Sender) -> list[ErrorCount]:
+        urls = [t.base_url for t in self._transports]
+        return [
+            ErrorCount(urls[endpoint], code, status, n)
+            for (endpoint, code, status), n in sender.errors.items()
+        ]
 
     def __repr__(self) -> str:
         s = self.statistics()

@@ -71,6 +71,9 @@ class Sender:
         self._committer = committer
         self._ledger = ledger
         self._counts = counts
+        self.errors: dict[tuple[int, str, int | None], int] = {}
+        """Attempts that did not give a result, by endpoint, error code and HTTP status
+        (counted on the failure path only: a success costs nothing here)."""
         self._now = clock.monotonic
         self._wall = clock.wall
         self._sleep = clock.sleep
@@ -215,6 +218,8 @@ class Sender:
                 error = ErrorInfo("invalid_output", reason if exhausted else checked.reason, 200)
                 outcome = Outcome(None, error, not exhausted)
             assert outcome.error is not None
+            key = (endpoint, outcome.error.code, outcome.error.status)
+            self.errors[key] = self.errors.get(key, 0) + 1
             if feedback.signal is Signal.THROTTLED:
                 counts.throttled += 1
             # A refusal of this request alone brings its own wait (the server's retry-after);

@@ -6,7 +6,7 @@ import msgspec
 
 from asyncgen.core.leases import EndpointStats
 
-__all__ = ["Counts", "Statistics"]
+__all__ = ["Counts", "ErrorCount", "Statistics"]
 
 
 class Counts(msgspec.Struct, kw_only=True):
@@ -36,6 +36,16 @@ class Counts(msgspec.Struct, kw_only=True):
     where and why; the lines before the damage were read."""
 
 
+class ErrorCount(msgspec.Struct, frozen=True):
+    """Attempts of this run that an endpoint answered with an error (or that timed out or
+    lost the connection), by their error code and HTTP status (None: no reply)."""
+
+    endpoint: str
+    code: str
+    status: int | None
+    count: int
+
+
 # msgspec lets a frozen Struct extend a mutable one; mypy applies dataclasses' rule instead.
 class Statistics(Counts, frozen=True, kw_only=True):  # type: ignore[misc]
     """An immutable snapshot of a job's progress: this run's counts, and more. ``*_total``
@@ -53,3 +63,8 @@ class Statistics(Counts, frozen=True, kw_only=True):  # type: ignore[misc]
     endpoints: list[EndpointStats] = []
     waiting_for_endpoint: bool = False
     """No endpoint is up: the job waits for one to come back."""
+    errors: list[ErrorCount] = []
+    """This run's failed attempts by endpoint, code and status (a retry follows most)."""
+    pauses: dict[str, int] = {}
+    """This run's endpoint pauses by cause (``refusals``, ``budget``), seen once every
+    half second (:mod:`asyncgen.engine.events`)."""

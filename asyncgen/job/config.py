@@ -17,7 +17,7 @@ import msgspec
 
 from asyncgen.core.errors import ConfigError
 from asyncgen.core.redact import redact_url
-from asyncgen.job.prompts import RESERVED_BODY, Template, load_template
+from asyncgen.job.prompts import RESERVED_BODY, Template, load_template, template_from_table
 
 __all__ = ["BACKENDS", "DEFAULT_BASE_URL", "JobConfig", "job_record", "job_spec"]
 
@@ -38,6 +38,8 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
     output: str
     prompt: str | None = None
     """Template name or path; ``None`` when every input line is an OpenAI Batch request."""
+    template: dict[str, Any] | None = None
+    """A template given inline (a job file's ``[template]`` table), instead of ``prompt``."""
     model: str | None = None
     base_url: str | list[str] = DEFAULT_BASE_URL
     """One endpoint, or several serving the same model (replicas, gateways)."""
@@ -82,6 +84,9 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
     """Batch backend: seconds between the first looks at a batch (growing to 4 x)."""
     batch_max_requests: Annotated[int, msgspec.Meta(ge=1, le=50_000)] = 50_000
     """Batch backend: requests per batch file at most (OpenAI's limit is 50 000)."""
+    job_file: str | None = None
+    """The TOML job file the settings came from (recorded in the manifest, not in the spec)."""
+    job_file_sha256: str | None = None
 
     def validate(self) -> None:
         """Raise ConfigError, naming the setting, for settings that cannot work (wrong types
@@ -105,8 +110,10 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if self.prompt is not None and self.model is None:
-            raise ConfigError("a --model is required with --prompt")
+        if self.prompt is not None and self.template is not None:
+            raise ConfigError("give a template by name or path (--prompt) or inline, not both")
+        if (self.prompt is not None or self.template is not None) and self.model is None:
+            raise ConfigError("a --model is required with a template (--prompt)")
         reserved = sorted(RESERVED_BODY & self.extra_body.keys())
         if reserved:
             raise ConfigError(
@@ -114,6 +121,14 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
                 "decide the prompt and model, --samples asks for more outputs (one choice is "
                 "kept per request), and --stream asks for streaming"
             )
+
+    def load_template(self) -> Template | None:
+        """The job's template: ``prompt`` loaded, or the inline one; None for batch lines."""
+        if self.prompt:
+            return load_template(self.prompt)
+        if self.template is not None:
+            return template_from_table(self.template, name="inline")
+        return None
 
     @property
     def base_urls(self) -> list[str]:
@@ -139,8 +154,8 @@ def _explained(cfg: JobConfig, exc: msgspec.ValidationError) -> str:
 def job_spec(cfg: JobConfig, template: Template | None = None) -> dict[str, Any]:
     """What decides the meaning of a job's results (its output directory serves one spec
     only); ``template`` is ``cfg.prompt`` loaded, loaded here if not given."""
-    if template is None and cfg.prompt:
-        template = load_template(cfg.prompt)
+    if template is None:
+        template = cfg.load_template()
     return {
         "template": None
         if template is None

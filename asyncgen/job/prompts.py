@@ -33,6 +33,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import msgspec
+
 from asyncgen.core.errors import ConfigError, InputError
 from asyncgen.core.validate import OutputSpec, parse_output
 
@@ -43,6 +45,7 @@ __all__ = [
     "load_template",
     "parse_template",
     "template_dir",
+    "template_from_table",
 ]
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -278,6 +281,19 @@ def parse_template(text: str, *, name: str, path: str | None = None) -> Template
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"template {where}: not valid TOML: {exc}") from exc
+    return template_from_table(
+        data, name=name, path=path, digest=hashlib.sha256(text.encode()).hexdigest()
+    )
+
+
+def template_from_table(
+    data: Mapping[str, Any], *, name: str, path: str | None = None, digest: str | None = None
+) -> Template:
+    """Build a Template from a template's TOML already parsed (a job file's inline
+    ``[template]``); ``digest`` defaults to the sha256 of the table's canonical JSON."""
+    where = path or name
+    if digest is None:
+        digest = hashlib.sha256(msgspec.json.encode(data, order="sorted")).hexdigest()
     unknown = sorted(data.keys() - _KEYS)
     if unknown:
         raise ConfigError(f"template {where}: unknown keys {unknown}; known: {sorted(_KEYS)}")
@@ -311,7 +327,7 @@ def parse_template(text: str, *, name: str, path: str | None = None) -> Template
         sampling=sampling,
         output=output,
         path=path,
-        digest=hashlib.sha256(text.encode()).hexdigest(),
+        digest=digest,
     )
 
 
