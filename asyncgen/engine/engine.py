@@ -106,6 +106,7 @@ class Engine:
         self._finished = False
         self._pipeline_task: asyncio.Task[None] | None = None
         self._started: float | None = None
+        self._watcher = EndpointWatcher()
         self._warn = warn
         self.notices: list[str] = []
         """Warnings of the start-up check (a model an inconclusive listing lacks, an
@@ -115,7 +116,6 @@ class Engine:
         self.notices.append(message)
         if self._warn is not None:
             self._warn(message)
-        self._watcher = EndpointWatcher()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
