@@ -11,7 +11,7 @@ options (:func:`render_job_file`, for ``--print-config``). The layout::
     [sampling]                             # max_tokens, temperature, top_p, extra_body
     [limits]                               # concurrency, rpm, tpm, attempts, timeouts
     [[endpoints]]                          # base_url and the variable holding its key
-    [log], [metrics], [progress]
+    [batch], [log], [metrics], [progress]
 
 An unknown key is an error that names the key and its line; a value of the wrong kind is an
 error that names the key; ranges are checked where every job's settings are
@@ -73,6 +73,11 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "idle_timeout": _Key("idle_timeout", "number"),
         "deadline": _Key("deadline", "number"),
         "drain_timeout": _Key("drain_timeout", "number"),
+    },
+    "batch": {
+        "backend": _Key("backend", "str", ("online", "batch")),
+        "poll": _Key("batch_poll", "number"),
+        "max_requests": _Key("batch_max_requests", "int"),
     },
     "log": {
         "format": _Key("log_format", "str", ("text", "json")),
