@@ -200,14 +200,20 @@ def scenario_quota(work: Path) -> dict[str, Any]:
     return row
 
 
-def _overload_run(work: Path, name: str, items: int, job_flags: list[str]) -> dict[str, Any]:
+def _window_run(
+    work: Path, name: str, items: int, mock_flags: list[str], job_flags: list[str]
+) -> dict[str, Any]:
+    """One job against a server of limited capacity: rates, what it shed, and the latency
+    of the second half of the items by start (an opening burst at the cap says nothing of
+    where the window settles)."""
     inputs = make_shards(work / f"{name}-in", items)
     out = work / f"{name}-out"
-    flags = ["--latency", "0.2", "--max-running", "64", "--max-waiting", "16"]
-    with mocks(Mock(flags)) as (mock,):
+    with mocks(Mock(mock_flags)) as (mock,):
         result = Job(inputs, out, [mock.url], job_flags).wait(600)
         served = mock.stats()
     check = verify(out, expected_ids(inputs))
+    by_start = sorted(check["_results"], key=lambda r: r["started"])
+    late = sorted(r["latency_s"] for r in by_start[len(by_start) // 2 :])
     row = {
         "name": name,
         "job_flags": job_flags,
@@ -216,10 +222,17 @@ def _overload_run(work: Path, name: str, items: int, job_flags: list[str]) -> di
         "steady_items_per_s": _steady_of(check["_results"]),
         "shed": served["by_outcome"].get("shed", 0),
         "server_requests": served["requests"],
+        "late_latency_p50_s": round(late[len(late) // 2], 3) if late else None,
+        "late_latency_p90_s": round(late[int(len(late) * 0.9)], 3) if late else None,
         "check": check_cell(check),
     }
     print(json.dumps(row), flush=True)
     return row
+
+
+def _overload_run(work: Path, name: str, items: int, job_flags: list[str]) -> dict[str, Any]:
+    flags = ["--latency", "0.2", "--max-running", "64", "--max-waiting", "16"]
+    return _window_run(work, name, items, flags, job_flags)
 
 
 def scenario_overload(work: Path, items: int) -> dict[str, Any]:
@@ -242,27 +255,8 @@ def scenario_overload(work: Path, items: int) -> dict[str, Any]:
 
 
 def _queueing_run(work: Path, name: str, items: int, job_flags: list[str]) -> dict[str, Any]:
-    inputs = make_shards(work / f"{name}-in", items)
-    out = work / f"{name}-out"
-    with mocks(Mock(["--latency", "1.0", "--max-running", "64"])) as (mock,):
-        result = Job(inputs, out, [mock.url], job_flags).wait(600)
-    check = verify(out, expected_ids(inputs))
-    # The latency of the second half of the items by start: the opening burst at the cap
-    # (1 024 sent at once, ~16 s of queue) says nothing of where the window settles.
-    by_start = sorted(check["_results"], key=lambda r: r["started"])
-    latencies = sorted(r["latency_s"] for r in by_start[len(by_start) // 2 :])
-    row = {
-        "name": name,
-        "job_flags": job_flags,
-        "exit_code": result.exit_code,
-        "items_per_s": round(items / result.wall_s, 1),
-        "steady_items_per_s": _steady_of(check["_results"]),
-        "late_latency_p50_s": round(latencies[len(latencies) // 2], 3) if latencies else None,
-        "late_latency_p90_s": round(latencies[int(len(latencies) * 0.9)], 3) if latencies else None,
-        "check": check_cell(check),
-    }
-    print(json.dumps(row), flush=True)
-    return row
+    flags = ["--latency", "1.0", "--max-running", "64"]
+    return _window_run(work, name, items, flags, job_flags)
 
 
 def scenario_queueing(work: Path, items: int) -> dict[str, Any]:

@@ -38,12 +38,16 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
     status.add_argument(
         "--price-input",
+        "--price-in",
+        dest="price_input",
         type=float,
         metavar="USD",
         help="price per million prompt tokens, for a cost estimate",
     )
     status.add_argument(
         "--price-output",
+        "--price-out",
+        dest="price_output",
         type=float,
         metavar="USD",
         help="price per million completion tokens, for a cost estimate",

@@ -283,12 +283,16 @@ def add_operations_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--price-in",
+        "--price-input",
+        dest="price_in",
         type=number,
         metavar="USD",
         help="price of a million prompt tokens, for the estimated-cost metric",
     )
     g.add_argument(
         "--price-out",
+        "--price-output",
+        dest="price_out",
         type=number,
         metavar="USD",
         help="price of a million completion tokens, for the estimated-cost metric",
