@@ -173,7 +173,9 @@ def _status(args: argparse.Namespace) -> Exit:
             f"{active:,.0f} s active (pauses over a minute left out)"
         )
     if s.cost is not None:
-        lines.append(f"  cost estimate  ${s.cost:,.2f}")
+        # Cents, but a small job's fraction of a cent is not "$0.00".
+        shown = f"{s.cost:,.2f}" if s.cost >= 1 or s.cost == 0 else f"{s.cost:.4g}"
+        lines.append(f"  cost estimate  ${shown}")
     if s.failed:
         lines.append(f"  retry them with: asyncgen retry-failed {s.output}")
     out("\n".join(lines))
