@@ -392,7 +392,7 @@ def test_status_json_and_cost(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     # A fraction of a cent is shown as such, not as $0.00 (and --price-in spells it too).
     assert main(["status", str(out), "--price-in", "1", "--price-out", "2"]) == 0
     text = capsys.readouterr().out
-    assert f"cost estimate  ${expected:.4g}" in text and "$0.00" not in text
+    assert f"cost estimate  ${expected:.4g}\n" in text and "$0.00\n" not in text
 
 
 def test_status_throughput_leaves_out_pauses_between_runs(tmp_path: Path) -> None:
