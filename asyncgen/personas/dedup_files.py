@@ -13,12 +13,14 @@ import msgspec
 
 from asyncgen.core.errors import ConfigError
 from asyncgen.personas.reader import BadLine, PersonaReader, refuse_overwrite
+from asyncgen.storage.formats import Input
 from asyncgen.storage.shards import LinesWriter
 from asyncgen.storage.sources import shard_name
 
 __all__ = [
     "DedupSummary",
     "DropRecord",
+    "LineKeys",
     "bad_line_reporter",
     "dedup_files",
     "default_report_path",
@@ -26,6 +28,21 @@ __all__ = [
 ]
 
 _LINE_BITS = 40  # dedup keys: input index << 40 | line number
+
+
+class LineKeys:
+    """Integer keys for the personas of ``paths`` (input index << 40 | line number), and
+    back to ``shard:line`` for the report."""
+
+    def __init__(self, paths: Sequence[Input]) -> None:
+        self._index = {str(p): i for i, p in enumerate(paths)}
+        self._shards = [shard_name(p) for p in paths]
+
+    def key(self, path: str, lineno: int) -> int:
+        return self._index[path] << _LINE_BITS | lineno
+
+    def ident(self, key: int) -> str:
+        return f"{self._shards[key >> _LINE_BITS]}:{key & ((1 << _LINE_BITS) - 1)}"
 
 
 class DropRecord(msgspec.Struct):
@@ -83,17 +100,13 @@ def dedup_files(
         raise ConfigError(str(exc)) from exc
     reader = PersonaReader(inputs, field=field, strict=strict)
     refuse_overwrite(reader.paths, output, report_path)
-    index = {str(p): i for i, p in enumerate(reader.paths)}
-    shards = [shard_name(p) for p in reader.paths]
-
-    def ident(key: int) -> str:
-        return f"{shards[key >> _LINE_BITS]}:{key & ((1 << _LINE_BITS) - 1)}"
-
+    keying = LineKeys(reader.paths)
+    ident = keying.ident
     encoder = msgspec.json.Encoder()
     with LinesWriter(output) as out, LinesWriter(report_path) as rep:
         reader.on_bad = bad_line_reporter(rep, encoder, on_bad)
         for batch in reader.batches():
-            keys = [index[p.line.path] << _LINE_BITS | p.line.lineno for p in batch]
+            keys = [keying.key(p.line.path, p.line.lineno) for p in batch]
             verdicts = dedup.check_batch([p.text for p in batch], keys)
             for persona, key, verdict in zip(batch, keys, verdicts, strict=True):
                 if verdict.reason == "keep":

@@ -15,18 +15,17 @@ import msgspec
 from asyncgen.core.errors import ConfigError, InputError
 from asyncgen.personas.dedup_files import (
     DropRecord,
+    LineKeys,
     bad_line_reporter,
     default_report_path,
     peak_rss_mb,
 )
 from asyncgen.personas.reader import BadLine, PersonaReader, refuse_overwrite
 from asyncgen.storage.shards import LinesWriter
-from asyncgen.storage.sources import shard_name
 from asyncgen.storage.vectors import iter_vectors
 
 __all__ = ["SemanticSummary", "VectorTable", "load_vectors", "semantic_dedup_files"]
 
-_LINE_BITS = 40
 _CHUNK = 65_536
 
 
@@ -120,12 +119,9 @@ def semantic_dedup_files(
     reader = PersonaReader(inputs, field=field, strict=strict)
     refuse_overwrite(reader.paths, output, report_path)
     table = load_vectors(embeddings)
-    index = {str(p): i for i, p in enumerate(reader.paths)}
-    shards = [shard_name(p) for p in reader.paths]
+    keying = LineKeys(reader.paths)
+    ident = keying.ident
     missing = 0
-
-    def ident(key: int) -> str:
-        return f"{shards[key >> _LINE_BITS]}:{key & ((1 << _LINE_BITS) - 1)}"
 
     encoder = msgspec.json.Encoder()
     with LinesWriter(output) as out, LinesWriter(report_path) as rep:
@@ -134,9 +130,7 @@ def semantic_dedup_files(
             found = [table.rows.get((p.line.shard, p.line.lineno)) for p in batch]
             with_vector = [i for i, row in enumerate(found) if row is not None]
             missing += len(batch) - len(with_vector)
-            keys = [
-                index[batch[i].line.path] << _LINE_BITS | batch[i].line.lineno for i in with_vector
-            ]
+            keys = [keying.key(batch[i].line.path, batch[i].line.lineno) for i in with_vector]
             vectors = table.matrix[[found[i] for i in with_vector]]
             verdicts = iter(dedup.check_block(vectors, keys))
             for i, persona in enumerate(batch):
