@@ -74,9 +74,10 @@ class FlowControl:
     :attr:`REVIEW_EVERY` s, over at least :attr:`REVIEW_MIN` replies (the share of 400
     replies refused at random at 15 % varies by about 2 points)."""
     LEARN_ABOVE = 0.05
-    """Refused share (beyond :attr:`EndpointState.random_floor`) over which a budget is
-    learned: the endpoint is paced at its success rate, plus :attr:`MARGIN`."""
+    """Refused share (beyond :attr:`EndpointState.random_floor`) over which a hidden budget
+    is looked for: the endpoint is paced, on trial, at 80 % of what it sent."""
     MARGIN = 0.05
+    """A learned pace that is cut goes to the success rate plus half this."""
     GROW_BELOW = 1.5
     """The window grows only while replies take less than this many times their unloaded
     pace (and shrinks past :attr:`Latency.TOLERANCE`)."""
