@@ -271,12 +271,9 @@ class MockServer:
         """An embeddings request through the same checks, budgets, faults and slots as a
         generation (no decode time: the latency is the whole of it)."""
         cfg = self.config
-        if not self._authorized(request):
-            return "401", self._unauthorized()
-        if cfg.quota_exhausted:
-            return "quota", openai_error(
-                429, "You exceeded your current quota.", "insufficient_quota", "insufficient_quota"
-            )
+        turned_away = self._turn_away(request)
+        if turned_away is not None:
+            return turned_away
         try:
             ask = read_embed(await request.read(), models=cfg.models)
         except BadRequest as exc:
@@ -298,6 +295,19 @@ class MockServer:
         self._prompt_tokens += tokens
         reply = web.Response(body=body, content_type="application/json", headers=headers)
         return ("hang" if fault == "hang" else "ok"), reply
+
+    def _turn_away(self, request: web.Request) -> tuple[str, web.StreamResponse] | None:
+        """What every request meets before its body is read: the key, then the quota."""
+        if not self._authorized(request):
+            return "401", self._unauthorized()
+        if self.config.quota_exhausted:
+            return "quota", openai_error(
+                429,
+                "You exceeded your current quota, please check your plan and billing details.",
+                "insufficient_quota",
+                "insufficient_quota",
+            )
+        return None
 
     def _admit(self, tokens: int) -> tuple[dict[str, str], web.Response | None]:
         """The rate budgets' verdict on a request costing ``tokens``: the headers to send,
@@ -326,15 +336,9 @@ class MockServer:
     async def _answer(self, request: web.Request, chat: bool) -> tuple[str, web.StreamResponse]:
         """The outcome of one generation request (a :class:`MockStats` key) and its reply."""
         cfg = self.config
-        if not self._authorized(request):
-            return "401", self._unauthorized()
-        if cfg.quota_exhausted:
-            return "quota", openai_error(
-                429,
-                "You exceeded your current quota, please check your plan and billing details.",
-                "insufficient_quota",
-                "insufficient_quota",
-            )
+        turned_away = self._turn_away(request)
+        if turned_away is not None:
+            return turned_away
         try:
             ask = read_request(await request.read(), chat=chat, models=cfg.models)
         except BadRequest as exc:
