@@ -248,6 +248,9 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
         backend=args.backend,
         batch_poll=args.batch_poll,
         batch_max_requests=args.batch_max_requests,
+        workers=getattr(args, "workers", None) or 1,
+        ray=getattr(args, "ray", None),
+        partition_lines=getattr(args, "partition_lines", None),
         job_file=getattr(args, "job_file", None),
         job_file_sha256=getattr(args, "job_file_sha256", None),
     )

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from asyncgen.cli.args import add_inputs, run_async
+from asyncgen.cli.args import add_inputs, positive_int, run_async
 from asyncgen.cli.console import out, report, say, warn
 from asyncgen.cli.exits import Exit
 from asyncgen.cli.logs import configure_logging
@@ -39,6 +39,10 @@ from asyncgen.engine.stats import Statistics
 from asyncgen.job.config import JobConfig
 from asyncgen.job.jobfile import read_job_file, render_job_file
 from asyncgen.job.prompts import available_templates
+from asyncgen.scale.budget import Share
+from asyncgen.scale.coordinator import Coordinator
+from asyncgen.scale.local import LocalWorker
+from asyncgen.storage.partitions import is_partitioned
 
 __all__ = ["EPILOG", "add_command", "exit_status", "run_job"]
 
@@ -98,6 +102,31 @@ def add_command(sub: argparse._SubParsersAction[Any]) -> None:
         help="input field holding the persona text (default: %(default)s)",
     )
     add_request_arguments(run)
+    g = run.add_argument_group("workers (see README, 'Many workers')")
+    g.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="run the job in N worker processes (each its own event loop), partitioned by "
+        "input shard; --concurrency, --rpm and --tpm stay job-wide, divided among the busy "
+        "workers; a worker that dies is replaced and its partition resumed (default: 1, "
+        "one process; a job once run with --workers keeps its partitions)",
+    )
+    g.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the workers as actors of a Ray cluster (auto, or ray://HOST:PORT; needs "
+        "pip install 'asyncgen[ray]' and --output on a filesystem every node shares, with "
+        "working flock and rename)",
+    )
+    g.add_argument(
+        "--partition-lines",
+        type=positive_int,
+        metavar="L",
+        help="split every input into partitions of L lines (after counting them), fixed for "
+        "the job once planned (default: one partition per input, or ~4 per worker when "
+        "there are fewer inputs than workers)",
+    )
     add_operations_arguments(run)
     run.set_defaults(handler=_run, parser=run)
 
@@ -186,44 +215,113 @@ async def run_job(
     ``redo``: a retry run of recorded failures; ``metrics``: served while it runs;
     ``prices``: USD per million prompt and completion tokens, for the cost on the progress
     line. A cancellation from elsewhere propagates."""
+    if config.backend == "batch" and (config.workers > 1 or config.ray):
+        raise ConfigError("--workers runs the online backend; a batch job needs none")
     if config.backend == "batch":
         if redo is not None:
             raise ConfigError("retry-failed runs online: give it --backend online")
         if isinstance(api_key, Mapping):
             raise ConfigError("the batch backend takes one key (api_key_env), not one per endpoint")
         return await _run_batch_job(config, api_key=api_key, quiet=quiet)
-    async with Engine(config, api_key=api_key, redo=redo, warn=warn, metrics=metrics) as engine:
+    if config.workers > 1 or config.ray or is_partitioned(Path(config.output)):
+        async with _coordinator(config, api_key=api_key, redo=redo) as coordinator:
+            stats = await _run_watched(
+                coordinator,
+                config,
+                quiet=quiet,
+                metrics=metrics,
+                progress_interval=progress_interval,
+                prices=prices,
+            )
+    else:
+        async with Engine(config, api_key=api_key, redo=redo, warn=warn, metrics=metrics) as engine:
+            stats = await _run_watched(
+                engine,
+                config,
+                quiet=quiet,
+                metrics=None,  # the engine serves them itself
+                progress_interval=progress_interval,
+                prices=prices,
+            )
+    _ended(stats, config)
+    return stats
+
+
+def _coordinator(
+    config: JobConfig, *, api_key: str | Mapping[str, str | None] | None, redo: Redo | None
+) -> Coordinator:
+    keys = dict(api_key) if isinstance(api_key, Mapping) else api_key
+    if config.ray:
+        from asyncgen.scale.ray import ray_spawner
+
+        spawn = ray_spawner(config, api_key=keys, redo=redo)
+    else:
+
+        def spawn(index: int, share: Share) -> LocalWorker:
+            return LocalWorker(index, config, share, api_key=keys, redo=redo)
+
+    return Coordinator(
+        config,
+        workers=config.workers,
+        spawn=spawn,
+        partition_lines=config.partition_lines,
+        say=say,
+    )
+
+
+async def _run_watched(
+    job: Engine | Coordinator,
+    config: JobConfig,
+    *,
+    quiet: bool,
+    metrics: Metrics | None,
+    progress_interval: float | None,
+    prices: tuple[float | None, float | None],
+) -> Statistics:
+    """Run an engine or a coordinator with progress lines, metrics and the stop signals."""
+    if metrics is not None:
+        metrics.attach(job.statistics, streamed=config.stream)
+    try:
         reporter = ProgressReporter(
-            engine.statistics, sys.stderr, interval=progress_interval, prices=prices
+            job.statistics, sys.stderr, interval=progress_interval, prices=prices
         )
 
         def graceful(signum: signal.Signals) -> None:
             reporter.finish()
-            n = engine.statistics().in_flight
+            n = job.statistics().in_flight
             say(
                 f"{signum.name}: no new requests; waiting up to {config.drain_timeout:g}s "
                 f"for {n} in flight (again to stop now)"
             )
-            engine.stop()
+            job.stop()
 
         def now(signum: signal.Signals) -> None:
             reporter.finish()
             say("stopping now; flushing what has come back")
+            if isinstance(job, Coordinator):
+                job.stop(now=True)
 
         with StopSignals(graceful, now) as signals:
             progress = None if quiet else asyncio.create_task(reporter.run())
             try:
-                stats = await engine.run()
+                stats = await job.run()
             except asyncio.CancelledError:
                 if not signals.absorb():
                     raise
-                stats = engine.statistics()
+                stats = job.statistics()
             finally:
                 if progress is not None:
                     progress.cancel()
                     # wait() neither raises the progress task's CancelledError nor hides ours
                     await asyncio.wait([progress])
                 reporter.finish()
+    finally:
+        if metrics is not None:
+            metrics.detach()
+    return stats
+
+
+def _ended(stats: Statistics, config: JobConfig) -> None:
     event(
         logging.INFO,
         "job_end",
@@ -242,7 +340,6 @@ async def run_job(
     for damage in stats.bad_files:
         warn(f"input not read to the end: {damage}")
     report(summary(stats, config.output))
-    return stats
 
 
 async def _run_batch_job(config: JobConfig, *, api_key: str | None, quiet: bool) -> Statistics:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 __all__ = [
     "AsyncgenError",
+    "BusyError",
     "ConfigError",
     "ConnectError",
     "InputError",
@@ -47,6 +48,11 @@ class InputError(AsyncgenError):
 
 class OutputError(AsyncgenError):
     """An output directory that is unwritable, locked, or belongs to another job."""
+
+
+class BusyError(OutputError):
+    """A directory another process holds the lock of (a running job, or a partition leased
+    to another worker)."""
 
 
 class TransportError(AsyncgenError):

@@ -107,6 +107,21 @@ class FlowControl:
         from the start for servers known to charge so, and on the first 429 that says the
         tokens ran out."""
 
+    def set_share(
+        self, *, concurrency: int, rpm: float | None, tpm: float | None, now: float
+    ) -> None:
+        """Change the job-wide limits kept here: a worker's share of a job's budgets, which
+        grows as other workers finish. Windows above the new cap come down to it; a bucket
+        keeps what was charged to it, so a change never grants a burst."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.cap = float(concurrency)
+        self.floor = min(self.floor, self.cap)
+        for ep in self._endpoints:
+            ep.window = min(ep.window, self.cap)
+        self._rpm = _rebucket(self._rpm, rpm, now)
+        self._tpm = _rebucket(self._tpm, tpm, now)
+
     # --- acquiring ----------------------------------------------------------------------------
 
     def try_acquire(self, now: float, prompt_estimate: int, max_output: int | None) -> Lease | Wait:
@@ -482,3 +497,12 @@ class FlowControl:
     def __repr__(self) -> str:
         up = sum(ep.up for ep in self._endpoints)
         return f"<FlowControl endpoints={up}/{len(self._endpoints)} up {self.estimate!r}>"
+
+
+def _rebucket(bucket: RateBucket | None, per_minute: float | None, now: float) -> RateBucket | None:
+    if not per_minute:
+        return None
+    if bucket is None:
+        return RateBucket(per_minute, now=now)
+    bucket.set_rate(per_minute, now=now)
+    return bucket

@@ -81,8 +81,16 @@ class Engine:
         redo: Redo | None = None,
         warn: Callable[[str], None] | None = None,
         metrics: Metrics | None = None,
+        flow: FlowControl | None = None,
+        lines: tuple[int, int | None] = (1, None),
     ) -> None:
+        """``flow``: flow control kept across engines run one after another (a worker's
+        partitions: what it learned of the endpoints, and its share of the job's budgets, go
+        on); its endpoints must be the transports'. ``lines``: read only this range (first
+        and last line, None: to the end) of each input."""
         config.validate()
+        self._flow = flow
+        self._lines = lines
         self._metrics = metrics
         """Read at each scrape while the engine is open (see :mod:`asyncgen.engine.metrics`)."""
         self.config = config
@@ -154,7 +162,7 @@ class Engine:
             ]
         # Transports keep credentials out of base_url: it is what results record.
         names = [t.base_url for t in self._transports]
-        flow = FlowControl(
+        flow = self._flow or FlowControl(
             names,
             concurrency=cfg.concurrency,
             min_concurrency=cfg.min_concurrency,
@@ -209,6 +217,7 @@ class Engine:
             sender=sender,
             committer=committer,
             counts=counts,
+            lines=self._lines,
         )
         if self._stop_requested.is_set():
             intake.stop()

@@ -43,8 +43,12 @@ class Intake:
         sender: Sender,
         committer: Committer,
         counts: Counts,
+        lines: tuple[int, int | None] = (1, None),
     ) -> None:
+        """``lines``: the first and last line (None: to the end) of each shard to read: a
+        partition's range, when several workers share the job."""
         self._paths = paths
+        self._lines = lines
         self._ledger = ledger
         self._expander = expander
         self._template = template
@@ -59,6 +63,7 @@ class Intake:
         """Set by :meth:`stop`: take no more lines."""
         self._total = sum(p.stat().st_size for p in paths)
         self._done = 0
+        self._shards_done = 0
         self._reader: ShardReader | None = None
         self._waiter: asyncio.Future[Lease] | None = None
         """The wait for a lease, when the gate has none at once."""
@@ -73,7 +78,15 @@ class Intake:
             self._waiter.cancel()
 
     def fraction(self) -> float:
-        """Share of the input's bytes read so far, 0..1."""
+        """Share of the input's bytes read so far (of a bounded line range: its lines), 0..1."""
+        first, end = self._lines
+        if end is not None and self._paths:
+            if self.read_all:
+                return 1.0
+            reader = self._reader
+            line = 0 if reader is None else max(0, reader.lineno - first + 1)
+            current = min(1.0, line / max(1, end - first + 1))
+            return (self._shards_done + current) / len(self._paths)
         done = self._done + (self._reader.position if self._reader is not None else 0)
         return min(1.0, done / self._total) if self._total else 0.0
 
@@ -82,7 +95,8 @@ class Intake:
         redo = self._redo
         template = self._template
         for path in self._paths:
-            reader = self._reader = ShardReader(path)
+            first, end = self._lines
+            reader = self._reader = ShardReader(path, first=first, last=end)
             last = 0
             if redo is not None:
                 # Retrying failures: only the lines that hold one are decoded.
@@ -98,6 +112,7 @@ class Intake:
             if not await self._shard(senders, reader, done, None if redo is None else last):
                 return
             self._done += reader.size
+            self._shards_done += 1
             self._reader = None
         self.read_all = True
 

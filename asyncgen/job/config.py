@@ -84,6 +84,15 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
     """Batch backend: seconds between the first looks at a batch (growing to 4 x)."""
     batch_max_requests: Annotated[int, msgspec.Meta(ge=1, le=50_000)] = 50_000
     """Batch backend: requests per batch file at most (OpenAI's limit is 50 000)."""
+    workers: AtLeastOne = 1
+    """Worker processes (or Ray actors) sharing the job, its budgets divided among them
+    (see :mod:`asyncgen.scale`). A job once run by workers is always run by workers."""
+    ray: str | None = None
+    """Run the workers as actors of this Ray cluster (``auto``, or ``ray://HOST:PORT``)."""
+    partition_lines: AtLeastOne | None = None
+    """Workers: split each input into ranges of this many lines (fixed when the job's plan is
+    first written); by default an input is a partition, unless there are fewer than
+    workers."""
     job_file: str | None = None
     """The TOML job file the settings came from (recorded in the manifest, not in the spec)."""
     job_file_sha256: str | None = None

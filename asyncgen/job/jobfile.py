@@ -79,6 +79,11 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "poll": _Key("batch_poll", "number"),
         "max_requests": _Key("batch_max_requests", "int"),
     },
+    "workers": {
+        "count": _Key("workers", "int"),
+        "ray": _Key("ray", "str"),
+        "partition_lines": _Key("partition_lines", "int"),
+    },
     "log": {
         "format": _Key("log_format", "str", ("text", "json")),
         "level": _Key("log_level", "str", ("debug", "info", "warning", "error")),

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from asyncgen.core.errors import OutputError
+from asyncgen.core.errors import BusyError, OutputError
 
 __all__ = ["LOCK_NAME", "AtomicFile", "DirLock", "atomic_write", "fsync_path", "is_locked"]
 
@@ -125,7 +125,7 @@ class DirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
-            raise OutputError(
+            raise BusyError(
                 f"output directory {root} is in use by another asyncgen process"
             ) from exc
         self._fd: int | None = fd

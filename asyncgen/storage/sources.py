@@ -16,7 +16,7 @@ from asyncgen.core.errors import ConfigError, InputError
 from asyncgen.core.records import Line
 from asyncgen.storage.formats import CorruptFile, Decoder, Input, Remote, open_decoder
 
-__all__ = ["Input", "ShardReader", "expand_inputs", "shard_name"]
+__all__ = ["Input", "ShardReader", "count_lines", "expand_inputs", "shard_name"]
 
 _MAX_LINE = 256 << 20
 _COMPRESSED = (".zst", ".zstd", ".gz", ".xz")
@@ -113,10 +113,15 @@ def expand_inputs(patterns: Sequence[str]) -> list[Input]:
 class ShardReader:
     """Reads one shard in batches of lines; tracks compressed bytes consumed for progress."""
 
-    def __init__(self, path: Input) -> None:
+    def __init__(self, path: Input, *, first: int = 1, last: int | None = None) -> None:
+        """``first`` and ``last`` (1-based, inclusive; None: to the end) limit the lines
+        handed out to a range (a partition of a job run by several workers): lines before
+        ``first`` are passed over unread and uncounted, and reading ends after ``last``."""
         self.path = path
         self.shard = shard_name(path)
         self.size = path.stat().st_size
+        self.first = first
+        self.last = last
         self._lineno = 0
         self.skipped = 0
         """Lines passed over because ``read_batch`` was told they are done."""
@@ -137,10 +142,19 @@ class ShardReader:
         batch: list[Line] = []
         path = str(self.path)
         budget = 16 * n
+        first, last = self.first, self.last
         try:
             for raw in self._lines:
                 self._lineno += 1
                 lineno = self._lineno
+                if lineno < first:
+                    budget -= 1
+                    if budget <= 0:
+                        break
+                    continue
+                if last is not None and lineno > last:
+                    self._lines.close()  # the range is read: the next call returns nothing
+                    break
                 if (
                     done is not None
                     and lineno >> 3 < len(done)
@@ -224,3 +238,16 @@ class ShardReader:
 
     def __repr__(self) -> str:
         return f"<ShardReader {self.path} line={self._lineno} {self.position}/{self.size} bytes>"
+
+
+def count_lines(path: Input) -> int:
+    """The number of the last line of ``path`` (blank lines counted, as line numbers count
+    them): one pass over the file, for splitting it into line ranges. Raises
+    :class:`InputError` on a damaged file."""
+    reader = ShardReader(path)
+    try:
+        while reader.read_batch(8192):
+            pass
+    finally:
+        reader.close()
+    return reader.lineno

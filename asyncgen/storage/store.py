@@ -49,6 +49,9 @@ KINDS = ("results", "failures", "errors")
 SHARD_RE = re.compile(r"^(results|failures|errors)-(\d{6})\.jsonl\.zst$")
 """The name of a result, failure or error shard: kind and sequence number."""
 _LEDGER = "ledger.zst"
+_PLAN = "partitions.json"
+"""A partitioned job's plan (:mod:`asyncgen.storage.partitions`): such a directory's records
+are in its partitions' stores, never in one at the top."""
 DEFAULT_SHARD_BYTES = 512 << 20
 _PIECE_RECORDS = 256
 """Fewest records in a frame of a batch spread over several frames (one per thread)."""
@@ -139,6 +142,11 @@ class Store:
     def _check_manifest(
         self, spec: Mapping[str, Any], version: str, job: Mapping[str, Any] | None
     ) -> None:
+        if (self.root / _PLAN).exists():
+            raise OutputError(
+                f"{self.root} holds a job run by several workers (--workers); run it again "
+                "with --workers (any number), or use a new --output directory"
+            )
         if (self.root / MANIFEST_NAME).exists():
             old = read_manifest(self.root, dict)  # the job settings are not the store's concern
             if old.fingerprint != fingerprint(spec) and self._holds_records():

@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from asyncgen.core.records import ErrorInfo, Result, Usage
+from asyncgen.storage.partitions import part_dirs
 from asyncgen.storage.shards import iter_lines
 from asyncgen.storage.store import SHARD_RE
 
@@ -40,7 +41,9 @@ _NONE = "unknown"
 
 
 def shards(root: Path, kind: str) -> list[Path]:
-    """The ``kind`` shards (results, failures or errors) of ``root``, in writing order."""
+    """The ``kind`` shards (results, failures or errors) of ``root``, in writing order; of a
+    job run by workers, every partition's shards, partition after partition (an id lives in
+    one partition only, so "later" never compares two partitions)."""
     found = []
     if not root.is_dir():
         return []
@@ -48,7 +51,8 @@ def shards(root: Path, kind: str) -> list[Path]:
         match = SHARD_RE.match(path.name)
         if match and match.group(1) == kind:
             found.append((int(match.group(2)), path))
-    return [p for _, p in sorted(found)]
+    own = [p for _, p in sorted(found)]
+    return own + [s for part in part_dirs(root) for s in shards(part, kind)]
 
 
 class _FailureView(msgspec.Struct):
