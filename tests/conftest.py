@@ -65,7 +65,10 @@ def read_output(out: Path) -> dict[str, list[dict[str, Any]]]:
     (plain zstandard, reading across frames), grouped by kind."""
     found: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
     for kind in KINDS:
-        for name in sorted(glob.glob(os.path.join(out, f"{kind}-*.jsonl.zst"))):
+        # A job run by workers keeps its records in its partitions' directories.
+        names = glob.glob(os.path.join(out, f"{kind}-*.jsonl.zst"))
+        names += glob.glob(os.path.join(out, "parts", "*", f"{kind}-*.jsonl.zst"))
+        for name in sorted(names):
             with open(name, "rb") as f:
                 data = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True).read()
             found[kind].extend(msgspec.json.decode(line) for line in data.splitlines())

@@ -52,7 +52,8 @@ class LocalWorker:
         redo: Redo | None = None,
     ) -> None:
         self.index = index
-        self._args = (config, share, api_key, redo)
+        self._config = config
+        self._keys = (api_key, redo)
         self._share = share
         self._process: Any = None
         self._conn: Connection | None = None
@@ -63,14 +64,17 @@ class LocalWorker:
     async def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # never fork a process with a running loop
         parent, child = ctx.Pipe()
+        started = self._share
         process = ctx.Process(
             target=_main,
-            args=(child, *self._args),
+            args=(child, self._config, started, *self._keys),
             name=f"asyncgen-worker-{self.index}",
         )
         await asyncio.to_thread(process.start)
         child.close()
         self._process, self._conn = process, parent
+        if self._share != started:  # the share changed while the process started
+            self._send(("share", self._share))
         loop = asyncio.get_running_loop()
         loop.add_reader(parent.fileno(), self._readable)
         loop.add_reader(process.sentinel, self._died)

@@ -94,7 +94,7 @@ def ray_spawner(
     actor = ray.remote(max_restarts=RESTARTS, max_task_retries=RESTARTS)(_Actor)
 
     def spawn(index: int, share: Share) -> RayWorker:
-        return RayWorker(index, actor, (config, share, api_key, redo))
+        return RayWorker(index, actor, share, (config, api_key, redo))
 
     return spawn
 
@@ -103,9 +103,12 @@ class RayWorker:
     """A worker actor as the coordinator sees it (a
     :class:`~asyncgen.scale.coordinator.WorkerHandle`)."""
 
-    def __init__(self, index: int, actor_class: Any, args: tuple[Any, ...]) -> None:
+    def __init__(
+        self, index: int, actor_class: Any, share: Share, args: tuple[Any, Any, Any]
+    ) -> None:
         self.index = index
         self._class = actor_class
+        self._share = share
         self._args = args
         self._actor: Any = None
         self._current: tuple[str, Statistics] | None = None
@@ -118,7 +121,8 @@ class RayWorker:
         return self._actor
 
     async def start(self) -> None:
-        self._actor = self._class.options(name=None).remote(*self._args)
+        config, api_key, redo = self._args
+        self._actor = self._class.options(name=None).remote(config, self._share, api_key, redo)
         self._poller = asyncio.create_task(self._poll())
 
     async def _poll(self) -> None:
@@ -147,6 +151,7 @@ class RayWorker:
             self._current = None
 
     def set_share(self, share: Share) -> None:
+        self._share = share
         if self._actor is not None:
             self._actor.set_share.remote(share)
 

@@ -1,0 +1,293 @@
+"""A job run by several workers: partitions, leases, job-wide budgets, and exactly once when
+worker processes (or the coordinator) are killed at random instants."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from asyncgen.core.errors import BusyError, OutputError
+from asyncgen.core.flow import FlowControl
+from asyncgen.scale.budget import divide
+from asyncgen.storage.files import DirLock
+from asyncgen.storage.partitions import Partition, open_partitioned, plan_partitions
+from asyncgen.storage.sources import ShardReader, count_lines
+from asyncgen.storage.store import Store
+
+from .conftest import assert_exactly_once, clean_env, personas, write_shard
+from .test_crash_resume import FAULTS, mock_process, server_requests
+
+# --- sans-IO and storage pieces ---------------------------------------------------------------
+
+
+def test_budgets_are_divided_so_that_their_sum_stays_within_the_job() -> None:
+    share = divide(256, 6000.0, None, 3)
+    assert (share.concurrency, share.rpm, share.tpm) == (85, 2000.0, None)
+    assert divide(2, 100.0, 10.0, 4).concurrency == 1  # never 0
+    assert divide(256, None, 1e6, 0).tpm == 1e6
+
+
+def test_a_new_share_changes_the_pace_and_the_window_cap_without_a_burst() -> None:
+    flow = FlowControl(["a"], concurrency=64, rpm=600.0, now=0.0)
+    granted = 0
+    while not hasattr(flow.try_acquire(0.0, 10, 10), "seconds"):
+        granted += 1
+    assert granted == 5  # half a second of 10/s
+    flow.set_share(concurrency=8, rpm=300.0, tpm=None, now=0.0)
+    assert flow.cap == 8.0
+    assert all(e.window <= 8 for e in flow.endpoint_stats(0.0))
+    # What was charged stays charged: 1 s later, 5 per s has drained 5, room for 2.5 more.
+    later = [hasattr(flow.try_acquire(1.0, 10, 10), "seconds") for _ in range(3)]
+    assert later == [False, False, True]
+
+
+def test_a_reader_hands_out_only_its_line_range(tmp_path: Path) -> None:
+    lines = [json.dumps({"persona": f"p{i}"}).encode() for i in range(1, 11)]
+    lines[4] = b""  # line 5 is blank: it keeps its number
+    shard = write_shard(tmp_path / "s.jsonl", lines)
+    assert count_lines(shard) == 10
+    reader = ShardReader(shard, first=4, last=7)
+    got = reader.read_batch(100)
+    assert [line.lineno for line in got] == [4, 6, 7]
+    assert reader.read_batch(100) == []
+    tail = ShardReader(shard, first=8)
+    assert [line.lineno for line in tail.read_batch(100)] == [8, 9, 10]
+
+
+def test_a_plan_splits_few_inputs_and_never_moves_what_it_planned(tmp_path: Path) -> None:
+    one = write_shard(tmp_path / "in" / "a.jsonl", personas(100))
+    out = tmp_path / "out"
+    out.mkdir()
+    plan, work = plan_partitions(out, [one], workers=2)
+    # Fewer inputs than workers: about four partitions a worker, covering every line once.
+    assert len(plan.partitions) == 8 and plan.lines == 13
+    covered = [n for p in plan.partitions for n in range(p.first, (p.last or 100) + 1)]
+    assert covered == list(range(1, 101))
+    assert plan.partitions[-1].last is None
+    assert [p for p, _ in work] == plan.partitions
+    # A later run with more workers and a new input: the old partitions stay, the new input
+    # is split by the plan's size.
+    two = write_shard(tmp_path / "in" / "b.jsonl", personas(20))
+    again, work = plan_partitions(out, [one, two], workers=8)
+    assert again.partitions[:8] == plan.partitions
+    assert [(p.shard, p.first, p.last) for p in again.partitions[8:]] == [
+        ("b", 1, 13),
+        ("b", 14, None),
+    ]
+    # This run's work is the partitions of the inputs it was given.
+    _, only_b = plan_partitions(out, [two], workers=2)
+    assert {p.shard for p, _ in only_b} == {"b"}
+
+
+def test_whole_inputs_are_partitions_when_there_are_enough(tmp_path: Path) -> None:
+    shards = [write_shard(tmp_path / f"s{k}.jsonl", personas(5)) for k in range(3)]
+    out = tmp_path / "out"
+    out.mkdir()
+    plan, _ = plan_partitions(out, shards, workers=2)
+    assert plan.partitions == [Partition(f"p00000{k + 1}", f"s{k}") for k in range(3)]
+
+
+def test_a_partitioned_directory_and_a_one_process_one_are_not_mixed(tmp_path: Path) -> None:
+    spec = {"model": "m"}
+    one = tmp_path / "one"
+    store = Store.open(one, spec, version="t")
+    store.ledger.claim("x:1:t:0")
+    store.commit([], [])
+    (one / "ledger.zst").write_bytes(b"not empty")
+    store.close()
+    with pytest.raises(OutputError, match="without --workers"):
+        open_partitioned(one, spec, version="t", job=None)
+    many = tmp_path / "many"
+    open_partitioned(many, spec, version="t", job=None).release()
+    plan_partitions(many, [write_shard(tmp_path / "s.jsonl", personas(3))], workers=1)
+    with pytest.raises(OutputError, match="several workers"):
+        Store.open(many, spec, version="t")
+    # The lease of a partition is its store's lock.
+    with DirLock(many / "parts" / "p000001"), pytest.raises(BusyError):
+        Store.open(many / "parts" / "p000001", spec, version="t")
+
+
+# --- the CLI with worker processes ------------------------------------------------------------
+
+N = 6000
+
+
+def _job(tmp_path: Path, url: str, *extra: str) -> list[str]:
+    for k in range(2):
+        write_shard(tmp_path / f"personas-{k}.jsonl.zst", personas(N // 2, f"s{k}"))
+    return [
+        "--input",
+        str(tmp_path / "personas-*"),
+        "--prompt",
+        "math",
+        "--model",
+        "mock-model",
+        "--output",
+        str(tmp_path / "out"),
+        "--base-url",
+        url,
+        "--concurrency",
+        "32",
+        "--max-attempts",
+        "20",
+        "--drain-timeout",
+        "2",
+        "--quiet",
+        *extra,
+    ]
+
+
+def _expected() -> set[str]:
+    return {f"personas-{k}:{i}:math:0" for k in range(2) for i in range(1, N // 2 + 1)}
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The worker processes a coordinator started (not multiprocessing's helpers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        if ppid == pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _popen(args: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "asyncgen", "run", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+
+
+@pytest.mark.slow
+def test_killed_worker_processes_are_replaced_and_every_item_lands_once(tmp_path: Path) -> None:
+    with mock_process(*FAULTS, "--seed", "7") as url:
+        args = _job(tmp_path, url, "--workers", "2", "--partition-lines", "500")
+        rng = random.Random(int(time.time()))
+        proc = _popen(args)
+        kills = 0
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.3, 1.0))
+            workers = _workers_of(proc.pid)
+            if workers and kills < 4:
+                os.kill(rng.choice(workers), signal.SIGKILL)
+                kills += 1
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert kills >= 2, "the job ended before its workers could be killed"
+        assert err.count("died") >= kills, err
+        found = assert_exactly_once(tmp_path / "out", _expected())
+        assert len(found["results"]) == N
+        before = server_requests(url)
+        rerun = subprocess.run(
+            [sys.executable, "-m", "asyncgen", "run", *args],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+        )
+        assert rerun.returncode == 0, rerun.stderr
+        assert f"all {N:,} items were already committed" in rerun.stderr
+        assert server_requests(url) == before
+        # status and export see one job.
+        status = subprocess.run(
+            [sys.executable, "-m", "asyncgen", "status", str(tmp_path / "out")],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+        )
+        assert f"succeeded      {N:,}" in status.stdout, status.stdout
+
+
+@pytest.mark.slow
+def test_a_killed_coordinator_is_resumed_exactly_once(tmp_path: Path) -> None:
+    with mock_process(*FAULTS, "--seed", "8") as url:
+        args = _job(tmp_path, url, "--workers", "2")
+        rng = random.Random(int(time.time()))
+        for attempt in range(30):
+            proc = _popen(args)
+            try:
+                _, err = proc.communicate(timeout=rng.uniform(1.0, 2.5) if attempt < 3 else 90)
+            except subprocess.TimeoutExpired:
+                orphans = _workers_of(proc.pid)
+                proc.send_signal(signal.SIGKILL)
+                proc.communicate(timeout=30)
+                # Its workers see the coordinator gone, drain (2 s) and exit.
+                for pid in orphans:
+                    for _ in range(100):
+                        if not Path(f"/proc/{pid}").exists():
+                            break
+                        time.sleep(0.1)
+                continue
+            assert proc.returncode == 0, err
+            break
+        else:
+            pytest.fail("the job never finished")
+        assert_exactly_once(tmp_path / "out", _expected())
+
+
+@pytest.mark.slow
+def test_an_rpm_budget_holds_for_the_whole_job_across_workers(tmp_path: Path) -> None:
+    rpm = 3000  # 50 a second, enforced by the mock with OpenAI's 429s
+    with mock_process("--rpm-limit", str(rpm), "--latency", "0.05") as url:
+        n = 700
+        write_shard(tmp_path / "a.jsonl", personas(n // 2, "a"))
+        write_shard(tmp_path / "b.jsonl", personas(n // 2, "b"))
+        args = [
+            "--input",
+            str(tmp_path / "a.jsonl"),
+            str(tmp_path / "b.jsonl"),
+            "--prompt",
+            "math",
+            "--model",
+            "mock-model",
+            "--output",
+            str(tmp_path / "out"),
+            "--base-url",
+            url,
+            "--rpm",
+            str(rpm),
+            "--workers",
+            "2",
+            "--quiet",
+        ]
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "asyncgen", "run", *args],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=120,
+        )
+        elapsed = time.monotonic() - started
+        assert done.returncode == 0, done.stderr
+        import urllib.request
+
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/mock/stats") as resp:
+            stats = json.load(resp)
+        refused = stats["by_outcome"].get("rate_limited", 0)
+        assert refused < 0.01 * stats["requests"], stats
+        # Both workers were paced at half the budget each: the job took about n / 50 s.
+        assert elapsed > 0.8 * n / (rpm / 60), elapsed
+        assert_exactly_once(
+            tmp_path / "out",
+            {f"{s}:{i}:math:0" for s in "ab" for i in range(1, n // 2 + 1)},
+        )
