@@ -3,6 +3,7 @@ worker processes (or the coordinator) are killed at random instants."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -10,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -291,3 +294,96 @@ def test_an_rpm_budget_holds_for_the_whole_job_across_workers(tmp_path: Path) ->
             tmp_path / "out",
             {f"{s}:{i}:math:0" for s in "ab" for i in range(1, n // 2 + 1)},
         )
+
+
+# --- Ray ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+async def test_ray_actors_killed_at_random_instants_are_restarted_exactly(
+    tmp_path: Path, ray_cluster: Any
+) -> None:
+    from asyncgen.job.config import JobConfig
+    from asyncgen.scale.coordinator import Coordinator
+    from asyncgen.scale.ray import RayWorker, ray_spawner
+
+    with mock_process(*FAULTS, "--seed", "9") as url:
+        args = _job(tmp_path, url)
+        config = JobConfig(
+            inputs=[args[1]],
+            output=str(tmp_path / "out"),
+            prompt="math",
+            model="mock-model",
+            base_url=url,
+            concurrency=32,
+            max_attempts=20,
+            drain_timeout=2,
+            workers=2,
+            ray="auto",
+        )
+        rng = random.Random(int(time.time()))
+        spawn = ray_spawner(config, api_key=None, redo=None)
+        async with Coordinator(config, workers=2, spawn=spawn, partition_lines=500) as job:
+            run = asyncio.create_task(job.run())
+            kills = 0
+            while not run.done() and kills < 3:
+                await asyncio.sleep(rng.uniform(1.0, 2.5))
+                running = [h for h in job.handles if isinstance(h, RayWorker) and h.actor]
+                if running and not run.done():
+                    # Ray restarts the actor and retries its call; the lease and the
+                    # partition's ledger make the retry resume where the commits stopped.
+                    ray_cluster.kill(rng.choice(running).actor, no_restart=False)
+                    kills += 1
+            stats = await run
+        assert stats.finished, stats
+        assert kills >= 1
+        found = assert_exactly_once(tmp_path / "out", _expected())
+        assert len(found["results"]) == N
+        before = server_requests(url)
+        async with Coordinator(config, workers=2, spawn=spawn) as again:
+            stats = await again.run()
+        assert stats.finished and stats.requests == 0 and stats.skipped == N
+        assert server_requests(url) == before
+
+
+@pytest.mark.slow
+def test_retry_failed_and_export_see_a_job_run_by_workers_as_one(tmp_path: Path) -> None:
+    from .conftest import assert_logically_once
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "asyncgen", *args],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=120,
+        )
+
+    with mock_process("--fail-500", "0.3", "--seed", "4") as bad:
+        args = _job(tmp_path, bad, "--workers", "2", "--max-attempts", "1")
+        first = cli("run", *args)
+    assert first.returncode == 1, first.stderr  # some items failed
+    failed = len(assert_exactly_once(tmp_path / "out", _expected())["failures"])
+    assert 0.2 * N < failed < 0.4 * N
+    with mock_process("--seed", "4") as good:
+        again = cli("retry-failed", str(tmp_path / "out"), "--base-url", good, "--quiet")
+        assert again.returncode == 0, again.stderr
+        assert f"retrying {failed:,} failed items" in again.stderr
+        assert server_requests(good) == failed  # only the failures were sent again
+    current = assert_logically_once(tmp_path / "out", _expected())
+    assert all(r["error"] is None for r in current.values())
+    exported = cli("export", str(tmp_path / "out"), "--to", str(tmp_path / "all.jsonl"))
+    assert exported.returncode == 0, exported.stderr
+    lines = (tmp_path / "all.jsonl").read_text().splitlines()
+    ids = [json.loads(line)["custom_id"] for line in lines]
+    assert sorted(ids) == sorted(_expected())

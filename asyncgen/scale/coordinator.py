@@ -148,6 +148,11 @@ class Coordinator:
             self._lock.release()
 
     @property
+    def handles(self) -> list[WorkerHandle]:
+        """The workers running now (tests kill them)."""
+        return list(self._live.values())
+
+    @property
     def partitions(self) -> list[Partition]:
         """This run's partitions, in plan order."""
         return [p for p, _ in self._work]
