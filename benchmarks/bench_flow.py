@@ -307,7 +307,11 @@ def expected_ids(paths: list[Path]) -> set[str]:
 
 def read_records(out: Path, kind: str) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
-    for name in sorted(out.glob(f"{kind}-*.jsonl.zst")):
+    # A job run by workers (--workers) keeps its records in its partitions' directories.
+    for name in [
+        *sorted(out.glob(f"{kind}-*.jsonl.zst")),
+        *out.glob(f"parts/*/{kind}-*.jsonl.zst"),
+    ]:
         with open(name, "rb") as f:
             data = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True).read()
         records.extend(msgspec.json.decode(line) for line in data.splitlines())
