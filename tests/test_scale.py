@@ -25,7 +25,7 @@ from asyncgen.storage.partitions import Partition, open_partitioned, plan_partit
 from asyncgen.storage.sources import ShardReader, count_lines
 from asyncgen.storage.store import Store
 
-from .conftest import assert_exactly_once, clean_env, personas, write_shard
+from .conftest import assert_exactly_once, clean_env, personas, read_output, write_shard
 from .test_crash_resume import FAULTS, mock_process, server_requests
 
 # --- sans-IO and storage pieces ---------------------------------------------------------------
@@ -387,3 +387,35 @@ def test_retry_failed_and_export_see_a_job_run_by_workers_as_one(tmp_path: Path)
     lines = (tmp_path / "all.jsonl").read_text().splitlines()
     ids = [json.loads(line)["custom_id"] for line in lines]
     assert sorted(ids) == sorted(_expected())
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_and_the_rerun_finishes_exactly_once(tmp_path: Path) -> None:
+    with mock_process("--latency", "0.05", "--seed", "3") as url:
+        args = _job(tmp_path, url, "--workers", "2")
+        proc = _popen(args)
+        deadline = time.monotonic() + 30
+        while server_requests(url) < 500 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _workers_of(proc.pid)
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "SIGINT: no new requests" in err
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # none left behind
+        partial = read_output(tmp_path / "out")
+        ids = [r["custom_id"] for r in partial["results"]]
+        assert len(ids) == len(set(ids)) and set(ids) <= _expected()
+        assert 0 < len(ids) < N
+    with mock_process("--seed", "3") as url:
+        again = subprocess.run(
+            [sys.executable, "-m", "asyncgen", "run", *_job(tmp_path, url, "--workers", "2")],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=120,
+        )
+        assert again.returncode == 0, again.stderr
+        assert server_requests(url) == N - len(partial["results"])
+    assert len(assert_exactly_once(tmp_path / "out", _expected())["results"]) == N

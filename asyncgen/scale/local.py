@@ -4,10 +4,12 @@
 Messages are pickled tuples. Coordinator to worker: ``("run", partition, source)``,
 ``("share", share)``, ``("stop", now)``. Worker to coordinator: ``("stats", name,
 statistics)`` twice a second while a partition runs, ``("done", result)``, ``("error",
-kind, message)`` for an error that stops the job. The worker ignores SIGINT (a Ctrl-C in
-the terminal reaches the whole process group; the coordinator decides), and when the
-coordinator goes away (its end of the pipe closes: killed, say) it stops as on a first
-Ctrl-C: what is in flight drains and is committed, and it exits.
+kind, message)`` for an error that stops the job, ``("crash", traceback)`` for a bug.
+
+The worker ignores SIGINT (a Ctrl-C in the terminal reaches the whole process group; the
+coordinator decides), and when the coordinator goes away (its end of the pipe closes:
+killed, say) it stops as on a first Ctrl-C: what is in flight drains and is committed, and
+it exits.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import signal
+import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -103,6 +106,8 @@ class LocalWorker:
             if not (isinstance(cls, type) and issubclass(cls, AsyncgenError)):
                 cls = AsyncgenError
             pending.set_exception(cls(message[2]))
+        elif kind == "crash" and pending is not None and not pending.done():
+            pending.set_exception(RuntimeError(f"worker {self.index} failed:\n{message[1]}"))
 
     def _died(self) -> None:
         if self._exited.is_set():
@@ -215,6 +220,9 @@ async def _serve(
             result = await worker.run_partition(part, source)
         except AsyncgenError as exc:
             send(("error", type(exc).__name__, str(exc)))
+            return
+        except Exception:  # a bug: the coordinator stops the job and shows where
+            send(("crash", traceback.format_exc()))
             return
         except asyncio.CancelledError:
             send(("done", PartResult(part.name)))
