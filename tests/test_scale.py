@@ -419,3 +419,64 @@ def test_ctrl_c_stops_every_worker_and_the_rerun_finishes_exactly_once(tmp_path:
         assert again.returncode == 0, again.stderr
         assert server_requests(url) == N - len(partial["results"])
     assert len(assert_exactly_once(tmp_path / "out", _expected())["results"]) == N
+
+
+@pytest.mark.slow
+def test_the_api_key_reaches_the_workers_but_no_output_log_or_command_line(
+    tmp_path: Path,
+) -> None:
+    import zstandard
+
+    secret = "sk-test-WORKERS-0123456789"
+    env = clean_env(ASYNCGEN_TEST_KEY=secret)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "asyncgen",
+            "mock-server",
+            "--port",
+            "0",
+            "--latency",
+            "0.05",
+            "--api-key-env",
+            "ASYNCGEN_TEST_KEY",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().split()[-1]
+        args = _job(tmp_path, url, "--workers", "2", "--api-key-env", "ASYNCGEN_TEST_KEY")
+        args.remove("--quiet")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "asyncgen", "run", *args, "--progress-interval", "0.2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        cmdlines = b""
+        deadline = time.monotonic() + 20
+        while not cmdlines and time.monotonic() < deadline:
+            time.sleep(0.2)
+            cmdlines = b"".join(
+                Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _workers_of(proc.pid)
+            )
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err  # the mock refuses requests without the key
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=10)
+    assert cmdlines and secret.encode() not in cmdlines
+    assert secret not in out + err
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.suffix == ".zst" and data:
+                data = (
+                    zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True).read()
+                )
+            assert secret.encode() not in data, path

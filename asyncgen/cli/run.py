@@ -39,9 +39,7 @@ from asyncgen.engine.stats import Statistics
 from asyncgen.job.config import JobConfig
 from asyncgen.job.jobfile import read_job_file, render_job_file
 from asyncgen.job.prompts import available_templates
-from asyncgen.scale.budget import Share
-from asyncgen.scale.coordinator import Coordinator
-from asyncgen.scale.local import LocalWorker
+from asyncgen.scale import Coordinator, workers_job
 from asyncgen.storage.partitions import is_partitioned
 
 __all__ = ["EPILOG", "add_command", "exit_status", "run_job"]
@@ -224,7 +222,7 @@ async def run_job(
             raise ConfigError("the batch backend takes one key (api_key_env), not one per endpoint")
         return await _run_batch_job(config, api_key=api_key, quiet=quiet)
     if config.workers > 1 or config.ray or is_partitioned(Path(config.output)):
-        async with _coordinator(config, api_key=api_key, redo=redo) as coordinator:
+        async with workers_job(config, api_key=api_key, redo=redo, say=say) as coordinator:
             stats = await _run_watched(
                 coordinator,
                 config,
@@ -245,28 +243,6 @@ async def run_job(
             )
     _ended(stats, config)
     return stats
-
-
-def _coordinator(
-    config: JobConfig, *, api_key: str | Mapping[str, str | None] | None, redo: Redo | None
-) -> Coordinator:
-    keys = dict(api_key) if isinstance(api_key, Mapping) else api_key
-    if config.ray:
-        from asyncgen.scale.ray import ray_spawner
-
-        spawn = ray_spawner(config, api_key=keys, redo=redo)
-    else:
-
-        def spawn(index: int, share: Share) -> LocalWorker:
-            return LocalWorker(index, config, share, api_key=keys, redo=redo)
-
-    return Coordinator(
-        config,
-        workers=config.workers,
-        spawn=spawn,
-        partition_lines=config.partition_lines,
-        say=say,
-    )
 
 
 async def _run_watched(
