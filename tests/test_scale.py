@@ -200,8 +200,9 @@ def test_killed_worker_processes_are_replaced_and_every_item_lands_once(tmp_path
         found = assert_exactly_once(tmp_path / "out", _expected())
         assert len(found["results"]) == N
         before = server_requests(url)
+        # Without --workers: a job once run by workers keeps its partitions.
         rerun = subprocess.run(
-            [sys.executable, "-m", "asyncgen", "run", *args],
+            [sys.executable, "-m", "asyncgen", "run", *args[: args.index("--workers")]],
             capture_output=True,
             text=True,
             env=clean_env(),
@@ -480,3 +481,19 @@ def test_the_api_key_reaches_the_workers_but_no_output_log_or_command_line(
                     zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True).read()
                 )
             assert secret.encode() not in data, path
+
+
+def test_a_job_file_sets_the_workers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from asyncgen.cli.main import main
+    from asyncgen.job.jobfile import read_job_file
+
+    path = tmp_path / "job.toml"
+    path.write_text(
+        'inputs = ["a.jsonl"]\noutput = "out"\nprompt = "math"\nmodel = "m"\n'
+        '[workers]\ncount = 4\npartition_lines = 100000\nray = "auto"\n'
+    )
+    options = read_job_file(str(path)).options
+    assert (options["workers"], options["partition_lines"], options["ray"]) == (4, 100000, "auto")
+    assert main(["run", str(path), "--print-config", "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "[workers]\ncount = 2\n" in printed and "partition_lines = 100000" in printed
