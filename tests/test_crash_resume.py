@@ -201,7 +201,9 @@ def test_sigterm_stops_gracefully_and_resumes(tmp_path: Path, server_url: str) -
         text=True,
         env=clean_env(),
     )
-    time.sleep(2.0)
+    deadline = time.monotonic() + 30  # a loaded machine may take seconds to start it
+    while server_requests(server_url) < 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -276,8 +277,11 @@ async def test_a_stop_after_the_last_item_was_taken_can_still_finish(tmp_path: P
 # --- the command line ---------------------------------------------------------------------------
 
 
-def _run(args: list[str], *, signal_after: float | None = None, sig: int = 15) -> tuple[int, str]:
-    """``asyncgen run ARGS`` in a subprocess; its exit status and stderr."""
+def _run(
+    args: list[str], *, signal_when: Callable[[], bool] | None = None, sig: int = 15
+) -> tuple[int, str]:
+    """``asyncgen run ARGS`` in a subprocess; its exit status and stderr. ``signal_when``:
+    send ``sig`` once it is true (polled; a loaded machine may take seconds to start)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "asyncgen", "run", *args],
         stdout=subprocess.DEVNULL,
@@ -285,8 +289,10 @@ def _run(args: list[str], *, signal_after: float | None = None, sig: int = 15) -
         text=True,
         env=clean_env(),
     )
-    if signal_after is not None:
-        time.sleep(signal_after)
+    if signal_when is not None:
+        deadline = time.monotonic() + 30
+        while not signal_when() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
         proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     return proc.returncode, err
@@ -312,9 +318,11 @@ def test_cli_a_used_up_quota_exits_2_naming_it(tmp_path: Path) -> None:
 
 def test_cli_a_drain_that_completes_every_item_exits_0(tmp_path: Path) -> None:
     inputs = [write_shard(tmp_path / "p.jsonl", personas(20))]
-    # (Latency and signal leave a loaded machine 3 s to start the job and send all 20.)
+    # The signal comes once all 20 are in flight (each takes 5 s).
     with mock_process("--latency", "5") as url:
-        code, err = _run(_args(tmp_path, url, inputs), signal_after=3.0)
+        code, err = _run(
+            _args(tmp_path, url, inputs), signal_when=lambda: server_requests(url) == 20
+        )
         sent = server_requests(url)
     assert code == 0, err
     assert sent == 20 and "no new requests" in err
@@ -327,7 +335,9 @@ def test_kill_9_during_a_pause_resumes_exactly_once(tmp_path: Path) -> None:
     and items wait, then rerun against a healthy server: every item exactly once."""
     inputs = [write_shard(tmp_path / "p.jsonl", personas(300))]
     with mock_process("--fail-429", "0.7", "--retry-after", "5", "--seed", "3") as url:
-        code, _ = _run(_args(tmp_path, url, inputs), signal_after=2.0, sig=9)
+        code, _ = _run(
+            _args(tmp_path, url, inputs), signal_when=lambda: server_requests(url) > 30, sig=9
+        )
         assert code == -9
         refused_run = server_requests(url)
     assert refused_run > 0
