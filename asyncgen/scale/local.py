@@ -20,7 +20,7 @@ import multiprocessing
 import signal
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NamedTuple
 
 from asyncgen.core import errors
 from asyncgen.core.errors import AsyncgenError
@@ -70,7 +70,7 @@ class LocalWorker:
         started = self._share
         process = ctx.Process(
             target=_main,
-            args=(child, self._config, started, *self._keys),
+            args=(child, _Setup(self._config, started, *self._keys)),
             name=f"asyncgen-worker-{self.index}",
         )
         await asyncio.to_thread(process.start)
@@ -172,31 +172,28 @@ class LocalWorker:
 # --- the worker's side --------------------------------------------------------------------------
 
 
-def _main(
-    conn: Connection,
-    config: JobConfig,
-    share: Share,
-    api_key: str | dict[str, str | None] | None,
-    redo: Redo | None,
-) -> None:
+class _Setup(NamedTuple):
+    """What a worker process is started with (pickled through the pipe, never argv)."""
+
+    config: JobConfig
+    share: Share
+    api_key: str | dict[str, str | None] | None
+    redo: Redo | None
+
+
+def _main(conn: Connection, setup: _Setup) -> None:
     """A worker process's entry point."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_gc()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        asyncio.run(_serve(conn, config, share, api_key, redo))
+        asyncio.run(_serve(conn, setup))
     else:
-        uvloop.run(_serve(conn, config, share, api_key, redo))
+        uvloop.run(_serve(conn, setup))
 
 
-async def _serve(
-    conn: Connection,
-    config: JobConfig,
-    share: Share,
-    api_key: str | dict[str, str | None] | None,
-    redo: Redo | None,
-) -> None:
+async def _serve(conn: Connection, setup: _Setup) -> None:
     loop = asyncio.get_running_loop()
     gone = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()
@@ -257,7 +254,9 @@ async def _serve(
                 for task in tasks:
                     task.cancel()
 
-    async with PartitionWorker(config, share=share, api_key=api_key, redo=redo) as worker:
+    async with PartitionWorker(
+        setup.config, share=setup.share, api_key=setup.api_key, redo=setup.redo
+    ) as worker:
         loop.add_reader(conn.fileno(), readable)
         await gone.wait()
         if tasks:
