@@ -59,7 +59,13 @@ def _counts(servers: list[Mock]) -> int | None:
 
 
 def run_one(
-    work: Path, regime: str, workers: int, items: int, n_mocks: int, per_worker: int | None
+    work: Path,
+    regime: str,
+    workers: int,
+    items: int,
+    n_mocks: int,
+    per_worker: int | None,
+    fixed: bool,
 ) -> dict[str, Any]:
     spec = REGIMES[regime]
     in_flight = per_worker or spec["per_worker"]
@@ -82,6 +88,7 @@ def run_one(
             "--quiet",
             "--concurrency",
             str(in_flight * workers),
+            *(["--min-concurrency", str(in_flight * workers)] if fixed else []),
             "--workers",
             str(workers),
             *[a for m in servers for a in ("--base-url", m.url)],
@@ -100,6 +107,7 @@ def run_one(
                     marks[share] = (time.monotonic(), done)
             time.sleep(0.1)
         wall = time.monotonic() - started
+        server_cpu = sum(m.cpu_s() or 0.0 for m in servers)
         stderr.seek(0)
         text = stderr.read()
         stderr.close()
@@ -120,6 +128,9 @@ def run_one(
         "items_per_s_whole": float(found.group(1)) if found else None,
         "items_per_s_steady": None if steady is None else round(steady, 1),
         "client_cpu_s": round(cpu, 2),
+        "server_cpu_s": round(server_cpu, 2),
+        "fixed_window": fixed,
+        "load_avg_1m": os.getloadavg()[0],
         "items_per_cpu_s": round(items / cpu, 1) if cpu else None,
         "exactly_once": check["exactly_once"],
         "stderr_tail": text.strip().splitlines()[-3:],
@@ -146,6 +157,12 @@ def main() -> None:
     parser.add_argument(
         "--per-worker", type=int, help="requests in flight per worker (default: the regime's)"
     )
+    parser.add_argument(
+        "--fixed",
+        action="store_true",
+        help="fixed windows (--min-concurrency = --concurrency): what is in flight stays "
+        "put however the latency moves on a loaded machine",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     rows = []
@@ -154,7 +171,7 @@ def main() -> None:
             items = args.items or REGIMES[regime]["items"]
             base = None
             for n in args.workers:
-                row = run_one(Path(tmp), regime, n, items, args.mocks, args.per_worker)
+                row = run_one(Path(tmp), regime, n, items, args.mocks, args.per_worker, args.fixed)
                 rate = row["items_per_s_steady"]
                 if n == 1:
                     base = rate
@@ -168,13 +185,14 @@ def main() -> None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(
         f"\n{'regime':8} {'N':>2} {'steady/s':>9} {'whole/s':>8} {'eff':>6} "
-        f"{'cpu s':>7} {'items/cpu-s':>11} once"
+        f"{'cpu s':>7} {'items/cpu-s':>11} {'mock cpu':>8} {'load':>5} once"
     )
     for r in rows:
         print(
             f"{r['regime']:8} {r['workers']:>2} {r['items_per_s_steady'] or '-':>9} "
             f"{r['items_per_s_whole'] or '-':>8} {r['efficiency'] or '-':>6} "
-            f"{r['client_cpu_s']:>7} {r['items_per_cpu_s'] or '-':>11} {r['exactly_once']}"
+            f"{r['client_cpu_s']:>7} {r['items_per_cpu_s'] or '-':>11} "
+            f"{r['server_cpu_s']:>8} {r['load_avg_1m']:>5.1f} {r['exactly_once']}"
         )
 
 
