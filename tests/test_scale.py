@@ -497,3 +497,93 @@ def test_a_job_file_sets_the_workers(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["run", str(path), "--print-config", "--workers", "2"]) == 0
     printed = capsys.readouterr().out
     assert "[workers]\ncount = 2\n" in printed and "partition_lines = 100000" in printed
+
+
+# --- the coordinator's scheduling, with workers faked -------------------------------------------
+
+
+class _FakeWorker:
+    """A worker that 'runs' a partition at once, or dies or finds it busy when told to."""
+
+    def __init__(self, index: int, share: Any, script: dict[str, list[str]], log: list[Any]):
+        self.index, self.share, self.script, self.log = index, share, script, log
+
+    async def start(self) -> None:
+        self.log.append(("start", self.index))
+
+    async def run_partition(self, part: Partition, source: str) -> Any:
+        from asyncgen.engine.stats import Statistics
+        from asyncgen.scale import PartResult, WorkerLost
+
+        await asyncio.sleep(0.01)
+        fate = self.script.get(part.name, [])
+        what = fate.pop(0) if fate else "ok"
+        self.log.append((what, self.index, part.name, self.share.concurrency))
+        if what == "die":
+            raise WorkerLost("killed")
+        if what == "busy":
+            return PartResult(part.name, busy=True)
+        stats = Statistics(
+            succeeded=3,
+            elapsed=0.01,
+            succeeded_total=3,
+            failed_total=0,
+            bad_lines_total=0,
+            input_fraction=1.0,
+            finished=True,
+            stopped=False,
+        )
+        return PartResult(part.name, stats=stats)
+
+    def set_share(self, share: Any) -> None:
+        self.share = share
+
+    def statistics(self) -> Any:
+        return None
+
+    def stop(self, now: bool) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.log.append(("close", self.index))
+
+
+async def _coordinate(tmp_path: Path, script: dict[str, list[str]], workers: int) -> Any:
+    from asyncgen.job.config import JobConfig
+    from asyncgen.scale import Coordinator
+
+    for k in range(4):
+        write_shard(tmp_path / f"s{k}.jsonl", personas(3))
+    config = JobConfig(
+        inputs=[str(tmp_path / "s*.jsonl")], output=str(tmp_path / "out"), concurrency=100
+    )
+    log: list[Any] = []
+    job = Coordinator(
+        config,
+        workers=workers,
+        spawn=lambda i, share: _FakeWorker(i, share, script, log),
+    )
+    job.BUSY_WAIT = 0.01
+    async with job:
+        stats = await job.run()
+    return stats, log
+
+
+async def test_a_lost_partition_goes_to_a_new_worker_and_busy_ones_are_tried_again(
+    tmp_path: Path,
+) -> None:
+    stats, log = await _coordinate(tmp_path, {"p000002": ["die", "busy"]}, workers=2)
+    assert stats.finished and stats.succeeded == 12 and stats.succeeded_total == 12
+    ran = [e for e in log if e[0] in ("ok", "die", "busy")]
+    assert sorted(e[2] for e in ran if e[0] == "ok") == ["p000001", "p000002", "p000003", "p000004"]
+    assert [e[0] for e in ran if e[2] == "p000002"] == ["die", "busy", "ok"]
+    assert sum(e[0] == "start" for e in log) == 3  # two workers and one replacement
+    # While both run, each has half the job's concurrency.
+    assert all(e[3] == 50 for e in ran[:2])
+
+
+async def test_a_crash_loop_stops_the_job(tmp_path: Path) -> None:
+    from asyncgen.core.errors import AsyncgenError
+
+    with pytest.raises(AsyncgenError, match="died 11 times"):
+        await _coordinate(tmp_path, {"p000001": ["die"] * 20}, workers=1)

@@ -72,7 +72,10 @@ class Coordinator:
     ``async with Coordinator(...) as c: stats = await c.run()``."""
 
     RESTARTS = 10
-    """Restarts of dead workers a run allows in all before it gives up."""
+    RESTART_WINDOW = 600.0
+    """A run gives up when its workers died more than :attr:`RESTARTS` times within
+    :attr:`RESTART_WINDOW` seconds (a crash loop: a bad input that kills the process, say);
+    a death now and then in a job of days is replaced for ever."""
     BUSY_WAIT = 1.0
     BUSY_GIVE_UP = 120.0
     """Seconds a partition may stay held by another process (a worker of an earlier run still
@@ -111,7 +114,7 @@ class Coordinator:
         self._totals: dict[str, tuple[int, int, int]] = {}
         self._finished: set[str] = set()
         self._left: list[str] = []
-        self._restarts = 0
+        self._deaths: deque[float] = deque()
         self._stopping = False
         self._started: float | None = None
 
@@ -238,10 +241,15 @@ class Coordinator:
             self._done.append(last[1])
             self._endpoints[index] = last[1].endpoints
         await self._retire(index, handle)
-        self._restarts += 1
-        if self._restarts > self.RESTARTS:
+        now = self._clock.monotonic()
+        deaths = self._deaths
+        deaths.append(now)
+        while deaths and deaths[0] < now - self.RESTART_WINDOW:
+            deaths.popleft()
+        if len(deaths) > self.RESTARTS:
             raise AsyncgenError(
-                f"workers died {self._restarts} times (last: {lost}); stopping the job; "
+                f"workers died {len(deaths)} times in {self.RESTART_WINDOW / 60:g} minutes "
+                f"(last: {lost}); stopping the job; "
                 "rerun to resume from what was committed"
             )
         event(
@@ -256,26 +264,31 @@ class Coordinator:
         return await self._spawn(index)
 
     async def _next(self) -> tuple[Partition, str] | None:
-        while self._queue and not self._stopping:
-            item = self._queue.popleft()
-            since = self._busy_since.get(item[0].name)
-            if since is None:
-                return item
-            now = self._clock.monotonic()
-            if now - since > self.BUSY_GIVE_UP:
+        """The next partition to run: the first not found busy lately; when every one left
+        was, the first of them after a short wait (None: nothing left, or stopping)."""
+        queue = self._queue
+        while queue and not self._stopping:
+            for item in queue:
+                if item[0].name not in self._busy_since:
+                    queue.remove(item)
+                    return item
+            item = queue.popleft()
+            if self._clock.monotonic() - self._busy_since[item[0].name] > self.BUSY_GIVE_UP:
                 self._left.append(item[0].name)
                 continue
-            self._queue.append(item)
             await self._clock.sleep(self.BUSY_WAIT)
-            if self._busy_since.get(item[0].name) == since and self._queue[-1] is item:
-                self._queue.pop()
-                return item
+            return None if self._stopping else item
         return None
 
     def _record(self, index: int, result: PartResult, item: tuple[Partition, str]) -> None:
         name = result.name
         if result.busy:
-            self._busy_since.setdefault(name, self._clock.monotonic())
+            if name not in self._busy_since:
+                self._busy_since[name] = self._clock.monotonic()
+                self._say(
+                    f"partition {item[0].describe()} is held by another process (a worker "
+                    "of an earlier run still draining?); trying it again shortly"
+                )
             self._queue.append(item)
             return
         self._busy_since.pop(name, None)
