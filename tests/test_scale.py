@@ -90,6 +90,22 @@ def test_a_plan_splits_few_inputs_and_never_moves_what_it_planned(tmp_path: Path
     assert {p.shard for p, _ in only_b} == {"b"}
 
 
+def test_a_damaged_input_is_planned_up_to_the_damage(tmp_path: Path) -> None:
+    import zstandard
+
+    data = b"".join(json.dumps({"persona": f"p{i}"}).encode() + b"\n" for i in range(400))
+    frames = [zstandard.ZstdCompressor().compress(data[i : i + 2000]) for i in range(0, 8000, 2000)]
+    whole = b"".join(frames)
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(whole[: len(whole) - 40])  # the last frame torn
+    counted = count_lines(cut)
+    assert 0 < counted < 400
+    out = tmp_path / "out"
+    out.mkdir()
+    plan, _ = plan_partitions(out, [cut], workers=2)
+    assert plan.partitions[-1].last is None  # the rest, up to the damage, is the last range's
+
+
 def test_whole_inputs_are_partitions_when_there_are_enough(tmp_path: Path) -> None:
     shards = [write_shard(tmp_path / f"s{k}.jsonl", personas(5)) for k in range(3)]
     out = tmp_path / "out"
