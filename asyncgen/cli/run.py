@@ -322,7 +322,7 @@ async def _run_batch_job(config: JobConfig, *, api_key: str | None, quiet: bool)
     """The job through the Batch API; Ctrl-C stops polling (the batches go on at the
     server, and a rerun picks them up), a second one stops at once."""
     progress = (lambda _: None) if quiet else say
-    async with BatchBackend(config, api_key=api_key, report=progress) as job:
+    async with BatchBackend(config, api_key=api_key, report=progress, warn=warn) as job:
 
         def graceful(signum: signal.Signals) -> None:
             say(f"{signum.name}: no more polling; rerun the same command to pick up the batches")

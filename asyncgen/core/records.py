@@ -157,6 +157,10 @@ class Result(msgspec.Struct, gc=False):
     embedding: bytes | None = None
     """An embeddings reply's vector as little-endian float32 bytes (base64 in the JSON
     line; see :mod:`asyncgen.core.embedding`)."""
+    batch_line: str | None = None
+    """The Batch API output (or error) file's line this record was read from, as the
+    server wrote it (without its newline): ``export --format batch`` gives it back
+    unchanged (its ``id``, ``request_id`` and body are nowhere else in the record)."""
 
 
 class BadLine(msgspec.Struct, gc=False):

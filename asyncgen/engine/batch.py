@@ -42,11 +42,13 @@ import msgspec
 from asyncgen._version import __version__
 from asyncgen.core.errors import AsyncgenError, ConfigError, InputError, TransportError, job_error
 from asyncgen.core.ledger import bad_line_key
-from asyncgen.core.records import BadLine, Completion, ErrorInfo, Result, Source, Usage, WorkItem
+from asyncgen.core.records import BadLine, Completion, ErrorInfo, Result, Source, WorkItem
 from asyncgen.core.redact import redact_text, redact_url
+from asyncgen.core.validate import OutputSpec
+from asyncgen.engine.record import build_result, check_reply, output_spec, reply_text
 from asyncgen.engine.stats import Counts, Statistics
 from asyncgen.job.config import JobConfig, job_record, job_spec
-from asyncgen.job.items import NOT_SAMPLING, Expander
+from asyncgen.job.items import Expander
 from asyncgen.job.prompts import Template, load_template
 from asyncgen.storage.files import atomic_write, fsync_path
 from asyncgen.storage.formats import Input
@@ -61,7 +63,9 @@ _JOURNAL = "journal.jsonl"
 _TOKEN = "job.json"
 _META_JOB = "asyncgen_job"
 _META_PART = "asyncgen_part"
-_RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled", "missing", "batch_failed"})
+_RETRYABLE_CODES = frozenset(
+    {"batch_expired", "batch_cancelled", "missing", "batch_failed", "batch_file_gone"}
+)
 _MAX_FILE_BYTES = 190 * 2**20
 """A request file's size at most (OpenAI takes up to 200 MB)."""
 _INGEST_CHUNK = 1024
@@ -105,6 +109,56 @@ class _LineError(msgspec.Struct):
 
 
 _line_decoder = msgspec.json.Decoder(_Line)
+
+
+class _Again(msgspec.Struct, frozen=True, gc=False):
+    """Why an item of an ingested batch has no result yet: it is sent again, or failed."""
+
+    error: ErrorInfo
+    line: str | None = None
+    """The output or error file's line that said so, as the server wrote it."""
+    rejected: str | None = None
+    """The text of a reply the ``[output]`` checks rejected."""
+
+
+class _OddLines:
+    """Lines of an output file that commit nothing, told once per file: a few named, the
+    rest counted (a file of 50 000 strange lines must not print 50 000 warnings)."""
+
+    _NAMED = 3
+
+    def __init__(self, where: str) -> None:
+        self._where = where
+        self._counts: dict[str, int] = {}
+        self._named: list[str] = []
+
+    def _add(self, kind: str, detail: str) -> None:
+        n = self._counts[kind] = self._counts.get(kind, 0) + 1
+        if n <= self._NAMED:
+            self._named.append(f"{self._where}: {detail}")
+
+    def malformed(self, lineno: int, why: str) -> None:
+        self._add("not a batch output line", f"line {lineno} is not a batch output line ({why})")
+
+    def unknown(self, lineno: int, custom_id: str | None) -> None:
+        self._add(
+            "for an id not in the part",
+            f"line {lineno} is for custom_id {custom_id!r}, not in the part",
+        )
+
+    def repeated(self, lineno: int, custom_id: str) -> None:
+        self._add("repeating an id", f"line {lineno} repeats custom_id {custom_id!r}")
+
+    def warnings(self) -> list[str]:
+        if not self._counts:
+            return []
+        total = ", ".join(f"{n:,} {kind}" for kind, n in self._counts.items())
+        return [
+            *(f"{named}; ignored" for named in self._named),
+            f"{self._where}: {total}: ignored, nothing committed for them",
+        ]
+
+
 _completion = msgspec.json.Decoder(Completion)
 _item_decoder = msgspec.json.Decoder(WorkItem)
 _event_decoder = msgspec.json.Decoder(_Event)
@@ -236,17 +290,25 @@ class BatchBackend:
         *,
         api_key: str | None,
         report: Callable[[str], None] = lambda _: None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         config.validate()
         if len(config.base_urls) != 1:
-            raise ConfigError("the batch backend takes one --base-url")
+            raise ConfigError(
+                f"the batch backend sends a job to one server: give one --base-url, "
+                f"not {len(config.base_urls)} (each server's batches are its own)"
+            )
         self.config = config
         self._api_key = api_key
         self._report = report
+        self._warn = warn or report
+        self._accept_length = config.accept_length
+        self._output: OutputSpec | None = None
         self.counts = Counts()
         self._started = time.monotonic()
         self._finished = False
         self._stopping = False
+        self._stopped = asyncio.Event()
         self._endpoint = redact_url(config.base_urls[0])
         self._template: Template | None = None
         self._template_sha: str | None = None
@@ -265,6 +327,7 @@ class BatchBackend:
         cfg = self.config
         template = self._template = load_template(cfg.prompt) if cfg.prompt else None
         self._template_sha = template.digest[:16] if template is not None else None
+        self._output = output_spec(template)
         # In a thread: a remote input (fsspec) is looked up over the network.
         self._paths = await asyncio.to_thread(expand_inputs, cfg.inputs)
         self._store_ = await asyncio.to_thread(
@@ -330,6 +393,7 @@ class BatchBackend:
     def stop(self) -> None:
         """Stop polling: batches already created go on at the server; a rerun picks them up."""
         self._stopping = True
+        self._stopped.set()
 
     def _plan(self) -> None:
         """Write parts for every item neither committed nor in a part still to be ingested."""
@@ -491,18 +555,23 @@ class BatchBackend:
             if batch.status in TERMINAL:
                 return batch
             _crash_point("polling")
-            await asyncio.sleep(delay)
+            # A stop ends the wait: a Ctrl-C is answered now, not after up to 4 x --batch-poll.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), delay)
             delay = min(delay * 1.5, 4 * self.config.batch_poll)
         return None
 
     async def _ingest(self, part: _Part, items: dict[str, WorkItem], batch: Any) -> str | None:
         """Commit the batch's output and error lines; write the retry part; its name."""
         cfg = self.config
-        outcome: dict[str, ErrorInfo | None] = {}
+        outcome: dict[str, _Again | None] = {}
         """Ids seen in this ingest: None when committed, else why they go again."""
+        gone: list[str] = []
         for file_id in (batch.output_file_id, batch.error_file_id):
             if file_id:
-                await self._ingest_file(part, items, batch, file_id, outcome)
+                lost = await self._ingest_file(part, items, batch, file_id, outcome)
+                if lost is not None:
+                    gone.append(lost)
         why = ErrorInfo("missing", f"not in the output of batch {batch.id} ({batch.status})")
         if batch.status == "failed":
             errors = getattr(batch.errors, "data", None) or []
@@ -510,6 +579,9 @@ class BatchBackend:
             why = ErrorInfo("batch_failed", f"batch {batch.id} failed: {redact_text(text)}")
         elif batch.status in ("expired", "cancelled"):
             why = ErrorInfo(f"batch_{batch.status}", f"batch {batch.id} {batch.status}")
+        elif gone:
+            why = ErrorInfo("batch_file_gone", "; ".join(gone))
+        unseen = _Again(why)
         again: list[WorkItem] = []
         final: list[Result] = []
         ledger = self._store.ledger
@@ -517,9 +589,10 @@ class BatchBackend:
         for custom_id, item in items.items():
             if ledger.is_committed(custom_id):
                 continue
-            error = outcome.get(custom_id, why)
-            if error is None:
+            seen = outcome.get(custom_id, unseen)
+            if seen is None:
                 continue
+            error = seen.error
             bound = cfg.max_invalid if error.code == "invalid_output" else cfg.max_attempts
             retryable = (
                 error.code in _RETRYABLE_CODES
@@ -531,7 +604,7 @@ class BatchBackend:
             if retryable and attempts < bound:
                 again.append(item)
             else:
-                final.append(self._record(item, error, attempts, batch))
+                final.append(self._record(item, error, attempts, batch, seen=seen))
         if final:
             await self._commit(final)
         if not again:
@@ -545,84 +618,119 @@ class BatchBackend:
         _crash_point("retried")
         return name
 
+    async def _download(self, file_id: str, path: Path) -> None:
+        """The file's content into ``path``, durably (written to ``.part``, then renamed)."""
+        partial = path.with_suffix(".part")
+        async with self._client.files.with_streaming_response.content(file_id) as response:
+            with open(partial, "wb") as f:  # noqa: ASYNC230 - chunks, written as they come
+                async for data in response.iter_bytes(1 << 20):
+                    f.write(data)
+        await asyncio.to_thread(fsync_path, partial)
+        partial.rename(path)
+
     async def _ingest_file(
         self,
         part: _Part,
         items: dict[str, WorkItem],
         batch: Any,
         file_id: str,
-        outcome: dict[str, ErrorInfo | None],
-    ) -> None:
+        outcome: dict[str, _Again | None],
+    ) -> str | None:
+        """Commit one output or error file's lines; None, or why the file could not be had
+        (gone at the server: its items are then missing from the output)."""
+        import openai
+
         path = self._batches.dir / f"{part.name}.{file_id}.jsonl"
         if not path.exists():
-            partial = path.with_suffix(".part")
-            async with self._client.files.with_streaming_response.content(file_id) as response:
-                with open(partial, "wb") as f:  # noqa: ASYNC230 - chunks, written as they come
-                    async for data in response.iter_bytes(1 << 20):
-                        f.write(data)
-            await asyncio.to_thread(fsync_path, partial)
-            partial.rename(path)
+            try:
+                await self._download(file_id, path)
+            except openai.NotFoundError:
+                lost = f"file {file_id} of batch {batch.id} is gone at the server (404)"
+                self._warn(
+                    f"batch {part.name}: {lost}; its requests count as missing from the output"
+                )
+                return lost
         ledger = self._store.ledger
         attempts = part.round + 1
         chunk: list[Result] = []
+        odd = _OddLines(f"batch {part.name}: {path.name}")
         reading = _read_lines(path, _INGEST_CHUNK)
-        empty: list[bytes] = []
+        empty: list[tuple[int, bytes]] = []
         while lines := await asyncio.to_thread(next, reading, empty):
-            for raw in lines:
+            for lineno, raw in lines:
                 try:
                     line = _line_decoder.decode(raw)
-                except msgspec.DecodeError:
+                except msgspec.DecodeError as exc:
+                    odd.malformed(lineno, str(exc))
                     continue
                 custom_id = line.custom_id
                 item = items.get(custom_id) if custom_id is not None else None
-                if item is None or custom_id in outcome:
+                if item is None:
+                    odd.unknown(lineno, custom_id)
+                    continue
+                if item.custom_id in outcome:
+                    odd.repeated(lineno, item.custom_id)
                     continue
                 if ledger.is_committed(item.custom_id):
                     outcome[item.custom_id] = None
                     continue
-                result, error = self._judge(item, line, attempts, batch)
-                outcome[item.custom_id] = error
+                text = raw.rstrip(b"\r\n").decode()
+                result, again = self._judge(item, line, text, attempts, batch)
+                outcome[item.custom_id] = again
                 if result is not None:
                     chunk.append(result)
             if chunk:
                 await self._commit(chunk)
                 chunk = []
                 _crash_point("ingest")
+        for warning in odd.warnings():
+            self._warn(warning)
+        return None
 
     def _judge(
-        self, item: WorkItem, line: _Line, attempts: int, batch: Any
-    ) -> tuple[Result | None, ErrorInfo | None]:
-        """A success's record, or the error that sends the item again (or fails it)."""
+        self, item: WorkItem, line: _Line, text: str, attempts: int, batch: Any
+    ) -> tuple[Result | None, _Again | None]:
+        """A success's record, or the error that sends the item again (or fails it);
+        ``text`` is the line as the server wrote it, kept in the record."""
         response = line.response
         if response is None or response.status_code != 200:
             if line.error is not None:
-                return None, ErrorInfo(
-                    line.error.code or "batch_error", line.error.message or "", None
+                error = ErrorInfo(
+                    line.error.code or "batch_error", redact_text(line.error.message or ""), None
                 )
-            body = msgspec.json.decode(response.body) if response is not None else None
+                return None, _Again(error, text)
+            if response is None:
+                return None, _Again(ErrorInfo("malformed_line", "neither response nor error"))
+            body = msgspec.json.decode(response.body)
             err = body.get("error") if isinstance(body, dict) else None
             message = err.get("message") if isinstance(err, dict) else None
             code = err.get("code") if isinstance(err, dict) else None
-            status = response.status_code if response is not None else None
-            return None, ErrorInfo(
+            status = response.status_code
+            error = ErrorInfo(
                 str(code or f"http_{status}"), redact_text(str(message or "")), status
             )
+            return None, _Again(error, text)
         try:
             completion = _completion.decode(response.body)
             if not completion.choices:
                 raise msgspec.ValidationError("no choices")
         except msgspec.DecodeError as exc:
-            return None, ErrorInfo("malformed_response", f"unexpected reply: {exc}", 200)
-        choice = completion.choices[0]
-        text = choice.message.content if choice.message is not None else choice.text
-        parsed = None
-        spec = self._template.output if self._template is not None else None
-        if spec is not None and item.template is not None:
-            checked = spec.check(text, choice.finish_reason)
-            if checked.reason is not None:
-                return None, ErrorInfo("invalid_output", checked.reason, 200)
-            parsed = checked.parsed
-        return self._record(item, None, attempts, batch, completion, parsed), None
+            error = ErrorInfo("malformed_response", f"unexpected reply: {exc}", 200)
+            return None, _Again(error)
+        checked = check_reply(self._output, item, completion, accept_length=self._accept_length)
+        if checked.reason is not None:
+            self.counts.rejected += 1
+            self._count(completion)
+            error = ErrorInfo("invalid_output", checked.reason, 200)
+            return None, _Again(error, rejected=reply_text(completion))
+        record = self._record(item, None, attempts, batch, completion, checked.parsed, text)
+        return record, None
+
+    def _count(self, completion: Completion) -> None:
+        usage = completion.usage
+        if usage is not None:
+            self.counts.prompt_tokens += usage.prompt_tokens or 0
+            self.counts.completion_tokens += usage.completion_tokens or 0
 
     def _record(
         self,
@@ -632,24 +740,17 @@ class BatchBackend:
         batch: Any,
         completion: Completion | None = None,
         parsed: Any = None,
+        text: str | None = None,
+        *,
+        seen: _Again | None = None,
     ) -> Result:
-        body = item.body
-        output = finish = reasoning = tool_calls = None
-        usage: Usage | None = None
-        model = body.get("model")
+        """The item's record: a success from ``completion`` (its output ``text`` kept),
+        else a failure, with the line that said so (``seen``) when there was one."""
         if completion is not None:
-            choice = completion.choices[0]
-            message = choice.message
-            output = message.content if message is not None else choice.text
-            finish = choice.finish_reason
-            usage = completion.usage
-            model = completion.model or model
-            if message is not None:
-                reasoning = message.reasoning_content or message.reasoning
-                tool_calls = message.tool_calls
-            if usage is not None:
-                self.counts.prompt_tokens += usage.prompt_tokens or 0
-                self.counts.completion_tokens += usage.completion_tokens or 0
+            self._count(completion)
+        rejected_text = None
+        if seen is not None:
+            text, rejected_text = seen.line, seen.rejected
         if error is not None and attempts > 1:
             error = ErrorInfo(
                 error.code,
@@ -658,31 +759,20 @@ class BatchBackend:
             )
         created = float(batch.created_at)
         ended = batch.completed_at or batch.expired_at or batch.failed_at or batch.cancelled_at
-        return Result(
-            custom_id=item.custom_id,
-            error=error,
-            output=output,
-            finish_reason=finish,
-            model=model,
-            template=item.template,
-            persona=item.persona,
-            source=item.source,
+        return build_result(
+            item,
+            error,
+            completion,
             attempts=attempts,
-            latency_s=round(float(ended) - created, 4) if ended else 0.0,
+            latency=float(ended) - created if ended else 0.0,
             created=time.time(),
-            usage=usage,
-            meta=item.meta,
-            reasoning=reasoning,
-            tool_calls=tool_calls,
             started=created,
             endpoint=self._endpoint,
-            persona_sha256=item.persona_sha256,
-            template_sha256=self._template_sha if item.template else None,
-            sampling=item.sampling
-            if item.sampling is not None
-            else {k: v for k, v in body.items() if k not in NOT_SAMPLING},
+            template_sha=self._template_sha,
             parsed=parsed,
+            rejected_text=rejected_text,
             batch_id=str(batch.id),
+            batch_line=text,
         )
 
     async def _commit(self, results: list[Result]) -> None:
@@ -735,13 +825,14 @@ def _request_file(items: dict[str, WorkItem]) -> bytes:
     )
 
 
-def _read_lines(path: Path, n: int) -> Iterator[list[bytes]]:
-    """The non-empty lines of ``path``, ``n`` at a time (memory flat in the file's size)."""
+def _read_lines(path: Path, n: int) -> Iterator[list[tuple[int, bytes]]]:
+    """The non-empty lines of ``path`` with their 1-based numbers, ``n`` at a time
+    (memory flat in the file's size)."""
     with open(path, "rb") as f:
-        lines: list[bytes] = []
-        for raw in f:
+        lines: list[tuple[int, bytes]] = []
+        for lineno, raw in enumerate(f, 1):
             if raw.strip():
-                lines.append(raw)
+                lines.append((lineno, raw))
             if len(lines) >= n:
                 yield lines
                 lines = []

@@ -9,28 +9,24 @@ from typing import Any
 
 import msgspec
 
-from asyncgen.core.embedding import vector_bytes
 from asyncgen.core.leases import Feedback, Lease, Signal
 from asyncgen.core.ledger import Ledger
 from asyncgen.core.records import Completion, ErrorInfo, Result, Usage, WorkItem
 from asyncgen.core.retry import Outcome, RetryPolicy
-from asyncgen.core.validate import Checked, parse_output
+from asyncgen.core.validate import Checked
 from asyncgen.engine.attempt import Attempter
 from asyncgen.engine.clock import Clock
 from asyncgen.engine.commit import Committer
 from asyncgen.engine.gate import Gate
+from asyncgen.engine.record import build_result, check_reply, output_spec, reply_text
 from asyncgen.engine.stats import Counts
 from asyncgen.job.config import JobConfig
-from asyncgen.job.items import NOT_SAMPLING
 from asyncgen.job.prompts import Template
 
 __all__ = ["UNUSED", "Sender"]
 
 UNUSED = Feedback(Signal.CANCELLED)
 """The feedback for a lease given back without an attempt."""
-_UNCHECKED = Checked(None)
-_PLAIN = parse_output({})
-"""The checks of a template without ``[output]``: a reply must not be empty."""
 
 
 def _plus(total: Usage | None, more: Usage | None) -> Usage | None:
@@ -40,12 +36,6 @@ def _plus(total: Usage | None, more: Usage | None) -> Usage | None:
     prompt = (more.prompt_tokens or 0) + (total.prompt_tokens or 0 if total else 0)
     completion = (more.completion_tokens or 0) + (total.completion_tokens or 0 if total else 0)
     return Usage(prompt, completion, prompt + completion)
-
-
-def _text(c: Completion) -> str | None:
-    """The text of a completion's first choice (chat or text)."""
-    choice = c.choices[0]
-    return choice.message.content if choice.message is not None else choice.text
 
 
 class Sender:
@@ -88,7 +78,7 @@ class Sender:
             max_delay=config.backoff_cap,
             deadline=config.deadline,
         )
-        self._output = (template.output or _PLAIN) if template is not None else None
+        self._output = output_spec(template)
         self._template_sha = template.digest[:16] if template is not None else None
         self._endpoint_names = endpoint_names
         self._redo = redo
@@ -210,7 +200,7 @@ class Sender:
                     )
                 # The server answered (flow control saw an OK); the reply is what failed.
                 rejected = _plus(rejected, outcome.completion.usage)
-                rejected_text = _text(outcome.completion)
+                rejected_text = reply_text(outcome.completion)
                 invalid += 1
                 counts.rejected += 1
                 exhausted = invalid >= self._max_invalid
@@ -294,14 +284,7 @@ class Sender:
     def _check_output(self, item: WorkItem, c: Completion) -> Checked:
         """The template's ``[output]`` checks on a reply (batch lines have none). A reply that
         fails them still cost tokens, so they are counted here."""
-        spec = self._output
-        if spec is None or item.template is None or not c.choices:
-            return _UNCHECKED
-        choice = c.choices[0]
-        calls = choice.message is not None and bool(choice.message.tool_calls)
-        checked = spec.check(
-            _text(c), choice.finish_reason, tool_calls=calls, accept_length=self._accept_length
-        )
+        checked = check_reply(self._output, item, c, accept_length=self._accept_length)
         if checked.reason is not None and c.usage is not None:
             self._counts.prompt_tokens += c.usage.prompt_tokens or 0
             self._counts.completion_tokens += c.usage.completion_tokens or 0
@@ -331,64 +314,27 @@ class Sender:
         *,
         rejected_text: str | None = None,
     ) -> Result:
-        """The record of an item's outcome, with its provenance: a success if ``completion``
-        is given, else a failure."""
-        body = item.body
-        model = body.get("model")
-        output = finish_reason = reasoning = tool_calls = usage = embedding = None
-        if completion is not None and completion.data:
-            usage = completion.usage
-            if usage is not None:
-                self._counts.prompt_tokens += usage.prompt_tokens or 0
-            embedding = vector_bytes(completion.data[0].embedding)  # checked by interpret
-            model = completion.model or model
-        elif completion is not None:
-            choice = completion.choices[0]
-            message = choice.message
-            usage = completion.usage
-            if usage is not None:
-                self._counts.prompt_tokens += usage.prompt_tokens or 0
-                self._counts.completion_tokens += usage.completion_tokens or 0
-            output = message.content if message is not None else choice.text
-            finish_reason = choice.finish_reason
-            model = completion.model or model
-            if message is not None:
-                reasoning = message.reasoning_content or message.reasoning
-                tool_calls = message.tool_calls
-        # Positional: a Struct takes them about three times faster than by keyword, and this
-        # runs once per item. The order is Result's field order (tests/test_engine.py,
-        # test_every_field_of_a_record_holds_its_own_value, checks each field).
-        return Result(
-            item.custom_id,
+        """The record of an item's outcome (a success if ``completion`` is given), its
+        tokens counted."""
+        if completion is not None and completion.usage is not None:
+            self._counts.prompt_tokens += completion.usage.prompt_tokens or 0
+            if not completion.data:  # an embedding has no completion tokens
+                self._counts.completion_tokens += completion.usage.completion_tokens or 0
+        return build_result(
+            item,
             error,
-            output,
-            finish_reason,
-            model,
-            item.template,
-            item.persona,
-            item.source,
-            attempts,
-            round(latency, 4),
-            self._wall(),
-            usage,
-            item.meta,
-            reasoning,
-            tool_calls,
-            None if ttft is None else round(ttft, 4),
-            started,
-            self._endpoint_names[endpoint],
-            item.persona_sha256,
-            self._template_sha if item.template else None,
-            item.sampling
-            if item.sampling is not None
-            else {k: v for k, v in body.items() if k not in NOT_SAMPLING},
-            self._redo,
-            parsed,
-            rejected,
-            rejected_text,
-            item.url,
-            None,  # batch_id: the batch backend's
-            embedding,
+            completion,
+            attempts=attempts,
+            latency=latency,
+            created=self._wall(),
+            started=started,
+            endpoint=self._endpoint_names[endpoint],
+            template_sha=self._template_sha,
+            ttft=ttft,
+            parsed=parsed,
+            replaces_failure=self._redo,
+            rejected=rejected,
+            rejected_text=rejected_text,
         )
 
     def __repr__(self) -> str:

@@ -27,8 +27,10 @@ EXPORT_FORMATS = ("jsonl", "batch", "parquet")
 
 
 def _batch_line(r: Result, endpoint: str) -> dict[str, Any]:
-    """A record in the OpenAI Batch output format (one line of a batch's output file);
-    ``endpoint`` is the job's, for records that do not say which path they were sent to."""
+    """A record in the OpenAI Batch output format (one line of a batch's output file), for
+    records that do not keep the server's own line (the online backend's, and failures no
+    line explains); ``endpoint`` is the job's, for records that do not say which path they
+    were sent to."""
     request_id = f"asyncgen-{hashlib.sha256(r.custom_id.encode()).hexdigest()[:24]}"
     if r.error is not None and r.error.status is not None and r.error.status != 200:
         # The server answered with an error status: OpenAI records that as a response.
@@ -163,7 +165,13 @@ def export(root: Path, destination: Path, fmt: str = "jsonl", *, failures: bool 
     encoder = msgspec.json.Encoder()
     with LinesWriter(destination) as out:
         for line, record in records:
-            out.write(encoder.encode(_batch_line(record, endpoint)) if fmt == "batch" else line)
+            if fmt != "batch":
+                out.write(line)
+            elif record.batch_line is not None:
+                # A Batch API backend's record: the server's own line, byte for byte.
+                out.write(record.batch_line.encode())
+            else:
+                out.write(encoder.encode(_batch_line(record, endpoint)))
     return out.lines
 
 
