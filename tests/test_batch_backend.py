@@ -266,3 +266,201 @@ async def test_20000_items_killed_at_every_phase_in_turn(tmp_path: Path) -> None
         assert {i for i, c in first.items() if c > 1} == retried, "only retries sent twice"
         code, text = await run_cli(*args)
         assert code == 0 and "0 requests sent" in text, text
+
+
+async def server_lines(base_url: str, batch_ids: list[str]) -> dict[str, bytes]:
+    """Every line of the batches' output and error files as the server wrote them, by
+    custom_id, read back with the openai SDK."""
+    import openai
+
+    lines: dict[str, bytes] = {}
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="none") as client:
+        for batch_id in batch_ids:
+            batch = await client.batches.retrieve(batch_id)
+            for file_id in (batch.output_file_id, batch.error_file_id):
+                if file_id:
+                    content = await client.files.content(file_id)
+                    for raw in content.content.splitlines():
+                        lines[msgspec.json.decode(raw)["custom_id"]] = raw
+    return lines
+
+
+def keys_in_order(value: object) -> object:
+    """The keys of every object in ``value``, nested, in their order."""
+    if isinstance(value, dict):
+        return [(k, keys_in_order(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return [keys_in_order(v) for v in value]
+    return None
+
+
+async def test_export_gives_back_the_servers_output_and_error_lines(tmp_path: Path) -> None:
+    """``export --format batch --failures`` of a batch job: each success's and each
+    answered failure's line is the server's own line, byte for byte (its ``id``,
+    ``request_id``, status and body); a failure no line explains (an expired request's is
+    in the error file, a failed batch's is not) gets OpenAI's error shape."""
+    import json
+
+    n = 300
+    inp = write_shard(tmp_path / "in.jsonl", personas(n))
+    out = tmp_path / "out"
+    config = MockConfig(batch_delay=0.0, batch_error=0.2, batch_fail=1, seed=5)
+    async with MockServer(config) as server:
+        args = batch_run(server.base_url, inp, out, "--max-attempts", "1", max_requests=100)
+        code, text = await run_cli(*args)
+        assert code == 1, text
+        created = [b for b, _ in server.batches.created]
+        assert len(created) == 3
+        expected = await server_lines(server.base_url, created)
+        dest = tmp_path / "export.jsonl"
+        code, text = await run_cli(
+            "export", str(out), "--to", str(dest), "--format", "batch", "--failures"
+        )
+        assert code == 0, text
+    exported = dest.read_bytes().splitlines()
+    assert len(exported) == n
+    by_id = {msgspec.json.decode(raw)["custom_id"]: raw for raw in exported}
+    assert len(by_id) == n
+    # 100 items were in the batch that failed (no line at all); the others have one each,
+    # a 200 in the output file or a 500 in the error file.
+    assert len(expected) == 200
+    statuses = {json.loads(raw)["response"]["status_code"] for raw in expected.values()}
+    assert statuses == {200, 500}
+    for custom_id, raw in expected.items():
+        mine = by_id[custom_id]
+        assert json.loads(mine) == json.loads(raw)
+        assert keys_in_order(json.loads(mine)) == keys_in_order(json.loads(raw))
+        assert mine == raw, custom_id
+    unexplained = [json.loads(by_id[i]) for i in set(by_id) - set(expected)]
+    assert len(unexplained) == 100
+    for line in unexplained:
+        assert list(line) == ["id", "custom_id", "response", "error"]
+        assert line["response"] is None
+        assert list(line["error"]) == ["code", "message"]
+        assert line["error"]["code"] == "batch_failed"
+
+
+def batch_lines(ids: list[str]) -> list[dict[str, object]]:
+    return [
+        {
+            "custom_id": i,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "mock-model", "messages": [{"role": "user", "content": i}]},
+        }
+        for i in ids
+    ]
+
+
+async def test_a_custom_id_given_twice_is_a_bad_line_sent_once(tmp_path: Path) -> None:
+    inp = write_shard(tmp_path / "lines.jsonl", batch_lines(["a", "b", "a", "c", "b"]))
+    out = tmp_path / "out"
+    async with MockServer(MockConfig(batch_delay=0.0)) as server:
+        args = batch_run(server.base_url, inp, out)
+        args[args.index("-p") : args.index("-p") + 2] = []  # batch lines: no template
+        code, text = await run_cli(*args)
+        assert code == 1, text  # bad lines
+        assert dict(server.batches.submitted) == {"a": 1, "b": 1, "c": 1}
+        found = assert_exactly_once(out, {"a", "b", "c", "lines:3", "lines:5"})
+        assert sorted(r["custom_id"] for r in found["results"]) == ["a", "b", "c"]
+        errors = {e["source"]["line"]: e["error"] for e in found["errors"]}
+        assert errors == {
+            3: {
+                "code": "duplicate_custom_id",
+                "message": "custom_id 'a' appears twice",
+                "status": None,
+                "reason": "duplicate_custom_id",
+            },
+            5: {
+                "code": "duplicate_custom_id",
+                "message": "custom_id 'b' appears twice",
+                "status": None,
+                "reason": "duplicate_custom_id",
+            },
+        }
+        code, text = await run_cli(*args)  # the rerun records nothing more, sends nothing
+        assert code == 1, text
+        assert len(server.batches.created) == 1
+        assert_exactly_once(out, {"a", "b", "c", "lines:3", "lines:5"})
+
+
+@pytest.mark.parametrize("gone_every_time", [False, True])
+async def test_an_output_file_gone_at_the_server(tmp_path: Path, gone_every_time: bool) -> None:
+    """A 404 on ``files.content`` (OpenAI deletes outputs after 30 days): the batch's
+    requests count as missing, so they go again in a retry part; a file gone in every
+    round leaves failures that say why, after ``--max-attempts`` rounds."""
+    n = 50
+    inp = write_shard(tmp_path / "in.jsonl", personas(n))
+    out = tmp_path / "out"
+    async with MockServer(MockConfig(batch_delay=0.0)) as server:
+        api = server.batches
+        deleted: list[str] = []
+
+        async def forget(point: str, ident: str) -> None:
+            if point == "content" and (gone_every_time or not deleted):
+                assert api.delete_file(ident)
+                deleted.append(ident)
+
+        api.hook = forget
+        args = batch_run(server.base_url, inp, out, "--max-attempts", "2")
+        code, text = await run_cli(*args)
+        assert f"file {deleted[0]} of batch" in text and "is gone at the server (404)" in text
+        parts = [m["asyncgen_part"] for _, m in api.created]
+        assert parts == ["p00001", "p00001-r1"]
+        found = assert_exactly_once(out, expected_ids(n))
+        if gone_every_time:
+            assert code == 1, text
+            assert len(deleted) == 2
+            assert not found["results"]
+            error = found["failures"][0]["error"]
+            assert error["code"] == "batch_file_gone"
+            assert error["message"].startswith("gave up after 2 batch rounds: file ")
+        else:
+            assert code == 0, text
+            assert {r["attempts"] for r in found["results"]} == {2}
+
+
+async def test_odd_output_lines_are_named_and_commit_nothing(tmp_path: Path) -> None:
+    """An output file with a line that is not JSON (in place of an item's line), a line for
+    an id the part does not have, and an item's line twice: each is warned about by file
+    and line, the stranger and the repeat commit nothing, and the item whose line was
+    spoilt is missing, so it goes again."""
+    n = 20
+    inp = write_shard(tmp_path / "in.jsonl", personas(n))
+    out = tmp_path / "out"
+    async with MockServer(MockConfig(batch_delay=0.0)) as server:
+        api = server.batches
+        spoilt: list[str] = []
+
+        async def spoil(point: str, ident: str) -> None:
+            if point == "content" and not spoilt:
+                lines = api.file_content(ident).splitlines()
+                spoilt.append(msgspec.json.decode(lines[0])["custom_id"])
+                stranger = lines[1].replace(b'"custom_id":"in:2:', b'"custom_id":"elsewhere:2:')
+                odd = [b"{not json", *lines[1:], stranger, lines[2]]
+                api.replace_content(ident, b"\n".join(odd) + b"\n")
+
+        api.hook = spoil
+        code, text = await run_cli(*batch_run(server.base_url, inp, out))
+        assert code == 0, text
+        assert "line 1 is not a batch output line" in text
+        assert f"line {n + 1} is for custom_id 'elsewhere:2:persona:0', not in the part" in text
+        assert f"line {n + 2} repeats custom_id 'in:3:persona:0'" in text
+        assert "1 not a batch output line, 1 for an id not in the part, 1 repeating an id" in text
+        found = assert_exactly_once(out, expected_ids(n))
+        assert len(found["results"]) == n
+        assert [m["asyncgen_part"] for _, m in api.created] == ["p00001", "p00001-r1"]
+        again = [r["custom_id"] for r in found["results"] if r["attempts"] == 2]
+        assert again == spoilt
+        assert api.submitted[spoilt[0]] == 2
+
+
+async def test_several_base_urls_are_refused(tmp_path: Path) -> None:
+    inp = write_shard(tmp_path / "in.jsonl", personas(5))
+    async with MockServer(MockConfig()) as a, MockServer(MockConfig()) as b:
+        args = batch_run(a.base_url, inp, tmp_path / "out", "--base-url", b.base_url)
+        code, text = await run_cli(*args)
+        assert code == 2, text
+        assert "give one --base-url, not 2" in text
+        assert not a.batches.created and not b.batches.created
+        assert not a.batches.uploads and not b.batches.uploads

@@ -42,7 +42,15 @@ import msgspec
 from asyncgen._version import __version__
 from asyncgen.core.errors import AsyncgenError, ConfigError, InputError, TransportError, job_error
 from asyncgen.core.ledger import bad_line_key
-from asyncgen.core.records import BadLine, Completion, ErrorInfo, Result, Source, WorkItem
+from asyncgen.core.records import (
+    BadLine,
+    Completion,
+    ErrorInfo,
+    Line,
+    Result,
+    Source,
+    WorkItem,
+)
 from asyncgen.core.redact import redact_text, redact_url
 from asyncgen.core.validate import OutputSpec
 from asyncgen.engine.record import build_result, check_reply, output_spec, reply_text
@@ -414,8 +422,10 @@ class BatchBackend:
             persona_field=cfg.persona_field,
             overrides=overrides,
         )
-        # Per endpoint: the part being filled, its ids and its request file's size so far.
-        open_parts: dict[str, tuple[list[WorkItem], set[str], list[int]]] = {}
+        # Per endpoint: the part being filled and its request file's size so far.
+        open_parts: dict[str, tuple[list[WorkItem], list[int]]] = {}
+        given: set[str] = set()
+        """The batch lines' ids read so far (persona items' ids are unique by making)."""
         counts = self.counts
         batches.dir.mkdir(parents=True, exist_ok=True)
         size = msgspec.json.Encoder().encode
@@ -426,6 +436,14 @@ class BatchBackend:
             batches.write_items(f"p{number:05d}", open_parts.pop(url)[0])
 
         bad: list[BadLine] = []
+
+        def bad_line(line: Line, error: ErrorInfo) -> None:
+            key = f"{line.shard}:{line.lineno}"
+            if not ledger.is_committed(bad_line_key(key)):
+                source = Source(line.shard, line.lineno)
+                text = line.raw[:2000].decode("utf-8", "replace")
+                bad.append(BadLine(key, line.path, source, error, text))
+
         for path in self._paths:
             reader = ShardReader(path)
             try:
@@ -437,30 +455,31 @@ class BatchBackend:
                         except InputError as exc:
                             if cfg.strict:
                                 raise
-                            key = f"{line.shard}:{line.lineno}"
-                            if not ledger.is_committed(bad_line_key(key)):
-                                source = Source(line.shard, line.lineno)
-                                error = ErrorInfo("bad_input", exc.reason)
-                                text = line.raw[:2000].decode("utf-8", "replace")
-                                bad.append(BadLine(key, line.path, source, error, text))
+                            bad_line(line, ErrorInfo("bad_input", exc.reason))
                             continue
                         for item in expanded:
+                            if item.template is None:
+                                # A batch line's id is the input's: it may be given twice.
+                                # The first time counts (it is first in every run); the
+                                # others are bad lines, as online.
+                                if item.custom_id in given:
+                                    message = f"custom_id {item.custom_id!r} appears twice"
+                                    if cfg.strict:
+                                        raise InputError(message, path=line.path, line=line.lineno)
+                                    bad_line(line, ErrorInfo("duplicate_custom_id", message))
+                                    continue
+                                given.add(item.custom_id)
                             if ledger.is_committed(item.custom_id):
                                 counts.skipped += 1
                                 continue
                             if item.custom_id in assigned:
                                 continue
-                            bucket, ids, used = open_parts.setdefault(item.url, ([], set(), [0]))
-                            if item.custom_id in ids:
-                                continue  # a batch line given twice: one request
+                            bucket, used = open_parts.setdefault(item.url, ([], [0]))
                             line_bytes = len(size(item.body)) + len(item.custom_id) + 64
                             if bucket and used[0] + line_bytes > _MAX_FILE_BYTES:
                                 flush(item.url)
-                                bucket, ids, used = open_parts.setdefault(
-                                    item.url, ([], set(), [0])
-                                )
+                                bucket, used = open_parts.setdefault(item.url, ([], [0]))
                             bucket.append(item)
-                            ids.add(item.custom_id)
                             used[0] += line_bytes
                             if len(bucket) >= cfg.batch_max_requests:
                                 flush(item.url)

@@ -1,9 +1,9 @@
 """The mock's Batch API: ``/v1/files`` and ``/v1/batches`` as OpenAI documents them.
 
 Routes: ``POST /v1/files`` (multipart upload, ``purpose`` and ``file``),
-``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``; ``POST /v1/batches``,
-``GET /v1/batches/{id}``, ``GET /v1/batches`` (newest first, ``limit`` and ``after``, with
-``has_more``), ``POST /v1/batches/{id}/cancel``.
+``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``DELETE /v1/files/{id}``;
+``POST /v1/batches``, ``GET /v1/batches/{id}``, ``GET /v1/batches`` (newest first,
+``limit`` and ``after``, with ``has_more``), ``POST /v1/batches/{id}/cancel``.
 
 A batch is ``validating`` when created and ``in_progress`` on its first look; once
 ``batch_delay`` seconds have passed since its creation, the next look finishes it: each
@@ -81,6 +81,7 @@ class BatchApi:
         r.add_post("/v1/files", self._upload)
         r.add_get("/v1/files/{id}", self._file)
         r.add_get("/v1/files/{id}/content", self._content)
+        r.add_delete("/v1/files/{id}", self._delete)
         r.add_post("/v1/batches", self._create)
         r.add_get("/v1/batches", self._list)
         r.add_get("/v1/batches/{id}", self._retrieve)
@@ -138,11 +139,34 @@ class BatchApi:
         if not self._authorized(request):
             return self._unauthorized()
         file_id = request.match_info["id"]
+        await self._at("content", file_id)  # before the lookup: a hook may change the file
         found = self._files.get(file_id)
         if found is None:
             return _not_found("file")
-        await self._at("content", file_id)
         return web.Response(body=found[1], content_type="application/octet-stream")
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        file_id = request.match_info["id"]
+        if not self.delete_file(file_id):
+            return _not_found("file")
+        return _json({"id": file_id, "object": "file", "deleted": True})
+
+    def delete_file(self, file_id: str) -> bool:
+        """Forget a file (as OpenAI does 30 days after a batch's output was made); was it
+        there?"""
+        return self._files.pop(file_id, None) is not None
+
+    def file_content(self, file_id: str) -> bytes:
+        """A file's bytes (KeyError if there is none)."""
+        return self._files[file_id][1]
+
+    def replace_content(self, file_id: str, data: bytes) -> None:
+        """Give a file other bytes (tests: an output file with lines a server should not
+        write)."""
+        meta, _ = self._files[file_id]
+        self._files[file_id] = ({**meta, "bytes": len(data)}, data)
 
     # -- batches -----------------------------------------------------------------------------
 
