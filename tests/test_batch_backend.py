@@ -464,3 +464,53 @@ async def test_several_base_urls_are_refused(tmp_path: Path) -> None:
         assert "give one --base-url, not 2" in text
         assert not a.batches.created and not b.batches.created
         assert not a.batches.uploads and not b.batches.uploads
+
+
+async def test_ctrl_c_while_polling_exits_130_and_the_rerun_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    """SIGINT while both batches are being polled: the wait between looks (10 s here) is
+    cut short, the run exits 130, and the rerun polls the same two batches to the end
+    (the mock's log: two uploads, two creates in all)."""
+    import signal
+    import time
+
+    n = 200
+    inp = write_shard(tmp_path / "in.jsonl", personas(n))
+    out = tmp_path / "out"
+    async with MockServer(MockConfig(batch_delay=2.0)) as server:
+        api = server.batches
+        args = batch_run(server.base_url, inp, out, max_requests=100)
+        slow = list(args)
+        slow[slow.index("--batch-poll") + 1] = "10"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "asyncgen",
+            *slow,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=clean_env(),
+        )
+        assert proc.stdout is not None
+        seen = ""
+        while "p00001: in_progress" not in seen or "p00002: in_progress" not in seen:
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert line, seen
+            seen += line.decode()
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rest = (await asyncio.wait_for(proc.stdout.read(), 30)).decode()
+        code = await proc.wait()
+        assert code == 130, seen + rest
+        assert time.monotonic() - sent < 5, "the wait between looks was not cut short"
+        assert "rerun the same command to pick up the batches" in rest
+        assert len(api.created) == 2 and api.uploads == 2
+        assert not read_output(out)["results"]
+
+        code, text = await run_cli(*args)
+        assert code == 0, text
+        assert len(api.created) == 2 and api.uploads == 2
+        assert max(api.submitted.values()) == 1
+        found = assert_exactly_once(out, expected_ids(n))
+        assert len(found["results"]) == n
