@@ -53,6 +53,8 @@ def _output_line(custom_id: str, n: int) -> bytes:
 
 
 async def one(n: int, *, trace: bool) -> dict[str, Any]:
+    import openai  # noqa: F401 - loaded before the clock starts, as in a run (run() loads it)
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         inp = root / "in.jsonl"

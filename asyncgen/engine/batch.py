@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -43,6 +43,7 @@ from asyncgen._version import __version__
 from asyncgen.core.errors import AsyncgenError, ConfigError, InputError, TransportError, job_error
 from asyncgen.core.ledger import bad_line_key
 from asyncgen.core.records import (
+    NO_LINE,
     BadLine,
     Completion,
     ErrorInfo,
@@ -119,11 +120,11 @@ class _LineError(msgspec.Struct):
 _line_decoder = msgspec.json.Decoder(_Line)
 
 
-class _Again(msgspec.Struct, frozen=True, gc=False):
+class _Again(NamedTuple):
     """Why an item of an ingested batch has no result yet: it is sent again, or failed."""
 
     error: ErrorInfo
-    line: str | None = None
+    line: msgspec.Raw = NO_LINE
     """The output or error file's line that said so, as the server wrote it."""
     rejected: str | None = None
     """The text of a reply the ``[output]`` checks rejected."""
@@ -693,7 +694,7 @@ class BatchBackend:
                 if ledger.is_committed(item.custom_id):
                     outcome[item.custom_id] = None
                     continue
-                text = raw.rstrip(b"\r\n").decode()
+                text = msgspec.Raw(raw.rstrip(b"\r\n"))
                 result, again = self._judge(item, line, text, attempts, batch)
                 outcome[item.custom_id] = again
                 if result is not None:
@@ -707,7 +708,7 @@ class BatchBackend:
         return None
 
     def _judge(
-        self, item: WorkItem, line: _Line, text: str, attempts: int, batch: Any
+        self, item: WorkItem, line: _Line, text: msgspec.Raw, attempts: int, batch: Any
     ) -> tuple[Result | None, _Again | None]:
         """A success's record, or the error that sends the item again (or fails it);
         ``text`` is the line as the server wrote it, kept in the record."""
@@ -759,11 +760,11 @@ class BatchBackend:
         batch: Any,
         completion: Completion | None = None,
         parsed: Any = None,
-        text: str | None = None,
+        text: msgspec.Raw = NO_LINE,
         *,
         seen: _Again | None = None,
     ) -> Result:
-        """The item's record: a success from ``completion`` (its output ``text`` kept),
+        """The item's record: a success from ``completion`` (``text``: its output line),
         else a failure, with the line that said so (``seen``) when there was one."""
         if completion is not None:
             self._count(completion)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from asyncgen.core.embedding import vector_bytes
-from asyncgen.core.records import Completion, ErrorInfo, Result, Usage, WorkItem
+from asyncgen.core.records import NO_LINE, Completion, ErrorInfo, Result, Usage, WorkItem
 from asyncgen.core.validate import Checked, OutputSpec, parse_output
 from asyncgen.job.items import NOT_SAMPLING
 from asyncgen.job.prompts import Template
@@ -60,7 +62,7 @@ def build_result(
     rejected: Usage | None = None,
     rejected_text: str | None = None,
     batch_id: str | None = None,
-    batch_line: str | None = None,
+    batch_line: msgspec.Raw = NO_LINE,
 ) -> Result:
     """The record of an item's outcome, with its provenance: a success if ``completion``
     is given (a chat or text completion with a choice, or an embedding), else a failure.

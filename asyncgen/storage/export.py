@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 import msgspec
 
 from asyncgen.core.errors import ConfigError
-from asyncgen.core.records import Result, Usage
+from asyncgen.core.records import NO_LINE, Result, Usage
 from asyncgen.storage.files import AtomicFile
 from asyncgen.storage.manifest import read_manifest
 from asyncgen.storage.shards import LinesWriter
@@ -167,9 +167,9 @@ def export(root: Path, destination: Path, fmt: str = "jsonl", *, failures: bool 
         for line, record in records:
             if fmt != "batch":
                 out.write(line)
-            elif record.batch_line is not None:
+            elif record.batch_line != NO_LINE:
                 # A Batch API backend's record: the server's own line, byte for byte.
-                out.write(record.batch_line.encode())
+                out.write(bytes(record.batch_line))
             else:
                 out.write(encoder.encode(_batch_line(record, endpoint)))
     return out.lines
