@@ -23,7 +23,8 @@ from typing import Any
 import msgspec
 
 from asyncgen.core.records import Source, WorkItem
-from asyncgen.engine.batch import BatchBackend, _Part
+from asyncgen.engine.batch import BatchBackend
+from asyncgen.engine.batch.state import Part
 from asyncgen.job.config import JobConfig
 
 
@@ -84,7 +85,7 @@ async def one(n: int, *, trace: bool) -> dict[str, Any]:
                 tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
             start = time.perf_counter()
-            await job._ingest_file(_Part(name="p00001", round=0), items, batch, "file-x", outcome)
+            await job._ingest.file(Part(name="p00001", round=0), items, batch, "file-x", outcome)
             elapsed = time.perf_counter() - start
             peak = tracemalloc.get_traced_memory()[1] - base
             if trace:
