@@ -44,7 +44,7 @@ from asyncgen.engine.sender import Sender
 from asyncgen.engine.stats import Counts, ErrorCount, Statistics
 from asyncgen.engine.transport import AiohttpTransport, Transport, check_models
 from asyncgen.job.config import JobConfig, job_record, job_spec
-from asyncgen.job.items import Expander
+from asyncgen.job.items import job_expander
 from asyncgen.job.prompts import Template
 from asyncgen.storage.sources import Input, expand_inputs
 from asyncgen.storage.store import Store
@@ -195,16 +195,7 @@ class Engine:
             endpoint_names=names,
             redo=self._redo is not None,
         )
-        overrides = dict(cfg.extra_body)
-        if cfg.max_tokens is not None:
-            overrides["max_tokens"] = cfg.max_tokens
-        expander = Expander(
-            template,
-            model=cfg.model,
-            samples=cfg.samples,
-            persona_field=cfg.persona_field,
-            overrides=overrides,
-        )
+        expander = job_expander(cfg, template)
         intake = Intake(
             self._paths,
             ledger=store.ledger,

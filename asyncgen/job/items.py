@@ -14,9 +14,10 @@ import msgspec
 
 from asyncgen.core.errors import InputError
 from asyncgen.core.records import Line, Source, WorkItem, bad_utf8
+from asyncgen.job.config import JobConfig
 from asyncgen.job.prompts import Template
 
-__all__ = ["BATCH_URLS", "Expander"]
+__all__ = ["BATCH_URLS", "Expander", "job_expander"]
 
 BATCH_URLS = {
     "/v1/chat/completions": "/chat/completions",
@@ -169,3 +170,18 @@ class Expander:
     @staticmethod
     def _error(line: Line, message: str) -> InputError:
         return InputError(message, path=line.path, line=line.lineno)
+
+
+def job_expander(cfg: JobConfig, template: Template | None) -> Expander:
+    """The job's expander: its template (None: batch lines), model, samples and persona
+    field, with ``--max-tokens`` and ``extra_body`` over the template's body."""
+    overrides = dict(cfg.extra_body)
+    if cfg.max_tokens is not None:
+        overrides["max_tokens"] = cfg.max_tokens
+    return Expander(
+        template,
+        model=cfg.model,
+        samples=cfg.samples,
+        persona_field=cfg.persona_field,
+        overrides=overrides,
+    )

@@ -11,7 +11,7 @@ from asyncgen.core.records import BadLine, ErrorInfo, Line, Source, WorkItem
 from asyncgen.engine.batch.state import JobBatches
 from asyncgen.engine.stats import Counts
 from asyncgen.job.config import JobConfig
-from asyncgen.job.items import Expander
+from asyncgen.job.items import job_expander
 from asyncgen.job.prompts import Template
 from asyncgen.storage.formats import Input
 from asyncgen.storage.sources import ShardReader
@@ -41,16 +41,7 @@ def plan_parts(
             assigned.update(batches.read_items(part.name))
     numbers = [int(n[1:6]) for n in batches.parts if n[1:6].isdigit()]
     number = max(numbers, default=0)
-    overrides = dict(cfg.extra_body)
-    if cfg.max_tokens is not None:
-        overrides["max_tokens"] = cfg.max_tokens
-    expander = Expander(
-        template,
-        model=cfg.model,
-        samples=cfg.samples,
-        persona_field=cfg.persona_field,
-        overrides=overrides,
-    )
+    expander = job_expander(cfg, template)
     # Per endpoint: the part being filled and its request file's size so far.
     open_parts: dict[str, tuple[list[WorkItem], list[int]]] = {}
     given: set[str] = set()
