@@ -514,3 +514,31 @@ async def test_ctrl_c_while_polling_exits_130_and_the_rerun_creates_nothing(
         assert max(api.submitted.values()) == 1
         found = assert_exactly_once(out, expected_ids(n))
         assert len(found["results"]) == n
+
+
+async def test_a_truncated_input_is_recorded_and_the_next_one_is_sent(tmp_path: Path) -> None:
+    """As online: the lines before the damage are sent, the file is an error record
+    (``{shard}:file``, ``corrupt_input``) and the other inputs go on."""
+    good = write_shard(tmp_path / "good.jsonl.zst", personas(30))
+    broken = write_shard(tmp_path / "broken.jsonl.zst", personas(20000, "b"))
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    async with MockServer(MockConfig(batch_delay=0.0)) as server:
+        args = batch_run(server.base_url, broken, out, max_requests=20000)
+        args[args.index(str(broken)) + 1 : args.index(str(broken)) + 1] = ["-i", str(good)]
+        code, text = await run_cli(*args)
+        assert code == 1, text
+        assert "input not read to the end" in text and "broken" in text
+        found = read_output(out)
+        (err,) = found["errors"]
+        assert err["custom_id"] == "broken:file" and err["error"]["code"] == "corrupt_input"
+        read = err["source"]["line"]
+        assert 0 < read < 20000
+        assert_exactly_once(
+            out, expected_ids(30, "good") | expected_ids(read, "broken") | {"broken:file"}
+        )
+        code, text = await run_cli(*args)  # the rerun records it once, sends nothing
+        assert code == 1, text
+        assert len(read_output(out)["errors"]) == 1
+        assert len(server.batches.created) == 1

@@ -338,5 +338,7 @@ async def _run_batch_job(config: JobConfig, *, api_key: str | None, quiet: bool)
                 if not signals.absorb():
                     raise
                 stats = job.statistics()
+    for damage in stats.bad_files:
+        warn(f"input not read to the end: {damage}")
     report(summary(stats, config.output))
     return stats

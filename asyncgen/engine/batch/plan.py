@@ -66,7 +66,23 @@ def plan_parts(
     for path in paths:
         reader = ShardReader(path)
         try:
-            while lines := reader.read_batch(1024):
+            while True:
+                try:
+                    lines = reader.read_batch(1024)
+                except InputError as exc:
+                    # A truncated or corrupt file: its lines before the damage are planned;
+                    # the file is recorded and the next one read, as online.
+                    counts.bad_files += (str(exc),)
+                    if cfg.strict:
+                        raise
+                    key = f"{reader.shard}:file"
+                    if not ledger.is_committed(bad_line_key(key)):
+                        source = Source(reader.shard, reader.lineno)
+                        error = ErrorInfo("corrupt_input", exc.reason)
+                        bad.append(BadLine(key, str(reader.path), source, error, ""))
+                    break
+                if not lines:
+                    break
                 for line in lines:
                     counts.lines_read += 1
                     try:
