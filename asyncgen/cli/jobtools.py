@@ -77,7 +77,8 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "--format",
         choices=EXPORT_FORMATS,
         default="jsonl",
-        help="jsonl: records as stored; batch: OpenAI Batch output lines; parquet: one "
+        help="jsonl: records as stored; batch: OpenAI Batch output lines (for a "
+        "--backend batch job, the server's own lines, byte for byte); parquet: one "
         "column per field (needs pyarrow) (default: %(default)s)",
     )
     export.add_argument("--failures", action="store_true", help="include the standing failures")
