@@ -266,11 +266,22 @@ async def test_20000_items_killed_at_every_phase_in_turn(tmp_path: Path) -> None
         assert {i for i, c in first.items() if c > 1} == retried, "only retries sent twice"
         code, text = await run_cli(*args)
         assert code == 0 and "0 requests sent" in text, text
+        # Killed half-way through an output file, the export is still the server's lines:
+        # for a retried id, the line of the batch it succeeded in (the later one).
+        mine = [b for b, m in server.batches.created if "asyncgen_part" in m]
+        expected = await server_lines(server.base_url, mine)
+        dest = tmp_path / "export.jsonl"
+        code, text = await run_cli("export", str(out), "--to", str(dest), "--format", "batch")
+        assert code == 0, text
+        exported = dest.read_bytes().splitlines()
+        assert len(exported) == n
+        assert set(exported) == {expected[i] for i in ids}
 
 
 async def server_lines(base_url: str, batch_ids: list[str]) -> dict[str, bytes]:
     """Every line of the batches' output and error files as the server wrote them, by
-    custom_id, read back with the openai SDK."""
+    custom_id (a later batch's line for an id replaces an earlier one's), read back with
+    the openai SDK."""
     import openai
 
     lines: dict[str, bytes] = {}
