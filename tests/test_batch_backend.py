@@ -33,6 +33,27 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
     return proc.returncode, out.decode()
 
 
+async def start_until(args: list[str], *needles: str) -> tuple[asyncio.subprocess.Process, str]:
+    """``asyncgen ARGS`` started, and what it printed until every one of ``needles`` was
+    in it (each a line such as ``p00001: in_progress``: a batch being polled)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "asyncgen",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=clean_env(),
+    )
+    assert proc.stdout is not None
+    seen = ""
+    while not all(needle in seen for needle in needles):
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line, seen
+        seen += line.decode()
+    return proc, seen
+
+
 def batch_run(
     base_url: str, inp: Path, out: Path, *extra: str, max_requests: int = 400
 ) -> list[str]:
@@ -118,17 +139,21 @@ async def test_full_lifecycle_and_a_finished_rerun_sends_nothing(tmp_path: Path)
 
 @pytest.mark.slow
 async def test_cancelled_batches_are_sent_again_by_the_rerun(tmp_path: Path) -> None:
+    """Killed (-9) once both batches are being polled (a crash point in the first poll
+    could come before the second batch existed), then cancelled: the rerun sends both
+    parts again."""
     n = 300
     inp = write_shard(tmp_path / "in.jsonl", personas(n))
     out = tmp_path / "out"
-    env = clean_env(ASYNCGEN_BATCH_CRASH=f"polling:{tmp_path / 'flag'}")
-    async with MockServer(MockConfig(batch_delay=0.5)) as server:
+    async with MockServer(MockConfig(batch_delay=5.0)) as server:
         args = batch_run(server.base_url, inp, out, max_requests=150)
-        code, text = await run_cli(*args, env=env)
-        assert code == -9, text
+        proc, seen = await start_until(args, "p00001: in_progress", "p00002: in_progress")
+        proc.kill()
+        assert await proc.wait() == -9, seen
         cancelled = await job_batches(out, api_key=None, cancel=True)
         assert {b.status for b in cancelled} == {"cancelled"}
         assert len(cancelled) == 2
+        server.config.batch_delay = 0.5  # the retry parts'
         code, text = await run_cli(*args)
         assert code == 0, text
         found = assert_exactly_once(out, expected_ids(n))
@@ -494,21 +519,8 @@ async def test_ctrl_c_while_polling_exits_130_and_the_rerun_creates_nothing(
         args = batch_run(server.base_url, inp, out, max_requests=100)
         slow = list(args)
         slow[slow.index("--batch-poll") + 1] = "10"
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "asyncgen",
-            *slow,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=clean_env(),
-        )
+        proc, seen = await start_until(slow, "p00001: in_progress", "p00002: in_progress")
         assert proc.stdout is not None
-        seen = ""
-        while "p00001: in_progress" not in seen or "p00002: in_progress" not in seen:
-            line = await asyncio.wait_for(proc.stdout.readline(), 30)
-            assert line, seen
-            seen += line.decode()
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         rest = (await asyncio.wait_for(proc.stdout.read(), 30)).decode()

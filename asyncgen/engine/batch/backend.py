@@ -251,7 +251,6 @@ class BatchBackend:
                 seen = line
             if batch.status in TERMINAL:
                 return batch
-            crash_point("polling")
             # A stop ends the wait: a Ctrl-C is answered now, not after up to 4 x --batch-poll.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), delay)

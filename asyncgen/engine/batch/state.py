@@ -40,7 +40,7 @@ TOKEN = "job.json"
 META_JOB = "asyncgen_job"
 META_PART = "asyncgen_part"
 CRASH_ENV = "ASYNCGEN_BATCH_CRASH"
-"""Tests only: ``uploaded``, ``journaled``, ``created``, ``polling``, ``ingest`` or
+"""Tests only: ``uploaded``, ``journaled``, ``created``, ``ingest`` or
 ``retried`` (a retry part written, its parent not yet logged as ingested) makes the
 process SIGKILL itself at that point (once the flag file named by the value after ``:``
 does not exist, which it then creates), so that a crash test can stop it exactly there."""
