@@ -16,6 +16,7 @@ from asyncgen.cli.args import (
     positive_int,
 )
 from asyncgen.cli.console import say
+from asyncgen.core.limits import EndpointLimits
 from asyncgen.engine.metrics import Metrics
 from asyncgen.job.config import BACKENDS, JobConfig
 
@@ -238,6 +239,10 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
         idle_timeout=args.idle_timeout,
         rpm=args.rpm,
         tpm=args.tpm,
+        endpoint_limits=[
+            None if own is None else EndpointLimits(**own)
+            for own in getattr(args, "endpoint_limits", None) or []
+        ],
         max_attempts=args.max_attempts,
         max_invalid=args.max_invalid,
         timeout=args.timeout,

@@ -169,6 +169,7 @@ class Engine:
             rpm=cfg.rpm,
             tpm=cfg.tpm,
             now=clock.monotonic(),
+            limits=cfg.endpoint_limits,
         )
         gate = Gate(flow, concurrency=cfg.concurrency, clock=clock)
         attempter = Attempter(
