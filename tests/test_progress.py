@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 from typing import Any
+
+import pytest
 
 from asyncgen.cli.progress import ProgressReporter, summary
 from asyncgen.core.leases import EndpointStats
@@ -107,3 +110,60 @@ def test_line_counts_retries_and_the_cost_when_prices_are_given() -> None:
     # 5 000 prompt tokens at $2/M + 9 000 completion tokens at $10/M
     assert " $0.10 " in priced.line(stats(prompt_tokens=5000, completion_tokens=9000))
     assert " $1,200.00 " in priced.line(stats(prompt_tokens=0, completion_tokens=120_000_000))
+
+
+def test_with_a_total_the_line_shows_items_done_of_total_and_an_eta(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("asyncgen.cli.progress.time.monotonic", lambda: clock[0])
+    reporter = ProgressReporter(lambda: stats(), io.StringIO(), live=False)
+    # 20 skipped (earlier runs) + 10 done in the first 10 s, of 200
+    first = reporter.line(stats(total_items=200, skipped=20, succeeded=8, failed=1))
+    assert "30/200 items 15.0% ETA 0:02:50" in first  # 170 left at 1 item/s
+    assert "input" not in first
+    clock[0] += 10.0
+    second = reporter.line(stats(total_items=200, skipped=20, succeeded=18, failed=1))
+    assert "40/200 items 20.0% ETA 0:02:40" in second  # still 1/s: 160 left
+    clock[0] += 10.0
+    # twice as fast now: the ETA follows, smoothed (not at once to 0:01:10)
+    third = reporter.line(stats(total_items=200, skipped=20, succeeded=38, failed=1))
+    eta = third.split("ETA ")[1].split(" ")[0]
+    assert "60/200 items 30.0%" in third and "0:01:10" < eta < "0:02:20", third
+    done = reporter.line(stats(total_items=200, skipped=20, succeeded=178, failed=1))
+    assert "200/200 items 100.0% ETA 0:00:00" in done
+
+
+def test_color_on_a_terminal_unless_no_color_and_never_in_a_pipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setattr(
+        "asyncgen.cli.progress.shutil.get_terminal_size", lambda: os.terminal_size((400, 24))
+    )
+    down = EndpointStats("http://a/v1", False, 8, 0, 0.0, 10, 9, 1, 0, 1, None, None)
+    troubled = stats(failed=2, endpoints=[down], waiting_for_endpoint=True)
+
+    def shown(live: bool) -> str:
+        out = io.StringIO()
+        ProgressReporter(lambda: troubled, out, live=live).show()
+        return out.getvalue()
+
+    colored = shown(True)
+    assert colored.startswith("\r") and "\x1b[31mfailed 2\x1b[0m" in colored
+    assert "\x1b[33m | WAITING: no endpoint is answering, probing\x1b[0m" in colored
+    assert "\x1b[31m" not in shown(False) and "\x1b[K" not in shown(False)
+    monkeypatch.setenv("NO_COLOR", "1")
+    plain = shown(True)
+    assert "\x1b[3" not in plain and "failed 2" in plain and plain.endswith("\x1b[K")
+
+
+def test_a_live_line_is_cut_to_the_terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        "asyncgen.cli.progress.shutil.get_terminal_size", lambda: os.terminal_size((80, 24))
+    )
+    out = io.StringIO()
+    ProgressReporter(lambda: stats(total_items=1000), out, live=True, color=False).show()
+    text = out.getvalue().removeprefix("\r").removesuffix("\x1b[K")
+    assert len(text) == 79 and text.endswith("…") and text.startswith("[0:00:10] 93/1,000")

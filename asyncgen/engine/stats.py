@@ -65,6 +65,10 @@ class Statistics(Counts, frozen=True, kw_only=True):  # type: ignore[misc]
     """No endpoint is up: the job waits for one to come back."""
     errors: list[ErrorCount] = []
     """This run's failed attempts by endpoint, code and status (a retry follows most)."""
+    total_items: int | None = None
+    """Items the whole input holds (its records x samples, earlier runs' included), once
+    counted in the background (:mod:`asyncgen.storage.count`); None until then, and when it
+    cannot be known cheaply (a remote JSON-lines input) or for a retry run."""
     pauses: dict[str, int] = {}
     """This run's endpoint pauses by cause (``refusals``, ``budget``), seen once every
     half second (:mod:`asyncgen.engine.events`)."""
