@@ -398,3 +398,34 @@ async def test_the_job_knows_its_total_and_a_remote_jsonl_leaves_it_unknown(
         await engine.run()
         await asyncio.sleep(0.1)
         assert engine.statistics().total_items is None
+
+
+async def test_s3_directories_and_globs_through_a_stand_in(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    from .s3_standin import put, s3_standin
+    from .test_jobfile import _cli
+
+    gz = write_shard(tmp_path / "src" / "a.jsonl.gz", personas(30, "gz"))
+    pq = write_shard(tmp_path / "src" / "b.parquet", personas(20, "pq"))
+    with s3_standin() as (endpoint, env):
+        put(endpoint, "bkt")
+        put(endpoint, "bkt/d/a.jsonl.gz", gz.read_bytes())
+        put(endpoint, "bkt/d/b.parquet", pq.read_bytes())
+        put(endpoint, "bkt/d/notes.txt", b"not an input")
+
+        def run(inputs: str, out: str) -> Any:
+            args = ["run", "-i", inputs, "-p", "math", "-m", "mock-model", "-q"]
+            args += ["-o", str(tmp_path / out), "--base-url", mock_server.base_url]
+            return _cli(*args, env=env)
+
+        whole = await asyncio.to_thread(run, "s3://bkt/d/", "all")
+        assert whole.returncode == 0, whole.stderr
+        assert_exactly_once(tmp_path / "all", ids_for("a", 30) | ids_for("b", 20))
+        some = await asyncio.to_thread(run, "s3://bkt/d/*.parquet", "some")
+        assert some.returncode == 0, some.stderr
+        assert_exactly_once(tmp_path / "some", ids_for("b", 20))
+        none = await asyncio.to_thread(run, "s3://bkt/d/*.xz", "none")
+        assert none.returncode == 2 and "no input file matches 's3://bkt/d/*.xz'" in none.stderr
+        bare = await asyncio.to_thread(run, "s3://bkt/d", "bare")
+        assert bare.returncode == 2 and "end it with / to read its files" in bare.stderr
