@@ -82,24 +82,24 @@ class ProgressReporter:
             self._rate = rate
         self._last = (now, done, s.completion_tokens)
         return (
-            f"[{format_duration(s.elapsed)}] {self._progress(s, done)} | "
+            f"[{format_duration(s.elapsed)}] {self._progress(s)} | "
             f"{_si(rate)} req/s {_si(tok_rate)} tok/s{self._cost(s)} | done {s.succeeded:,} "
             f"failed {s.failed:,} bad {s.bad_lines:,} skipped {s.skipped:,} | in flight "
             f"{s.in_flight} retrying {s.retrying} retries {s.retries:,} 429s {s.throttled:,}"
             f"{endpoint_note(s)}"
         )
 
-    def _progress(self, s: Statistics, done: int) -> str:
+    def _progress(self, s: Statistics) -> str:
         """Items done / total, %, ETA; or, with no total yet, the share of input bytes."""
         eta = "?"
         if s.total_items is None:
             if 0 < s.input_fraction < 1 and s.elapsed > 1:
                 eta = format_duration(s.elapsed * (1 - s.input_fraction) / s.input_fraction)
             return f"input {100 * s.input_fraction:.1f}% ETA {eta}"
-        finished = done + s.skipped
+        finished = s.items_finished
         total = max(s.total_items, finished)  # (blank lines are counted in the total)
-        left = total - finished
-        if left == 0 or s.finished:
+        left = s.items_left
+        if not left:
             eta = format_duration(0)
         elif self._rate:
             eta = format_duration(left / self._rate)

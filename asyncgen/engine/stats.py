@@ -72,3 +72,16 @@ class Statistics(Counts, frozen=True, kw_only=True):  # type: ignore[misc]
     pauses: dict[str, int] = {}
     """This run's endpoint pauses by cause (``refusals``, ``budget``), seen once every
     half second (:mod:`asyncgen.engine.events`)."""
+
+    @property
+    def items_finished(self) -> int:
+        """Items of the input this run has seen through: its results, failures and bad
+        lines, and the items earlier runs had committed (skipped)."""
+        return self.succeeded + self.failed + self.bad_lines + self.skipped
+
+    @property
+    def items_left(self) -> int | None:
+        """Items of the input not finished yet; None while :attr:`total_items` is unknown."""
+        if self.total_items is None:
+            return None
+        return 0 if self.finished else max(0, self.total_items - self.items_finished)
