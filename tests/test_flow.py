@@ -163,30 +163,24 @@ def test_rejected_requests_do_not_hurt_the_endpoint() -> None:
     assert flow.any_up and flow.endpoint_stats(0.0)[0].window == 8
 
 
-def test_global_rpm_paces_all_endpoints_together() -> None:
-    flow = FlowControl(["a", "b"], concurrency=1000, rpm=600)  # 10/s, burst 5
-    now, sent = 0.0, 0
-    while now < 10.0:
-        got = flow.try_acquire(now, 10, 32)
-        if isinstance(got, Lease):
-            sent += 1
-            flow.release(got, OK, now)
-        else:
-            now += got.seconds
-    assert 100 <= sent <= 106
-
-
-def _run_for(flow: FlowControl, seconds: float, endpoints: int) -> list[int]:
+def _run_for(
+    flow: FlowControl, seconds: float, endpoints: int, feedback: Feedback = OK
+) -> list[int]:
     """Lease and release at once for ``seconds`` of simulated time: leases per endpoint."""
     now, counts = 0.0, [0] * endpoints
     while now < seconds:
         got = flow.try_acquire(now, 10, 32)
         if isinstance(got, Lease):
             counts[got.endpoint] += 1
-            flow.release(got, OK, now)
+            flow.release(got, feedback, now)
         else:
             now += got.seconds
     return counts
+
+
+def test_global_rpm_paces_all_endpoints_together() -> None:
+    flow = FlowControl(["a", "b"], concurrency=1000, rpm=600)  # 10/s, burst 5
+    assert 100 <= sum(_run_for(flow, 10.0, 2)) <= 106
 
 
 def test_each_endpoint_keeps_its_own_rpm_beside_the_job_wide_one() -> None:
@@ -205,16 +199,9 @@ def test_an_endpoints_own_tpm_is_corrected_to_usage_and_outlives_announced_budge
     flow = FlowControl(["a"], concurrency=1000, limits=[EndpointLimits(tpm=60_000)])
     hints = RateLimitHints(None, Budget(600_000, 500_000, 1.0))  # it announces ten times more
     used = Feedback(Signal.OK, hints, prompt_tokens=10, completion_tokens=90)
-    now, sent = 0.0, 0
-    while now < 10.0:
-        got = flow.try_acquire(now, 10, 32)
-        if isinstance(got, Lease):
-            sent += 1
-            flow.release(got, used, now)
-        else:
-            now += got.seconds
+    (sent,) = _run_for(flow, 10.0, 1, used)
     assert 95 <= sent <= 106, sent  # its own 1000 tokens/s, not the 10 000 announced
-    assert flow.endpoint_stats(now)[0].tpm_limit == 600_000
+    assert flow.endpoint_stats(10.0)[0].tpm_limit == 600_000
 
 
 def test_an_endpoints_own_concurrency_caps_its_window() -> None:
