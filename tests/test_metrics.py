@@ -44,7 +44,8 @@ async def test_a_scrape_during_the_job_and_after_matches_its_totals(tmp_path: Pa
     metrics = Metrics(price_in=2.0, price_out=8.0)
     port = metrics.serve(0)
     try:
-        async with MockServer(MockConfig(seed=4, latency=0.05, fail_429=0.1, fail_500=0.05)) as server:
+        faults = MockConfig(seed=4, latency=0.05, fail_429=0.1, fail_500=0.05)
+        async with MockServer(faults) as server:
             config = JobConfig(
                 inputs=[str(shard)],
                 output=str(tmp_path / "out"),
