@@ -400,6 +400,7 @@ async def test_the_job_knows_its_total_and_a_remote_jsonl_leaves_it_unknown(
         assert engine.statistics().total_items is None
 
 
+@pytest.mark.slow  # moto's server and four CLI runs: ~15 s
 async def test_s3_directories_and_globs_through_a_stand_in(
     tmp_path: Path, mock_server: MockServer
 ) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +15,9 @@ import pytest
 from asyncgen.cli.progress import ProgressReporter, summary
 from asyncgen.core.leases import EndpointStats
 from asyncgen.engine.stats import Statistics
+from asyncgen.mock.server import MockConfig, MockServer
+
+from .conftest import clean_env, personas, write_shard
 
 
 def stats(**kw: Any) -> Statistics:
@@ -167,3 +174,26 @@ def test_a_live_line_is_cut_to_the_terminal_width(monkeypatch: pytest.MonkeyPatc
     ProgressReporter(lambda: stats(total_items=1000), out, live=True, color=False).show()
     text = out.getvalue().removeprefix("\r").removesuffix("\x1b[K")
     assert len(text) == 79 and text.endswith("…") and text.startswith("[0:00:10] 93/1,000")
+
+
+def test_a_run_in_a_pipe_prints_plain_lines_with_the_total(tmp_path: Path) -> None:
+    shard = write_shard(tmp_path / "p.jsonl.zst", personas(300))
+
+    async def serve_and_run() -> subprocess.CompletedProcess[str]:
+        async with MockServer(MockConfig(seed=3, latency=0.05)) as server:
+            argv = [sys.executable, "-m", "asyncgen", "run", "-i", str(shard), "-p", "math"]
+            argv += ["-m", "mock-model", "-o", str(tmp_path / "out"), "--concurrency", "16"]
+            argv += ["--base-url", server.base_url, "--progress-interval", "0.2"]
+            return await asyncio.to_thread(
+                subprocess.run, argv, capture_output=True, text=True, env=clean_env(), timeout=110
+            )
+
+    result = asyncio.run(serve_and_run())
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert len(lines) >= 3, result.stderr  # ~1 s of work, a line every 0.2 s
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr  # a pipe: no escapes
+    with_total = [line for line in lines if "/300 items" in line]
+    assert with_total and " ETA " in with_total[-1], lines
+    done = [int(line.split("/300 items")[0].split()[-1].replace(",", "")) for line in with_total]
+    assert done == sorted(done) and all(0 <= n <= 300 for n in done)
