@@ -203,7 +203,9 @@ def add_request_arguments(
         "--progress-interval",
         type=positive_float,
         metavar="SECONDS",
-        help="seconds between progress lines (default: 0.5 on a terminal, else 30)",
+        help="seconds between progress lines (default: 0.5 on a terminal, rewritten in "
+        "place, else 30); a line shows items done / total, %%, ETA once the input is "
+        "counted (in the background), rates, cost, retries; NO_COLOR turns its color off",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     p.add_argument(

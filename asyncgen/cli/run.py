@@ -66,7 +66,8 @@ def add_command(sub: argparse._SubParsersAction[Any]) -> None:
         nargs="?",
         metavar="JOB.toml",
         help="a TOML job file setting any of the options below (inputs, template, endpoints "
-        "with their key variables, sampling, limits, logs, metrics); options given on the "
+        "with their key variables and their own rpm/tpm/concurrency, sampling, limits, logs, "
+        "metrics); options given on the "
         "command line override it. See README, 'Running a long job'",
     )
     run.add_argument(
