@@ -24,6 +24,7 @@ from asyncgen.core.errors import (
     RequestTimeout,
     TransportError,
 )
+from asyncgen.core.limits import EndpointLimits
 from asyncgen.core.records import BadLine, ErrorInfo, Result, Source, Usage, WorkItem
 from asyncgen.engine.engine import Engine
 from asyncgen.engine.metrics import Metrics
@@ -40,6 +41,7 @@ __all__ = [
     "BadLine",
     "ConfigError",
     "ConnectError",
+    "EndpointLimits",
     "Engine",
     "ErrorInfo",
     "HttpResponse",

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import assert_exactly_once, clean_env, personas, read_output, write_shard
+from .s3_standin import put, s3_standin
 
 pytestmark = pytest.mark.slow
 
@@ -71,13 +72,15 @@ def server_requests(base_url: str) -> int:
         return int(json.load(resp)["requests"])
 
 
-def run_cli(args: list[str], *, kill_after: float | None = None) -> tuple[int, str]:
+def run_cli(
+    args: list[str], *, kill_after: float | None = None, env: dict[str, str] | None = None
+) -> tuple[int, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "asyncgen", "run", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=clean_env(),
+        env=env or clean_env(),
     )
     try:
         _, err = proc.communicate(timeout=kill_after)
@@ -89,12 +92,25 @@ def run_cli(args: list[str], *, kill_after: float | None = None) -> tuple[int, s
 
 @pytest.mark.parametrize(
     "mode",
-    ["plain", "stream-two-endpoints", "gzip-and-parquet", "remote-gzip-and-parquet", "embeddings"],
+    [
+        "plain",
+        "stream-two-endpoints",
+        "gzip-and-parquet",
+        "remote-gzip-and-parquet",
+        "s3-zst-and-parquet",
+        "embeddings",
+    ],
 )
 def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str, mode: str) -> None:
     with contextlib.ExitStack() as stack:
         urls = [server_url]
         extra: list[str] = []
+        if mode.startswith("s3"):
+            # Moto's S3 server mode stands in for S3; the shards are read through s3fs,
+            # named by a glob pattern over the bucket.
+            s3 = stack.enter_context(s3_standin())
+            kill_and_resume(tmp_path, urls, extra, kinds=("jsonl.zst", "parquet"), s3=s3)
+            return
         if mode.endswith("gzip-and-parquet"):
             remote = mode.startswith("remote")  # file:// URLs, read through fsspec
             kill_and_resume(tmp_path, urls, extra, kinds=("jsonl.gz", "parquet"), remote=remote)
@@ -119,6 +135,7 @@ def kill_and_resume(
     kinds: tuple[str, str] = ("jsonl.zst", "jsonl.zst"),
     *,
     remote: bool = False,
+    s3: tuple[str, dict[str, str]] | None = None,
     prompt: str = "math",
 ) -> None:
     server_url = urls[0]
@@ -127,10 +144,18 @@ def kill_and_resume(
         write_shard(tmp_path / f"personas-{k}.{kind}", personas(n // 2, f"s{k}"))
         for k, kind in enumerate(kinds)
     ]
+    inputs = [s.as_uri() for s in shards] if remote else [str(tmp_path / "personas-*")]
+    env = None
+    if s3 is not None:
+        endpoint, env = s3
+        put(endpoint, "inputs")
+        for shard in shards:
+            put(endpoint, f"inputs/shards/{shard.name}", shard.read_bytes())
+        inputs = ["s3://inputs/shards/personas-*"]
     out = tmp_path / "out"
     args = [
         "--input",
-        *([s.as_uri() for s in shards] if remote else [str(tmp_path / "personas-*")]),
+        *inputs,
         "--prompt",
         prompt,
         "--model",
@@ -153,7 +178,7 @@ def kill_and_resume(
     # (start-up, intake, sending or committing), then the job is allowed to finish.
     for _ in range(40):
         kill_after = rng.uniform(0.4, 1.5) if kills < 6 else None
-        code, err = run_cli(args, kill_after=kill_after)
+        code, err = run_cli(args, kill_after=kill_after, env=env)
         if code == -signal.SIGKILL:
             kills += 1
             continue
@@ -169,7 +194,7 @@ def kill_and_resume(
     assert len(found["results"]) == n
     # A finished job: the rerun sends zero requests and says so.
     before = [server_requests(url) for url in urls]
-    code, err = run_cli(args)
+    code, err = run_cli(args, env=env)
     assert code == 0, err
     assert "nothing to do" in err and "0 requests" in err
     assert [server_requests(url) for url in urls] == before

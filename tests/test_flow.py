@@ -9,6 +9,7 @@ import pytest
 from asyncgen.core.flow import FlowControl
 from asyncgen.core.hints import Budget, RateLimitHints
 from asyncgen.core.leases import Feedback, Lease, Signal, Wait
+from asyncgen.core.limits import EndpointLimits
 
 OK = Feedback(Signal.OK, prompt_tokens=10, completion_tokens=10)
 
@@ -162,17 +163,62 @@ def test_rejected_requests_do_not_hurt_the_endpoint() -> None:
     assert flow.any_up and flow.endpoint_stats(0.0)[0].window == 8
 
 
-def test_global_rpm_paces_all_endpoints_together() -> None:
-    flow = FlowControl(["a", "b"], concurrency=1000, rpm=600)  # 10/s, burst 5
-    now, sent = 0.0, 0
-    while now < 10.0:
+def _run_for(
+    flow: FlowControl, seconds: float, endpoints: int, feedback: Feedback = OK
+) -> list[int]:
+    """Lease and release at once for ``seconds`` of simulated time: leases per endpoint."""
+    now, counts = 0.0, [0] * endpoints
+    while now < seconds:
         got = flow.try_acquire(now, 10, 32)
         if isinstance(got, Lease):
-            sent += 1
-            flow.release(got, OK, now)
+            counts[got.endpoint] += 1
+            flow.release(got, feedback, now)
         else:
             now += got.seconds
-    assert 100 <= sent <= 106
+    return counts
+
+
+def test_global_rpm_paces_all_endpoints_together() -> None:
+    flow = FlowControl(["a", "b"], concurrency=1000, rpm=600)  # 10/s, burst 5
+    assert 100 <= sum(_run_for(flow, 10.0, 2)) <= 106
+
+
+def test_each_endpoint_keeps_its_own_rpm_beside_the_job_wide_one() -> None:
+    limits = [EndpointLimits(rpm=600), EndpointLimits(rpm=1_200)]  # 10/s and 20/s
+    flow = FlowControl(["a", "b"], concurrency=1000, limits=limits)
+    a, b = _run_for(flow, 10.0, 2)
+    assert 100 <= a <= 106 and 200 <= b <= 211, (a, b)
+    # the job-wide budget still bounds the two together
+    flow = FlowControl(["a", "b"], concurrency=1000, rpm=900, limits=limits)
+    a, b = _run_for(flow, 10.0, 2)
+    assert 150 <= a + b <= 158 and a <= 106, (a, b)
+
+
+def test_an_endpoints_own_tpm_is_corrected_to_usage_and_outlives_announced_budgets() -> None:
+    # 60 000 tokens a minute (1000/s); each request really uses 10 + 90 = 100 tokens
+    flow = FlowControl(["a"], concurrency=1000, limits=[EndpointLimits(tpm=60_000)])
+    hints = RateLimitHints(None, Budget(600_000, 500_000, 1.0))  # it announces ten times more
+    used = Feedback(Signal.OK, hints, prompt_tokens=10, completion_tokens=90)
+    (sent,) = _run_for(flow, 10.0, 1, used)
+    assert 95 <= sent <= 106, sent  # its own 1000 tokens/s, not the 10 000 announced
+    assert flow.endpoint_stats(10.0)[0].tpm_limit == 600_000
+
+
+def test_an_endpoints_own_concurrency_caps_its_window() -> None:
+    limits = [EndpointLimits(concurrency=3), None]
+    flow = FlowControl(["a", "b"], concurrency=16, limits=limits)
+    leases = [lease(flow) for _ in range(19)]  # (the gate keeps the job's 16 in all)
+    assert sum(x.endpoint == 0 for x in leases) == 3
+    assert flow.try_acquire(0.0, 10, 32) == Wait(math.inf, True)
+    for x in leases:  # many successes grow no window past its ceiling
+        flow.release(x, OK, 0.1)
+    for _ in range(200):
+        flow.release(lease(flow, 0.2), OK, 0.2)
+    assert [s.window for s in flow.endpoint_stats(0.2)] == [3, 16]
+    with pytest.raises(ValueError, match="below min_concurrency"):
+        FlowControl(["a"], concurrency=16, min_concurrency=4, limits=[limits[0]])
+    with pytest.raises(ValueError, match="one per endpoint"):
+        FlowControl(["a", "b"], concurrency=16, limits=[limits[0]])
 
 
 def test_announced_budget_is_learned_per_endpoint() -> None:

@@ -8,6 +8,7 @@ import gzip
 import lzma
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -345,3 +346,87 @@ async def test_remote_inputs_through_fsspec_over_http_and_file_urls(
     assert {r["source"]["shard"] for r in found["results"]} == {"web", "local"}
     manifest = (tmp_path / "out" / "manifest.json").read_text()
     assert secret not in manifest and "data/web.jsonl.gz?***" in manifest
+
+
+def test_records_are_counted_in_each_format_and_unknown_when_not_cheap(tmp_path: Path) -> None:
+    from asyncgen.storage.count import RecordCount, count_records
+
+    files = [
+        write_shard(tmp_path / "a.jsonl", personas(7)),
+        write_shard(tmp_path / "b.jsonl.zst", personas(1200)),
+        write_shard(tmp_path / "c.jsonl.gz", personas(30)),
+        write_shard(tmp_path / "d.jsonl.xz", personas(40)),
+        write_shard(tmp_path / "e.parquet", personas(1500)),
+    ]
+    (tmp_path / "f.jsonl").write_bytes(jsonl(personas(4)).rstrip(b"\n"))  # no final newline
+    files.append(tmp_path / "f.jsonl")
+    assert [count_records(p) for p in files] == [7, 1200, 30, 40, 1500, 4]
+    assert count_records(cut_zstd(tmp_path / "cut.jsonl.zst", 500)) is None
+    counter = RecordCount(files)
+    assert counter.total is None
+    counter.start()
+    deadline = time.monotonic() + 10
+    while counter.total is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert counter.total == 7 + 1200 + 30 + 40 + 1500 + 4
+    stopped = RecordCount(files)
+    stopped.close()  # a job that ended before the count: the total stays unknown
+    stopped.start()
+    time.sleep(0.2)
+    assert stopped.total is None
+
+
+async def test_the_job_knows_its_total_and_a_remote_jsonl_leaves_it_unknown(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    pytest.importorskip("fsspec")
+    shard = write_shard(tmp_path / "p.jsonl.zst", personas(120))
+    config = msgspec.structs.replace(
+        job(tmp_path, mock_server, [shard]), samples=2, check_endpoint=False
+    )
+    async with Engine(config) as engine:
+        first = engine.statistics()
+        await engine.run()
+        for _ in range(500):
+            if engine.statistics().total_items is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert first.total_items is None and engine.statistics().total_items == 240
+    remote = write_shard(tmp_path / "r" / "q.jsonl", personas(5))
+    config = msgspec.structs.replace(config, inputs=[remote.as_uri()], output=str(tmp_path / "o2"))
+    async with Engine(config) as engine:
+        await engine.run()
+        await asyncio.sleep(0.1)
+        assert engine.statistics().total_items is None
+
+
+@pytest.mark.slow  # moto's server and four CLI runs: ~15 s
+async def test_s3_directories_and_globs_through_a_stand_in(
+    tmp_path: Path, mock_server: MockServer
+) -> None:
+    from .s3_standin import put, s3_standin
+    from .test_jobfile import _cli
+
+    gz = write_shard(tmp_path / "src" / "a.jsonl.gz", personas(30, "gz"))
+    pq = write_shard(tmp_path / "src" / "b.parquet", personas(20, "pq"))
+    with s3_standin() as (endpoint, env):
+        put(endpoint, "bkt")
+        put(endpoint, "bkt/d/a.jsonl.gz", gz.read_bytes())
+        put(endpoint, "bkt/d/b.parquet", pq.read_bytes())
+        put(endpoint, "bkt/d/notes.txt", b"not an input")
+
+        def run(inputs: str, out: str) -> Any:
+            args = ["run", "-i", inputs, "-p", "math", "-m", "mock-model", "-q"]
+            args += ["-o", str(tmp_path / out), "--base-url", mock_server.base_url]
+            return _cli(*args, env=env)
+
+        whole = await asyncio.to_thread(run, "s3://bkt/d/", "all")
+        assert whole.returncode == 0, whole.stderr
+        assert_exactly_once(tmp_path / "all", ids_for("a", 30) | ids_for("b", 20))
+        some = await asyncio.to_thread(run, "s3://bkt/d/*.parquet", "some")
+        assert some.returncode == 0, some.stderr
+        assert_exactly_once(tmp_path / "some", ids_for("b", 20))
+        none = await asyncio.to_thread(run, "s3://bkt/d/*.xz", "none")
+        assert none.returncode == 2 and "no input file matches 's3://bkt/d/*.xz'" in none.stderr
+        bare = await asyncio.to_thread(run, "s3://bkt/d", "bare")
+        assert bare.returncode == 2 and "end it with / to read its files" in bare.stderr

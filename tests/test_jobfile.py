@@ -63,6 +63,8 @@ quiet = true
 [[endpoints]]
 base_url = "http://127.0.0.1:8001/v1"
 api_key_env = "KEY_ONE"
+rpm = 300
+concurrency = 8
 
 [[endpoints]]
 base_url = "http://127.0.0.1:8002/v1"
@@ -98,6 +100,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     )
     assert o["base_url"] == ["http://127.0.0.1:8001/v1", "http://127.0.0.1:8002/v1"]
     assert o["endpoint_key_envs"] == ["KEY_ONE", None]
+    assert o["endpoint_limits"] == [{"rpm": 300.0, "concurrency": 8}, None]
     assert o["template"]["user"] == 'Write about {persona}.\nBe "brief".'
     assert o["template"]["sampling"] == {"temperature": 0.1}
     assert len(job.sha256) == 64
@@ -137,6 +140,11 @@ def test_an_unknown_key_is_named_with_its_line(
         ('[[endpoints]]\napi_key_env = "K"\n', "each [[endpoints]] needs a base_url"),
         ("model = \n", "not valid TOML"),
         ('[log]\nformat = "yaml"\n', "log.format must be one of text, json, got 'yaml'"),
+        (
+            '[[endpoints]]\nbase_url = "http://x/v1"\nconcurrency = 2.5\n',
+            "endpoints.concurrency must be a whole number",
+        ),
+        ('[[endpoints]]\nbase_url = "http://x/v1"\nrpm = "x"\n', "endpoints.rpm must be a number"),
     ],
 )
 def test_a_wrong_value_is_named(tmp_path: Path, text: str, said: str) -> None:
@@ -160,6 +168,7 @@ def test_print_config_merges_flags_over_the_file_and_round_trips(
     assert o["concurrency"] == 7 and o["input"] == ["c.jsonl"]  # the flags win
     assert o["rpm"] == 600.0 and o["template"]["system"] == "You are terse."  # the file stays
     assert o["endpoint_key_envs"] == ["KEY_ONE", None]
+    assert o["endpoint_limits"] == [{"rpm": 300.0, "concurrency": 8}, None]
     # the merged job, printed again, is the same text
     assert main(["run", str(merged), "--print-config"]) == 0
     assert capsys.readouterr().out == printed
@@ -167,6 +176,7 @@ def test_print_config_merges_flags_over_the_file_and_round_trips(
     assert main(["run", str(path), "--print-config", "--base-url", "http://h:1/v1"]) == 0
     o2 = capsys.readouterr().out
     assert "http://h:1/v1" in o2 and "8001" not in o2 and "KEY_ONE" not in o2
+    assert "rpm = 300" not in o2  # (the file's endpoints' own limits went with them)
 
 
 def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -249,6 +259,67 @@ user = "Tell a story about {{persona}}."
         assert result.returncode == 2
         assert "template" in result.stderr
     assert one not in result.stderr and two not in result.stderr
+
+
+async def test_each_endpoint_of_a_job_file_gets_its_own_limits(tmp_path: Path) -> None:
+    shard = write_shard(tmp_path / "p.jsonl", personas(100))
+    # b refuses beyond 10 requests a second and does not say so in headers: only the job's
+    # own limit for it (8 a second) keeps it from refusing. a is fast but takes two at once.
+    async with (
+        MockServer(MockConfig(latency=0.05, seed=1)) as a,
+        MockServer(MockConfig(seed=2, rpm_limit=600, ratelimit_headers=False)) as b,
+    ):
+        job = tmp_path / "job.toml"
+        job.write_text(f"""\
+inputs = ["{shard}"]
+output = "{tmp_path / "out"}"
+model = "mock-model"
+prompt = "persona"
+
+[limits]
+concurrency = 64
+
+[[endpoints]]
+base_url = "{a.base_url}"
+concurrency = 2
+
+[[endpoints]]
+base_url = "{b.base_url}"
+rpm = 480
+""")
+        result = await asyncio.to_thread(_cli, "run", str(job), "-q", env={})
+        assert result.returncode == 0, result.stderr
+        sa, sb = a.statistics(), b.statistics()
+    assert_exactly_once(tmp_path / "out", {f"p:{i + 1}:persona:0" for i in range(100)})
+    assert sa.max_running_seen == 2, sa  # never more than its own two at once
+    assert sb.rate_limited == 0 and sb.requests >= 8, sb  # paced under its budget
+    assert sa.requests + sb.requests == 100
+
+
+def test_endpoint_limits_are_checked_with_the_job(tmp_path: Path) -> None:
+    from asyncgen.core.limits import EndpointLimits
+    from asyncgen.job.config import JobConfig
+
+    two = ["http://u:secret-pw@a:1/v1", "http://b:1/v1"]
+    cases = [
+        ([EndpointLimits(concurrency=300), None], "endpoint 1 (http://***@a:1/v1): concurrency"),
+        ([None, EndpointLimits(rpm=0.0)], "endpoint 2 (http://b:1/v1): rpm must be positive"),
+        ([None], "1 endpoint limits for 2 base URLs"),
+    ]
+    for limits, said in cases:
+        cfg = JobConfig(inputs=["x"], output="o", base_url=two, endpoint_limits=limits)
+        with pytest.raises(ConfigError) as caught:
+            cfg.validate()
+        assert said in str(caught.value) and "secret-pw" not in str(caught.value)
+    cfg = JobConfig(
+        inputs=["x"],
+        output="o",
+        base_url=two,
+        min_concurrency=4,
+        endpoint_limits=[EndpointLimits(concurrency=2), None],
+    )
+    with pytest.raises(ConfigError, match="at least min concurrency"):
+        cfg.validate()
 
 
 def test_print_config_shows_no_credentials(

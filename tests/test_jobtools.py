@@ -433,3 +433,23 @@ def test_status_throughput_leaves_out_pauses_between_runs(tmp_path: Path) -> Non
     assert report.active_seconds == pytest.approx(10.4 + 5.4)
     assert report.items_per_second == pytest.approx(150 / 15.8)
     assert report.last_finished - report.first_started > 86_400  # the span itself is kept
+
+
+def test_a_retry_keeps_the_endpoints_own_limits_unless_it_names_other_endpoints(
+    tmp_path: Path,
+) -> None:
+    from asyncgen.core.limits import EndpointLimits
+    from asyncgen.job.config import JobConfig, job_record
+    from asyncgen.storage.manifest import write_manifest
+
+    urls = ["http://a:1/v1", "http://b:1/v1"]
+    limits = [EndpointLimits(rpm=60.0, concurrency=4), None]
+    cfg = JobConfig(inputs=["x.jsonl"], output=str(tmp_path), base_url=urls, endpoint_limits=limits)
+    record = job_record(cfg, [tmp_path / "x.jsonl"], None)
+    write_manifest(tmp_path, {"model": None}, version="t", job=record)
+    kept = retry_config(tmp_path)
+    assert kept.base_urls == urls and kept.endpoint_limits == limits
+    kept.validate()
+    other = retry_config(tmp_path, base_url="http://c:1/v1")
+    assert other.base_urls == ["http://c:1/v1"] and other.endpoint_limits == []
+    other.validate()

@@ -19,7 +19,7 @@ from asyncgen.engine.events import EndpointWatcher
 from asyncgen.job.config import JobConfig
 from asyncgen.mock.server import MockConfig, MockServer
 
-from .conftest import clean_env, personas, until, write_shard
+from .conftest import clean_env, personas, read_output, until, write_shard
 
 
 def _ep(**changes: object) -> EndpointStats:
@@ -141,3 +141,32 @@ def test_json_logs_of_a_run_name_bad_lines_pauses_and_the_end_and_never_the_key(
     (end,) = by_event["job_end"]
     assert end["finished"] is True and end["succeeded"] == 12 and end["bad_lines"] == 1
     assert secret not in result.stderr and secret not in result.stdout
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_file_of_bad_lines_names_the_first_few_then_one_notice(tmp_path: Path, fmt: str) -> None:
+    shard = write_shard(tmp_path / "p.jsonl", [*personas(3), *[b"{bad"] * 40])
+
+    async def serve_and_run() -> subprocess.CompletedProcess[str]:
+        async with MockServer(MockConfig(seed=5)) as server:
+            argv = [sys.executable, "-m", "asyncgen", "run", "-i", str(shard), "-q"]
+            argv += ["-o", str(tmp_path / "out"), "-p", "math", "-m", "mock-model"]
+            argv += ["--base-url", server.base_url, "--log-format", fmt]
+            return await asyncio.to_thread(
+                subprocess.run, argv, capture_output=True, text=True, env=clean_env(), timeout=110
+            )
+
+    result = asyncio.run(serve_and_run())
+    assert result.returncode == 1, result.stderr
+    err = result.stderr
+    named = [f"{shard}:{n}:" for n in range(4, 44)]
+    assert [n for n in named if n in err] == named[:10]  # the first ten, by file and line
+    assert err.count("only the first 10 are shown") == 1
+    if fmt == "json":
+        events = [json.loads(line)["event"] for line in err.splitlines()]
+        assert events.count("bad_input_line") == 10
+        assert events.count("bad_input_lines_not_shown") == 1
+    else:
+        assert "40 bad input lines" in err  # the closing report counts them all
+    found = read_output(tmp_path / "out")
+    assert len(found["errors"]) == 40  # the errors shard keeps every one

@@ -44,7 +44,8 @@ async def test_a_scrape_during_the_job_and_after_matches_its_totals(tmp_path: Pa
     metrics = Metrics(price_in=2.0, price_out=8.0)
     port = metrics.serve(0)
     try:
-        async with MockServer(MockConfig(seed=4, latency=0.05, fail_429=0.1)) as server:
+        faults = MockConfig(seed=4, latency=0.05, fail_429=0.1, fail_500=0.05)
+        async with MockServer(faults) as server:
             config = JobConfig(
                 inputs=[str(shard)],
                 output=str(tmp_path / "out"),
@@ -78,11 +79,20 @@ async def test_a_scrape_during_the_job_and_after_matches_its_totals(tmp_path: Pa
     )
     assert stats.throttled > 0  # the mock refused some: the label is not trivially zero
     assert _sum(after, "asyncgen_retries_total") == stats.retries > 0
-    # every attempt without a result is counted with its reason: here the mock's 429s
-    assert _sum(after, "asyncgen_request_errors_total") == stats.throttled
+    # every attempt without a result is counted with its reason: here the mock's 429s and 500s
+    errors_500 = _sum(after, "asyncgen_request_errors_total", status="500")
+    assert errors_500 > 0
+    assert _sum(after, "asyncgen_request_errors_total") == stats.throttled + errors_500
     assert _sum(
         after, "asyncgen_request_errors_total", reason="rate_limit_exceeded", status="429"
     ) == (stats.throttled)
+    # requests by status: the successes' 200s, the 429s, the 500s
+    assert _sum(after, "asyncgen_requests_total", outcome="success", status="200") == 120
+    assert _sum(after, "asyncgen_requests_total", status="429") == stats.throttled
+    assert _sum(after, "asyncgen_requests_total", outcome="error", status="500") == errors_500
+    # the input was counted (120 personas and the bad line): nothing is left
+    assert _sum(after, "asyncgen_input_items") == 121
+    assert ("asyncgen_items_left", ()) in after and _sum(after, "asyncgen_items_left") == 0
     assert _sum(after, "asyncgen_pauses_total") == sum(stats.pauses.values())
     assert _sum(after, "asyncgen_items_total", outcome="succeeded") == 120
     assert _sum(after, "asyncgen_items_total", outcome="bad_line") == 1

@@ -204,8 +204,10 @@ def retry_config(root: Path, **overrides: Any) -> JobConfig:
             "the job's base URL carried credentials, which the manifest does not keep; "
             "give --base-url again"
         )
-    if len(urls) == 1:
-        changes.setdefault("base_url", urls[0])
+    if "base_url" in changes:
+        changes["endpoint_limits"] = []  # they were the replaced endpoints' own
+    elif len(urls) == 1:
+        changes["base_url"] = urls[0]
     return msgspec.structs.replace(job, output=str(root), **changes)
 
 

@@ -63,6 +63,38 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
         pass  # a closed stderr does not change the outcome
 
 
+class _FirstBadLines(logging.Filter):
+    """Pass the first :attr:`SHOWN` bad input lines; turn the next into one notice that the
+    rest are not shown, and drop them. A damaged file can hold millions; the errors shard
+    keeps every one, and the closing report and ``job_end`` count them. (The library still
+    logs each as an event, for an embedding application's handlers.)"""
+
+    SHOWN = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "event", None) != "bad_input_line":
+            return True
+        self.seen += 1
+        if self.seen <= self.SHOWN:
+            return True
+        if self.seen > self.SHOWN + 1:
+            return False
+        # Python 3.11's filters cannot hand back another record: this one is rewritten (the
+        # handler is the ``asyncgen`` logger's only one, and the logger does not propagate).
+        record.msg = (
+            f"more bad input lines: only the first {self.SHOWN} are shown; every one is "
+            "recorded in the errors shard (errors-*.jsonl.zst), counted at the end"
+        )
+        record.args = ()
+        record.event = "bad_input_lines_not_shown"
+        record.fields = {"shown": self.SHOWN}
+        return True
+
+
 def configure_logging(fmt: str = "text", level: str = "info") -> None:
     """Show the library's events on stderr as ``fmt`` (text or json) from ``level`` up;
     called again, it replaces the handler it installed before."""
@@ -75,6 +107,7 @@ def configure_logging(fmt: str = "text", level: str = "info") -> None:
     if fmt != "json":
         # The closing report says it in full, in the words a person reads.
         handler.addFilter(lambda record: getattr(record, "event", None) != "job_end")
+    handler.addFilter(_FirstBadLines())
     logger.addHandler(handler)
     logger.setLevel(_LEVELS[level])
     logger.propagate = False

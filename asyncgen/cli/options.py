@@ -16,6 +16,7 @@ from asyncgen.cli.args import (
     positive_int,
 )
 from asyncgen.cli.console import say
+from asyncgen.core.limits import EndpointLimits
 from asyncgen.engine.metrics import Metrics
 from asyncgen.job.config import BACKENDS, JobConfig
 
@@ -202,7 +203,9 @@ def add_request_arguments(
         "--progress-interval",
         type=positive_float,
         metavar="SECONDS",
-        help="seconds between progress lines (default: 0.5 on a terminal, else 30)",
+        help="seconds between progress lines (default: 0.5 on a terminal, rewritten in "
+        "place, else 30); a line shows items done / total, %%, ETA once the input is "
+        "counted (in the background), rates, cost, retries; NO_COLOR turns its color off",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     p.add_argument(
@@ -238,6 +241,10 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
         idle_timeout=args.idle_timeout,
         rpm=args.rpm,
         tpm=args.tpm,
+        endpoint_limits=[
+            None if own is None else EndpointLimits(**own)
+            for own in getattr(args, "endpoint_limits", None) or []
+        ],
         max_attempts=args.max_attempts,
         max_invalid=args.max_invalid,
         timeout=args.timeout,

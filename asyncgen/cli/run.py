@@ -66,7 +66,8 @@ def add_command(sub: argparse._SubParsersAction[Any]) -> None:
         nargs="?",
         metavar="JOB.toml",
         help="a TOML job file setting any of the options below (inputs, template, endpoints "
-        "with their key variables, sampling, limits, logs, metrics); options given on the "
+        "with their key variables and their own rpm/tpm/concurrency, sampling, limits, logs, "
+        "metrics); options given on the "
         "command line override it. See README, 'Running a long job'",
     )
     run.add_argument(
@@ -137,7 +138,7 @@ def _with_job_file(args: argparse.Namespace) -> argparse.Namespace:
         # argparse fills in a default only where the namespace has no value yet, so the
         # file's values stand unless the command line sets them. Lists are the exception
         # (argparse extends them), so a list from the command line replaces the file's after.
-        lists = {"input", "base_url", "endpoint_key_envs"}
+        lists = {"input", "base_url", "endpoint_key_envs", "endpoint_limits"}
         given = argparse.Namespace(**{k: v for k, v in job.options.items() if k not in lists})
         argv = args.argv
         args = parser.parse_args(argv[2:], namespace=given)
@@ -147,6 +148,7 @@ def _with_job_file(args: argparse.Namespace) -> argparse.Namespace:
         if args.base_url is None:
             args.base_url = job.options.get("base_url")
             args.endpoint_key_envs = job.options.get("endpoint_key_envs")
+            args.endpoint_limits = job.options.get("endpoint_limits")
         args.job_file = str(Path(job.path).resolve())
         args.job_file_sha256 = job.sha256
     if args.base_url is None:

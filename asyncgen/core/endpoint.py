@@ -25,6 +25,7 @@ class EndpointState:
 
     __slots__ = (
         "broken_probes",
+        "cap",
         "down_since",
         "ejections",
         "failed",
@@ -35,6 +36,8 @@ class EndpointState:
         "learned",
         "next_probe",
         "outstanding",
+        "own_rpm",
+        "own_tpm",
         "pace",
         "pace_due",
         "paused_until",
@@ -65,8 +68,17 @@ class EndpointState:
         "window",
     )
 
-    def __init__(self, url: str, window: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        window: float,
+        *,
+        own_rpm: RateBucket | None = None,
+        own_tpm: RateBucket | None = None,
+    ) -> None:
         self.url = url
+        self.cap = window
+        """The window's ceiling: the job's concurrency, or the endpoint's own if lower."""
         self.window = window
         self.ssthresh = window
         self.up = True
@@ -75,6 +87,11 @@ class EndpointState:
         self.paused_until = 0.0
         self.rpm: RateBucket | None = None
         self.tpm: RateBucket | None = None
+        """Budgets the server announced (or, for :attr:`rpm`, one learned from refusals)."""
+        self.own_rpm = own_rpm
+        self.own_tpm = own_tpm
+        """Budgets the job gives this endpoint (:class:`~asyncgen.core.limits.EndpointLimits`):
+        kept apart from the announced ones, which a server's headers replace."""
         self.failures = 0
         self.throttle_streak = 0
         self.last_decrease = -math.inf

@@ -1,9 +1,10 @@
 """Flow control, sans-IO: which endpoint gets the next request, and when.
 
-:class:`FlowControl` holds the job's own RPM/TPM budgets and, per endpoint, what that endpoint
-has told us: budgets announced in ``x-ratelimit-*`` headers, refusals (429, 503), a
-concurrency window that adapts, and a circuit breaker (ejected after consecutive failures,
-re-admitted by a successful probe).
+:class:`FlowControl` holds the job's own RPM/TPM budgets; per endpoint, the limits the job
+gives it (:class:`~asyncgen.core.limits.EndpointLimits`: its own RPM/TPM buckets beside the
+job-wide ones, and a ceiling on its window) and what that endpoint has told us: budgets
+announced in ``x-ratelimit-*`` headers, refusals (429, 503), a concurrency window that adapts,
+and a circuit breaker (ejected after consecutive failures, re-admitted by a successful probe).
 
 Refusals are told apart by the evidence there is (:class:`Refusals`). When most recent
 replies of an endpoint were refusals, its budget is spent or it is overloaded: the endpoint
@@ -31,6 +32,7 @@ a re-admitted endpoint) could allow one sooner. :meth:`FlowControl.release` take
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from asyncgen.core.endpoint import EndpointState, budget_delay
 from asyncgen.core.evidence import Latency, Refusals
@@ -46,7 +48,7 @@ from asyncgen.core.leases import (
     Signal,
     Wait,
 )
-from asyncgen.core.limits import RateBucket, TokenEstimate
+from asyncgen.core.limits import EndpointLimits, RateBucket, TokenEstimate
 
 __all__ = ["FlowControl"]
 
@@ -92,14 +94,24 @@ class FlowControl:
         tpm: float | None = None,
         now: float = 0.0,
         upfront: bool = False,
+        limits: Sequence[EndpointLimits | None] = (),
     ) -> None:
         if not urls:
             raise ValueError("at least one endpoint is needed")
         if not 1 <= min_concurrency <= concurrency:
             raise ValueError("need 1 <= min_concurrency <= concurrency")
+        if limits and len(limits) != len(urls):
+            raise ValueError("limits, when given, are one per endpoint")
         self.cap = float(concurrency)
         self.floor = float(min_concurrency)
-        self._endpoints = [EndpointState(url, self.cap) for url in urls]
+        owns = list(limits) or [None] * len(urls)
+        self._own_caps = [
+            math.inf if own is None or own.concurrency is None else float(own.concurrency)
+            for own in owns
+        ]
+        self._endpoints = [
+            self._endpoint(url, own, now) for url, own in zip(urls, owns, strict=True)
+        ]
         self._rpm = RateBucket(rpm, now=now) if rpm else None
         self._tpm = RateBucket(tpm, now=now) if tpm else None
         self.estimate = TokenEstimate(upfront=upfront)
@@ -117,10 +129,24 @@ class FlowControl:
             raise ValueError("concurrency must be at least 1")
         self.cap = float(concurrency)
         self.floor = min(self.floor, self.cap)
-        for ep in self._endpoints:
-            ep.window = min(ep.window, self.cap)
+        for ep, own in zip(self._endpoints, self._own_caps, strict=True):
+            ep.cap = min(self.cap, own)  # an endpoint's own concurrency stays its ceiling
+            ep.window = min(ep.window, ep.cap)
         self._rpm = _rebucket(self._rpm, rpm, now)
         self._tpm = _rebucket(self._tpm, tpm, now)
+
+    def _endpoint(self, url: str, own: EndpointLimits | None, now: float) -> EndpointState:
+        if own is None:
+            return EndpointState(url, self.cap)
+        cap = self.cap if own.concurrency is None else min(self.cap, float(own.concurrency))
+        if cap < self.floor:
+            raise ValueError(f"{url}: its concurrency is below min_concurrency")
+        return EndpointState(
+            url,
+            cap,
+            own_rpm=RateBucket(own.rpm, now=now) if own.rpm else None,
+            own_tpm=RateBucket(own.tpm, now=now) if own.tpm else None,
+        )
 
     # --- acquiring ----------------------------------------------------------------------------
 
@@ -143,6 +169,8 @@ class FlowControl:
             delay = ep.paused_until - now
             if ep.rpm is not None or ep.tpm is not None:
                 delay = max(delay, budget_delay(ep.rpm, ep.tpm, tokens, now))
+            if ep.own_rpm is not None or ep.own_tpm is not None:
+                delay = max(delay, budget_delay(ep.own_rpm, ep.own_tpm, tokens, now))
             if delay > 0:
                 wait = min(wait, delay)
             elif best is None or (ep.tokens, ep.outstanding) < (best.tokens, best.outstanding):
@@ -158,6 +186,10 @@ class FlowControl:
             best.rpm.charge(1.0, now)
         if best.tpm is not None:
             best.tpm.charge(tokens, now)
+        if best.own_rpm is not None:
+            best.own_rpm.charge(1.0, now)
+        if best.own_tpm is not None:
+            best.own_tpm.charge(tokens, now)
         best.outstanding += 1
         best.tokens += tokens
         best.requests += 1
@@ -222,7 +254,7 @@ class FlowControl:
                 # TCP's slow start does after a restart); above it, about one slot per window
                 # of successes. Not while replies are already well slower than unloaded.
                 step = 1.0 if ep.window < ep.ssthresh else 1.0 / max(ep.window, 1.0)
-                ep.window = min(self.cap, ep.window + step)
+                ep.window = min(ep.cap, ep.window + step)
             return NOT_EXCUSED
         if signal is Signal.THROTTLED or signal is Signal.OVERLOADED:
             return self._refused(ep, feedback, exhausted, now)
@@ -291,7 +323,7 @@ class FlowControl:
             delta = -lease.tokens  # refused, never sent or abandoned: count no tokens
         else:
             return
-        for bucket in (self._tpm, ep.tpm):
+        for bucket in (self._tpm, ep.tpm, ep.own_tpm):
             if bucket is not None:
                 bucket.adjust(delta, now)
 
@@ -369,7 +401,7 @@ class FlowControl:
         bucket = ep.rpm
         above = self.LEARN_ABOVE + ep.random_floor
         if not ep.learned:
-            if first or bucket is not None or ep.tpm is not None or self._rpm or self._tpm:
+            if first or bucket is not None or self._paced(ep):
                 return  # the opening, or a budget told or announced paces it
             if share <= above:
                 ep.random_floor = min(ep.random_floor, share)
@@ -412,7 +444,8 @@ class FlowControl:
     def _paced(self, ep: EndpointState) -> bool:
         """Paced by a budget told or announced (a learned one is a guess on trial)."""
         rpm = None if ep.learned else ep.rpm
-        return any(b is not None for b in (self._rpm, self._tpm, rpm, ep.tpm))
+        budgets = (self._rpm, self._tpm, rpm, ep.tpm, ep.own_rpm, ep.own_tpm)
+        return any(b is not None for b in budgets)
 
     def _eject(self, ep: EndpointState, now: float) -> None:
         ep.up = False
@@ -446,7 +479,7 @@ class FlowControl:
             ep.up = True
             ep.failures = 0
             ep.ssthresh = max(ep.window, self.floor)
-            ep.window = max(self.floor, min(self.cap, 8.0))
+            ep.window = max(self.floor, min(ep.cap, 8.0))
             # A pause the server asked for stands: answering GET /models is no permission.
         else:
             ep.probe_delay = min(self.PROBE_MAX, ep.probe_delay * 2.0)

@@ -9,11 +9,24 @@ The rate can change while running, when a server announces its budget.
 
 from __future__ import annotations
 
-__all__ = ["BURST_SECONDS", "RateBucket", "TokenEstimate"]
+import msgspec
+
+__all__ = ["BURST_SECONDS", "EndpointLimits", "RateBucket", "TokenEstimate"]
 
 BURST_SECONDS = 0.5
 """Budget a bucket holds. Less than a server's own window, so the jitter between our send and
 its arrival does not push the server over its limit."""
+
+
+class EndpointLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """What one endpoint may be sent, beside the job-wide limits (a job file's
+    ``[[endpoints]]``): requests and tokens a minute, and requests in flight at most. None: no
+    limit of its own. A budget the server announces paces the endpoint as well; the stricter
+    one holds."""
+
+    rpm: float | None = None
+    tpm: float | None = None
+    concurrency: int | None = None
 
 
 class RateBucket:

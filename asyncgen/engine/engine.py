@@ -46,6 +46,7 @@ from asyncgen.engine.transport import AiohttpTransport, Transport, check_models
 from asyncgen.job.config import JobConfig, job_record, job_spec
 from asyncgen.job.items import job_expander
 from asyncgen.job.prompts import Template
+from asyncgen.storage.count import RecordCount
 from asyncgen.storage.sources import Input, expand_inputs
 from asyncgen.storage.store import Store
 
@@ -115,6 +116,7 @@ class Engine:
         self._pipeline_task: asyncio.Task[None] | None = None
         self._started: float | None = None
         self._watcher = EndpointWatcher()
+        self._record_count = RecordCount(())
         self._warn = warn
         self.notices: list[str] = []
         """Warnings of the start-up check (a model an inconclusive listing lacks, an
@@ -134,6 +136,8 @@ class Engine:
             raise ConfigError(f"template {template.name!r} is for embeddings, which do not stream")
         # In a thread: a remote input (fsspec) is looked up over the network.
         self._paths = await asyncio.to_thread(expand_inputs, cfg.inputs)
+        if self._redo is None:  # (a retry run's items are its failures, not the input)
+            self._record_count = RecordCount(self._paths)
         store = await asyncio.to_thread(
             Store.open,
             Path(cfg.output),
@@ -169,6 +173,7 @@ class Engine:
             rpm=cfg.rpm,
             tpm=cfg.tpm,
             now=clock.monotonic(),
+            limits=cfg.endpoint_limits,
         )
         gate = Gate(flow, concurrency=cfg.concurrency, clock=clock)
         attempter = Attempter(
@@ -224,6 +229,7 @@ class Engine:
         # Leaving the block while results() is still running (a consumer that broke out of
         # the loop) stops the job: what came back is committed, in-flight requests are
         # abandoned to the next run. Nothing may touch the store once it is closed.
+        self._record_count.close()
         try:
             await self._cancel_pipeline()
         finally:
@@ -303,6 +309,7 @@ class Engine:
         if self._started is not None:
             raise RuntimeError("an Engine runs one job once")
         self._started = self._clock.monotonic()
+        self._record_count.start()
         if self.config.check_endpoint:
             await self.check_endpoint()
         queue: asyncio.Queue[list[Record]] = asyncio.Queue(maxsize=8)
@@ -399,6 +406,7 @@ class Engine:
         counts = parts.store.counts if parts is not None else {}
         gate = parts.gate.statistics() if parts is not None else None
         fraction = 1.0 if self._finished else parts.intake.fraction() if parts else 0.0
+        records = self._record_count.total
         return Statistics(
             **msgspec.structs.asdict(self._counts),
             elapsed=0.0 if self._started is None else self._clock.monotonic() - self._started,
@@ -413,6 +421,7 @@ class Engine:
             waiting_for_endpoint=gate is not None and gate.waiting_for_endpoint,
             errors=[] if parts is None else self._error_counts(parts.sender),
             pauses=dict(self._watcher.pauses),
+            total_items=None if records is None else records * self.config.samples,
         )
 
     def _error_counts(self, sender: Sender) -> list[ErrorCount]:

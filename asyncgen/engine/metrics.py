@@ -75,6 +75,36 @@ class _Histogram:
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
 
 
+_KNOWN_STATUS = {"success": "200", "throttled": "429"}
+
+
+def _statuses(s: Statistics) -> dict[tuple[str, str], dict[str, int]]:
+    """The HTTP statuses of failed attempts, by (endpoint, outcome): 5xx and no reply are
+    errors, other 4xx (a rejected request) "other"; 429s are throttled, and replies the
+    template's checks rejected were 200s (successes, as far as HTTP goes)."""
+    found: dict[tuple[str, str], dict[str, int]] = {}
+    for e in s.errors:
+        if e.status == 429 or e.code == "invalid_output":
+            continue
+        outcome = "error" if e.status is None or e.status >= 500 else "other"
+        by_status = found.setdefault((e.endpoint, outcome), {})
+        status = "" if e.status is None else str(e.status)
+        by_status[status] = by_status.get(status, 0) + e.count
+    return found
+
+
+def _split(outcome: str, n: int, by_status: dict[str, int] | None) -> list[tuple[str, int]]:
+    """``n`` attempts of ``outcome`` by status; what the statuses seen do not account for
+    (or all, if they do not add up) under an empty status."""
+    known = _KNOWN_STATUS.get(outcome)
+    if known is not None:
+        return [(known, n)]
+    if not by_status or sum(by_status.values()) > n:
+        return [("", n)]
+    rest = n - sum(by_status.values())
+    return [*by_status.items(), *([("", rest)] if rest or not by_status else [])]
+
+
 def _client() -> Any:
     try:
         import prometheus_client
@@ -197,8 +227,8 @@ class Metrics:
 
         requests = counter(
             "asyncgen_requests",
-            "HTTP attempts, by endpoint and outcome",
-            labels=["endpoint", "outcome"],
+            "HTTP attempts, by endpoint, outcome and HTTP status (empty: no reply)",
+            labels=["endpoint", "outcome", "status"],
         )
         window = gauge(
             "asyncgen_endpoint_window", "Adaptive concurrency window", labels=["endpoint"]
@@ -220,6 +250,7 @@ class Metrics:
             "Share of the endpoint's recent replies that were refusals (429, 503)",
             labels=["endpoint"],
         )
+        statuses = _statuses(s)
         for ep in s.endpoints:
             other = ep.requests - ep.succeeded - ep.throttled - ep.failed
             for outcome, n in (
@@ -228,7 +259,8 @@ class Metrics:
                 ("error", ep.failed),
                 ("other", other),
             ):
-                requests.add_metric([ep.url, outcome], max(0, n))
+                for status, count in _split(outcome, max(0, n), statuses.get((ep.url, outcome))):
+                    requests.add_metric([ep.url, outcome, status], count)
             window.add_metric([ep.url], ep.window)
             outstanding.add_metric([ep.url], ep.outstanding)
             up.add_metric([ep.url], 1 if ep.up else 0)
@@ -283,6 +315,17 @@ class Metrics:
         job.add_metric(["failed"], s.failed_total)
         job.add_metric(["bad_line"], s.bad_lines_total)
         yield job
+        if s.total_items is not None:
+            yield gauge(
+                "asyncgen_input_items",
+                "Items the whole input holds (records x samples), once counted",
+                value=s.total_items,
+            )
+            yield gauge(
+                "asyncgen_items_left",
+                "Items of the input not finished yet (once the input is counted)",
+                value=s.items_left or 0,
+            )
         yield counter("asyncgen_lines_read", "Input lines read this run", value=s.lines_read)
         yield gauge(
             "asyncgen_input_read_ratio", "Share of input bytes read", value=s.input_fraction

@@ -65,6 +65,23 @@ class Statistics(Counts, frozen=True, kw_only=True):  # type: ignore[misc]
     """No endpoint is up: the job waits for one to come back."""
     errors: list[ErrorCount] = []
     """This run's failed attempts by endpoint, code and status (a retry follows most)."""
+    total_items: int | None = None
+    """Items the whole input holds (its records x samples, earlier runs' included), once
+    counted in the background (:mod:`asyncgen.storage.count`); None until then, and when it
+    cannot be known cheaply (a remote JSON-lines input) or for a retry run."""
     pauses: dict[str, int] = {}
     """This run's endpoint pauses by cause (``refusals``, ``budget``), seen once every
     half second (:mod:`asyncgen.engine.events`)."""
+
+    @property
+    def items_finished(self) -> int:
+        """Items of the input this run has seen through: its results, failures and bad
+        lines, and the items earlier runs had committed (skipped)."""
+        return self.succeeded + self.failed + self.bad_lines + self.skipped
+
+    @property
+    def items_left(self) -> int | None:
+        """Items of the input not finished yet; None while :attr:`total_items` is unknown."""
+        if self.total_items is None:
+            return None
+        return 0 if self.finished else max(0, self.total_items - self.items_finished)

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Protocol
 import msgspec
 
 from asyncgen.core.errors import ConfigError
+from asyncgen.core.limits import EndpointLimits
 from asyncgen.core.redact import redact_url
 from asyncgen.job.prompts import RESERVED_BODY, Template, load_template, template_from_table
 
@@ -54,6 +55,10 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
     """The floor each endpoint's adaptive window never goes below."""
     rpm: Positive | None = None
     tpm: Positive | None = None
+    endpoint_limits: list[EndpointLimits | None] = []
+    """Each endpoint's own limits (a job file's ``[[endpoints]]``), in the order of
+    :attr:`base_url`; empty: none. The job-wide ``concurrency``, ``rpm`` and ``tpm`` still
+    bound the total."""
     stream: bool = False
     """Ask for server-sent events; record time to first token; time out on silence."""
     idle_timeout: Positive = 60.0
@@ -119,6 +124,7 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._validate_endpoint_limits()
         if self.prompt is not None and self.template is not None:
             raise ConfigError("give a template by name or path (--prompt) or inline, not both")
         if (self.prompt is not None or self.template is not None) and self.model is None:
@@ -130,6 +136,37 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
                 "decide the prompt and model, --samples asks for more outputs (one choice is "
                 "kept per request), and --stream asks for streaming"
             )
+
+    def _validate_endpoint_limits(self) -> None:
+        limits = self.endpoint_limits
+        if not limits:
+            return
+        if len(limits) != len(self.base_urls):
+            raise ConfigError(
+                f"{len(limits)} endpoint limits for {len(self.base_urls)} base URLs: "
+                "give one per endpoint"
+            )
+        for number, own in enumerate(limits, 1):
+            if own is None:
+                continue
+            where = f"endpoint {number} ({redact_url(self.base_urls[number - 1])})"
+            for name in ("rpm", "tpm"):
+                value = getattr(own, name)
+                if value is not None and not value > 0:
+                    raise ConfigError(f"{where}: {name} must be positive, got {value!r}")
+            n = own.concurrency
+            if n is None:
+                continue
+            if n < self.min_concurrency:
+                raise ConfigError(
+                    f"{where}: concurrency must be at least min concurrency "
+                    f"({self.min_concurrency}), got {n}"
+                )
+            if n > self.concurrency:
+                raise ConfigError(
+                    f"{where}: concurrency {n} is above the job's ({self.concurrency}), "
+                    "which bounds all endpoints together; raise limits.concurrency too"
+                )
 
     def load_template(self) -> Template | None:
         """The job's template: ``prompt`` loaded, or the inline one; None for batch lines."""

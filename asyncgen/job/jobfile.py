@@ -10,7 +10,8 @@ options (:func:`render_job_file`, for ``--print-config``). The layout::
     model = "Qwen/Qwen3-8B"
     [sampling]                             # max_tokens, temperature, top_p, extra_body
     [limits]                               # concurrency, rpm, tpm, attempts, timeouts
-    [[endpoints]]                          # base_url and the variable holding its key
+    [[endpoints]]                          # base_url, the variable holding its key, and
+                                           # its own rpm, tpm and concurrency
     [batch], [log], [metrics], [progress]
 
 An unknown key is an error that names the key and its line; a value of the wrong kind is an
@@ -99,7 +100,13 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "quiet": _Key("quiet", "bool"),
     },
 }
-_ENDPOINT_KEYS = {"base_url", "api_key_env"}
+_ENDPOINT_LIMITS = {
+    "rpm": _Key("rpm", "number"),
+    "tpm": _Key("tpm", "number"),
+    "concurrency": _Key("concurrency", "int"),
+}
+"""An ``[[endpoints]]`` entry's own limits, beside the job-wide ones in ``[limits]``."""
+_ENDPOINT_KEYS = {"base_url", "api_key_env", *_ENDPOINT_LIMITS}
 _TABLES = {"template", "endpoints", *(s for s in _SCHEMA if s)}
 
 _HEADER = re.compile(r"\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
@@ -112,7 +119,9 @@ class JobFile(NamedTuple):
 
     options: dict[str, Any]
     """Run options by ``argparse`` name; ``endpoint_key_envs`` holds one key variable (or
-    None) per ``[[endpoints]]`` entry, and ``template`` an inline template."""
+    None) per ``[[endpoints]]`` entry, ``endpoint_limits`` (when any entry has some) one
+    table of ``rpm``/``tpm``/``concurrency`` (or None) per entry, and ``template`` an inline
+    template."""
     path: str
     sha256: str
 
@@ -167,10 +176,14 @@ def _read_endpoints(path: str, value: Any, options: dict[str, Any], unknown: Any
         raise ConfigError(f"job file {path}: 'endpoints' must be tables ([[endpoints]])")
     urls: list[str] = []
     envs: list[str | None] = []
+    limits: list[dict[str, Any] | None] = []
     for entry in value:
-        for key in entry:
+        own: dict[str, Any] = {}
+        for key, sub in entry.items():
             if key not in _ENDPOINT_KEYS:
                 raise unknown("endpoints", key, _ENDPOINT_KEYS)
+            if key in _ENDPOINT_LIMITS:
+                _put(path, f"endpoints.{key}", _ENDPOINT_LIMITS[key], sub, own)
         url, env = entry.get("base_url"), entry.get("api_key_env")
         if not isinstance(url, str):
             raise ConfigError(f"job file {path}: each [[endpoints]] needs a base_url string")
@@ -178,8 +191,11 @@ def _read_endpoints(path: str, value: Any, options: dict[str, Any], unknown: Any
             raise ConfigError(f"job file {path}: endpoints.api_key_env must be a string")
         urls.append(url)
         envs.append(env)
+        limits.append(own or None)
     options["base_url"] = urls
     options["endpoint_key_envs"] = envs
+    if any(limits):
+        options["endpoint_limits"] = limits
 
 
 def _put(path: str, name: str, key: _Key, value: Any, options: dict[str, Any]) -> None:
@@ -253,10 +269,13 @@ def render_job_file(options: Mapping[str, Any]) -> str:
             out.extend(body)
     urls = options.get("base_url") or []
     envs = options.get("endpoint_key_envs") or [None] * len(urls)
-    for url, env in zip(urls, envs, strict=True):
+    limits = options.get("endpoint_limits") or [None] * len(urls)
+    for url, env, own in zip(urls, envs, limits, strict=True):
         out.extend(["", "[[endpoints]]", f"base_url = {_toml_value(url)}"])
         if env is not None:
             out.append(f"api_key_env = {_toml_value(env)}")
+        set_here = {k: v for k, v in (own or {}).items() if v is not None}
+        out.extend(f"{k} = {_toml_value(set_here[k])}" for k in _ENDPOINT_LIMITS if k in set_here)
     template = options.get("template")
     if template:
         out.extend(["", "[template]"])

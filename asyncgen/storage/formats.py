@@ -57,7 +57,10 @@ class Remote:
     read as a stream through fsspec. ``str()`` is the URL without credentials or query: it
     is what records, errors and the manifest name."""
 
-    def __init__(self, url: str) -> None:
+    @staticmethod
+    def filesystem(url: str) -> tuple[Any, str]:
+        """fsspec's filesystem for ``url`` and the path in it; ConfigError without fsspec
+        (or the filesystem's own package, such as s3fs for ``s3://``)."""
         try:
             import fsspec
         except ImportError:
@@ -65,17 +68,28 @@ class Remote:
                 f"input {redact_url(url)} is a URL: remote inputs need fsspec, "
                 "pip install 'asyncgen[remote]'"
             ) from None
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+        except ImportError as exc:  # fsspec names the package the protocol needs
+            raise ConfigError(f"input {redact_url(url)}: {exc}") from None
+        except Exception as exc:  # an unknown protocol, a malformed URL
+            raise ConfigError(f"input {redact_url(url)}: {type(exc).__name__}: {exc}") from None
+        return fs, path
+
+    def __init__(self, url: str) -> None:
+        fs, path = self.filesystem(url)
         self.url = url
         self.name = urllib.parse.urlsplit(url).path.rstrip("/").rpartition("/")[2]
         try:
-            fs, path = fsspec.core.url_to_fs(url)
             info = fs.info(path)
         except FileNotFoundError:
             raise ConfigError(f"input not found: {self}") from None
         except Exception as exc:  # each filesystem has its own errors
             raise ConfigError(f"cannot read input {self}: {type(exc).__name__}: {exc}") from None
         if info.get("type") == "directory":
-            raise ConfigError(f"input {self} is a remote directory; name its files")
+            raise ConfigError(
+                f"input {self} is a remote directory; end it with / to read its files"
+            )
         self._fs, self._path = fs, path
         self._size = int(info.get("size") or 0)
 

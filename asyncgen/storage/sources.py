@@ -14,6 +14,7 @@ from pathlib import Path
 
 from asyncgen.core.errors import ConfigError, InputError
 from asyncgen.core.records import Line
+from asyncgen.core.redact import redact_url
 from asyncgen.storage.formats import CorruptFile, Decoder, Input, Remote, open_decoder
 
 __all__ = ["Input", "ShardReader", "count_lines", "expand_inputs", "shard_name"]
@@ -61,7 +62,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[Input]:
 
     for pattern in patterns:
         if "://" in pattern:
-            add(Remote(pattern))
+            for remote in _remote_inputs(pattern):
+                add(remote)
             continue
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern, recursive=True))
@@ -108,6 +110,42 @@ def expand_inputs(patterns: Sequence[str]) -> list[Input]:
                 "result ids would collide, rename one"
             )
     return paths
+
+
+def _remote_inputs(url: str) -> list[Remote]:
+    """A URL's inputs: the file it names; or, on an object store or any filesystem that
+    lists (not HTTP, whose "directories" are web pages), the sorted files a glob pattern
+    matches or the supported files in a directory (``s3://bucket/personas/``)."""
+    scheme = url.partition("://")[0].lower()
+    if scheme in ("http", "https") or not (glob.has_magic(url) or url.endswith("/")):
+        return [Remote(url)]
+    fs, path = Remote.filesystem(url)
+    shown = redact_url(url)
+    try:
+        if glob.has_magic(path):
+            matched = fs.glob(path, detail=True)
+            found = sorted(p for p, info in matched.items() if info.get("type") == "file")
+            if not found:
+                raise ConfigError(f"no input file matches {shown!r}")
+        else:
+            listed = fs.ls(path.rstrip("/"), detail=True)
+            found = sorted(
+                info["name"]
+                for info in listed
+                if info.get("type") == "file" and _supported(info["name"].rpartition("/")[2])
+            )
+            if not found:
+                raise ConfigError(
+                    f"input directory {shown} holds no input file "
+                    "(.jsonl or .ndjson, plain or .zst/.gz/.xz, or .parquet)"
+                )
+    except FileNotFoundError:
+        raise ConfigError(f"input not found: {shown}") from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # each filesystem has its own errors
+        raise ConfigError(f"cannot list input {shown}: {type(exc).__name__}: {exc}") from None
+    return [Remote(fs.unstrip_protocol(p)) for p in found]
 
 
 class ShardReader:
