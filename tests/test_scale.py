@@ -38,6 +38,26 @@ def test_budgets_are_divided_so_that_their_sum_stays_within_the_job() -> None:
     assert divide(256, None, 1e6, 0).tpm == 1e6
 
 
+def test_an_endpoints_own_limits_are_divided_too() -> None:
+    from asyncgen.core.limits import EndpointLimits
+
+    share = divide(100, None, None, 2, [EndpointLimits(rpm=600.0, concurrency=9), None])
+    assert share.endpoints == (EndpointLimits(rpm=300.0, concurrency=4), None)
+    flow = FlowControl(["a", "b"], concurrency=50, limits=list(share.endpoints), now=0.0)
+    assert flow.endpoint_stats(0.0)[0].window <= 4
+
+    def granted_to_a(flow: FlowControl, now: float) -> int:
+        leases = [flow.try_acquire(now, 1, 1) for _ in range(40)]
+        return sum(getattr(lease, "endpoint", None) == 0 for lease in leases)
+
+    halves = divide(100, None, None, 2, [EndpointLimits(rpm=600.0), None])
+    flow = FlowControl(["a", "b"], concurrency=50, limits=list(halves.endpoints), now=0.0)
+    assert granted_to_a(flow, 0.0) == 2  # half a second of 300 a minute holds 2.5
+    whole = divide(100, None, None, 1, [EndpointLimits(rpm=600.0), None])
+    flow.set_share(concurrency=100, rpm=None, tpm=None, now=10.0, limits=list(whole.endpoints))
+    assert granted_to_a(flow, 10.0) == 5  # the worker alone: 600 a minute
+
+
 def test_a_new_share_changes_the_pace_and_the_window_cap_without_a_burst() -> None:
     flow = FlowControl(["a"], concurrency=64, rpm=600.0, now=0.0)
     granted = 0
@@ -489,6 +509,7 @@ def test_the_api_key_reaches_the_workers_but_no_output_log_or_command_line(
         server.communicate(timeout=10)
     assert cmdlines and secret.encode() not in cmdlines
     assert secret not in out + err
+    assert f"/{N:,} items" in err  # the progress line's total, counted once for the job
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
             data = path.read_bytes()

@@ -105,10 +105,7 @@ class FlowControl:
         self.cap = float(concurrency)
         self.floor = float(min_concurrency)
         owns = list(limits) or [None] * len(urls)
-        self._own_caps = [
-            math.inf if own is None or own.concurrency is None else float(own.concurrency)
-            for own in owns
-        ]
+        self._own_caps = [_own_cap(own) for own in owns]
         self._endpoints = [
             self._endpoint(url, own, now) for url, own in zip(urls, owns, strict=True)
         ]
@@ -120,17 +117,31 @@ class FlowControl:
         tokens ran out."""
 
     def set_share(
-        self, *, concurrency: int, rpm: float | None, tpm: float | None, now: float
+        self,
+        *,
+        concurrency: int,
+        rpm: float | None,
+        tpm: float | None,
+        now: float,
+        limits: Sequence[EndpointLimits | None] = (),
     ) -> None:
-        """Change the job-wide limits kept here: a worker's share of a job's budgets, which
-        grows as other workers finish. Windows above the new cap come down to it; a bucket
-        keeps what was charged to it, so a change never grants a burst."""
+        """Change the job-wide limits kept here, and (``limits``, one per endpoint) the
+        endpoints' own: a worker's share of a job's budgets, which grows as other workers
+        finish. Windows above the new caps come down to them; a bucket keeps what was
+        charged to it, so a change never grants a burst."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if limits and len(limits) != len(self._endpoints):
+            raise ValueError("limits, when given, are one per endpoint")
         self.cap = float(concurrency)
         self.floor = min(self.floor, self.cap)
-        for ep, own in zip(self._endpoints, self._own_caps, strict=True):
-            ep.cap = min(self.cap, own)  # an endpoint's own concurrency stays its ceiling
+        for index, own in enumerate(limits):
+            ep = self._endpoints[index]
+            self._own_caps[index] = _own_cap(own)
+            ep.own_rpm = _rebucket(ep.own_rpm, own.rpm if own else None, now)
+            ep.own_tpm = _rebucket(ep.own_tpm, own.tpm if own else None, now)
+        for ep, own_cap in zip(self._endpoints, self._own_caps, strict=True):
+            ep.cap = min(self.cap, own_cap)  # an endpoint's own concurrency stays its ceiling
             ep.window = min(ep.window, ep.cap)
         self._rpm = _rebucket(self._rpm, rpm, now)
         self._tpm = _rebucket(self._tpm, tpm, now)
@@ -539,3 +550,7 @@ def _rebucket(bucket: RateBucket | None, per_minute: float | None, now: float) -
         return RateBucket(per_minute, now=now)
     bucket.set_rate(per_minute, now=now)
     return bucket
+
+
+def _own_cap(own: EndpointLimits | None) -> float:
+    return math.inf if own is None or own.concurrency is None else float(own.concurrency)

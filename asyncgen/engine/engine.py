@@ -84,14 +84,17 @@ class Engine:
         metrics: Metrics | None = None,
         flow: FlowControl | None = None,
         lines: tuple[int, int | None] = (1, None),
+        count_input: bool = True,
     ) -> None:
         """``flow``: flow control kept across engines run one after another (a worker's
         partitions: what it learned of the endpoints, and its share of the job's budgets, go
         on); its endpoints must be the transports'. ``lines``: read only this range (first
-        and last line, None: to the end) of each input."""
+        and last line, None: to the end) of each input. ``count_input``: count the input's
+        records beside the job, for ``Statistics.total_items``."""
         config.validate()
         self._flow = flow
         self._lines = lines
+        self._count_input = count_input
         self._metrics = metrics
         """Read at each scrape while the engine is open (see :mod:`asyncgen.engine.metrics`)."""
         self.config = config
@@ -136,7 +139,7 @@ class Engine:
             raise ConfigError(f"template {template.name!r} is for embeddings, which do not stream")
         # In a thread: a remote input (fsspec) is looked up over the network.
         self._paths = await asyncio.to_thread(expand_inputs, cfg.inputs)
-        if self._redo is None:  # (a retry run's items are its failures, not the input)
+        if self._redo is None and self._count_input:  # (a retry's items are its failures)
             self._record_count = RecordCount(self._paths)
         store = await asyncio.to_thread(
             Store.open,

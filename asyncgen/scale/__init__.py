@@ -65,4 +65,5 @@ def workers_job(
         spawn=spawner(config, api_key=api_key, redo=redo),
         partition_lines=config.partition_lines,
         say=say,
+        counted=redo is None,
     )

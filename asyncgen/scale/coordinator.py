@@ -28,6 +28,7 @@ from asyncgen.engine.stats import Counts, ErrorCount, Statistics
 from asyncgen.job.config import JobConfig, job_record, job_spec
 from asyncgen.scale.budget import Share, divide
 from asyncgen.scale.worker import PartResult
+from asyncgen.storage.count import RecordCount
 from asyncgen.storage.files import DirLock
 from asyncgen.storage.formats import Remote
 from asyncgen.storage.partitions import Partition, open_partitioned, plan_partitions
@@ -90,7 +91,10 @@ class Coordinator:
         partition_lines: int | None = None,
         say: Callable[[str], None] = lambda _: None,
         clock: Clock | None = None,
+        counted: bool = True,
     ) -> None:
+        """``counted``: count the input's records beside the job, for the progress line's
+        total (a retry run's items are its failures, so it says False)."""
         config.validate()
         if workers < 1:
             raise ValueError("at least one worker is needed")
@@ -117,6 +121,8 @@ class Coordinator:
         self._deaths: deque[float] = deque()
         self._stopping = False
         self._started: float | None = None
+        self._counted = counted
+        self._count = RecordCount(())
 
     async def __aenter__(self) -> Coordinator:
         cfg = self.config
@@ -144,9 +150,13 @@ class Coordinator:
             raise
         self._work = [(p, _source(i)) for p, i in work]
         self._queue = deque(self._work)
+        if self._counted:
+            # This run's partitions cover its inputs whole: their records are the total.
+            self._count = RecordCount(inputs)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._count.close()
         if self._lock is not None:
             self._lock.release()
 
@@ -163,6 +173,7 @@ class Coordinator:
     async def run(self) -> Statistics:
         """Run every partition to its end (or until :meth:`stop`); the job's statistics."""
         self._started = self._clock.monotonic()
+        self._count.start()
         slots = min(self.workers, len(self._work))
         try:
             async with asyncio.TaskGroup() as tg:
@@ -203,7 +214,7 @@ class Coordinator:
 
     def _share(self, busy: int) -> Share:
         cfg = self.config
-        return divide(cfg.concurrency, cfg.rpm, cfg.tpm, busy)
+        return divide(cfg.concurrency, cfg.rpm, cfg.tpm, busy, cfg.endpoint_limits)
 
     def _reshare(self) -> None:
         share = self._share(len(self._live))
@@ -321,8 +332,10 @@ class Coordinator:
         parts = len(self._work)
         complete = bool(self._work) and len(self._finished) == parts and not self._stopping
         fraction = 1.0 if not parts else min(1.0, (len(self._finished) + running) / parts)
+        records = self._count.total
         return combine(
             [*self._done, *(s for _, s in current)],
+            total_items=None if records is None else records * self.config.samples,
             endpoints=[*self._retired, *endpoints.values()],
             elapsed=0.0 if self._started is None else self._clock.monotonic() - self._started,
             totals=list(totals.values()),
@@ -358,6 +371,7 @@ def combine(
     finished: bool,
     stopped: bool,
     waiting: bool = False,
+    total_items: int | None = None,
 ) -> Statistics:
     """One job's statistics from its partitions' runs: counts summed, each worker's
     ``endpoints`` merged by URL, errors by endpoint, code and status."""
@@ -388,6 +402,7 @@ def combine(
         stopped=stopped,
         endpoints=list(merged.values()),
         waiting_for_endpoint=waiting,
+        total_items=total_items,
         errors=[ErrorCount(u, c, st, n) for (u, c, st), n in errors.items()],
         pauses=pauses,
     )

@@ -76,10 +76,15 @@ class PartitionWorker:
         self._flow = FlowControl(
             [t.base_url for t in self._transports],
             concurrency=share.concurrency,
-            min_concurrency=min(cfg.min_concurrency, share.concurrency),
+            min_concurrency=min(
+                cfg.min_concurrency,
+                share.concurrency,
+                *(own.concurrency for own in share.endpoints if own and own.concurrency),
+            ),
             rpm=share.rpm,
             tpm=share.tpm,
             now=self._clock.monotonic(),
+            limits=share.endpoints,
         )
         return self
 
@@ -105,6 +110,7 @@ class PartitionWorker:
             redo=self._redo,
             flow=self._flow,
             lines=(part.first, part.last),
+            count_input=False,  # the coordinator counts the job's input once
         )
         try:
             async with engine:
@@ -127,6 +133,7 @@ class PartitionWorker:
                 rpm=share.rpm,
                 tpm=share.tpm,
                 now=self._clock.monotonic(),
+                limits=share.endpoints,
             )
 
     def statistics(self) -> tuple[str, Statistics] | None:
