@@ -255,6 +255,7 @@ def test_killed_worker_processes_are_replaced_and_every_item_lands_once(tmp_path
             env=clean_env(),
         )
         assert f"succeeded      {N:,}" in status.stdout, status.stdout
+        assert "partitions     12 (run by workers; 0 held now)" in status.stdout
 
 
 @pytest.mark.slow

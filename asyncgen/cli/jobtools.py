@@ -164,6 +164,11 @@ def _status(args: argparse.Namespace) -> Exit:
             if s.no_usage
             else ""
         ),
+        *(
+            [f"  partitions     {s.partitions:,} (run by workers; {s.partitions_running} held now)"]
+            if s.partitions
+            else []
+        ),
         f"  first attempt  {_when(s.first_started)}",
         f"  last outcome   {_when(s.last_finished)}",
     ]

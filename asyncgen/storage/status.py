@@ -14,6 +14,7 @@ import msgspec
 from asyncgen.core.errors import OutputError
 from asyncgen.storage.files import is_locked
 from asyncgen.storage.manifest import MANIFEST_NAME, read_manifest
+from asyncgen.storage.partitions import part_dirs
 from asyncgen.storage.shards import iter_lines
 from asyncgen.storage.view import add_tokens, failure_code, iter_results, last_failures, shards
 
@@ -55,6 +56,10 @@ class JobStatus(msgspec.Struct, kw_only=True):
     no_usage: int = 0
     """Successes whose server reported no token counts (or only some): their tokens are
     unknown, so they are left out of the totals and the cost, not priced at zero."""
+    partitions: int = 0
+    """Of a job run by workers (``--workers``): its partitions (0: a one-process job)."""
+    partitions_running: int = 0
+    """Partitions a worker holds now."""
     failed_by_code: dict[str, dict[str, int]] = {}
     """Standing failures by reason, then by the code the record gives (the server's own,
     ``invalid_request_error`` say, where it sent one)."""
@@ -134,7 +139,10 @@ def status(
         batched = sum(b * p * batch_rate for b, p in zip(batch, prices, strict=True))
         cost = (online + batched) / 1e6
     busy = active.seconds()
+    parts = part_dirs(root)
     return JobStatus(
+        partitions=len(parts),
+        partitions_running=sum(map(is_locked, parts)),
         output=str(root),
         running=is_locked(root),
         asyncgen=manifest.asyncgen,
