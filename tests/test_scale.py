@@ -625,3 +625,39 @@ async def test_a_crash_loop_stops_the_job(tmp_path: Path) -> None:
 
     with pytest.raises(AsyncgenError, match="died 11 times"):
         await _coordinate(tmp_path, {"p000001": ["die"] * 20}, workers=1)
+
+
+@pytest.mark.slow
+async def test_ray_workers_stopped_at_once_leave_a_job_that_resumes_exactly(
+    tmp_path: Path, ray_cluster: Any
+) -> None:
+    from asyncgen.job.config import JobConfig
+    from asyncgen.scale import workers_job
+
+    with mock_process("--latency", "0.05", "--seed", "2") as url:
+        args = _job(tmp_path, url)
+        config = JobConfig(
+            inputs=[args[1]],
+            output=str(tmp_path / "out"),
+            prompt="math",
+            model="mock-model",
+            base_url=url,
+            concurrency=32,
+            workers=2,
+            ray="auto",
+        )
+        async with workers_job(config) as job:
+            run = asyncio.create_task(job.run())
+            for _ in range(600):  # until some of the job is done (60 s at most)
+                if run.done() or await asyncio.to_thread(server_requests, url) >= 300:
+                    break
+                await asyncio.sleep(0.1)
+            job.stop(now=True)  # as a second Ctrl-C: the running calls are cancelled
+            stats = await run
+        assert not stats.finished and stats.stopped
+        done = read_output(tmp_path / "out")["results"]
+        assert 0 < len(done) < N and len({r["custom_id"] for r in done}) == len(done)
+        async with workers_job(config) as again:
+            stats = await again.run()
+        assert stats.finished
+        assert len(assert_exactly_once(tmp_path / "out", _expected())["results"]) == N

@@ -139,6 +139,8 @@ class RayWorker:
         self._running = self._actor.run_partition.remote(part, source)
         try:
             return await self._running  # type: ignore[no-any-return]
+        except ray.exceptions.TaskCancelledError:
+            return PartResult(part.name)  # stopped at once (a second Ctrl-C): not finished
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause
             if isinstance(cause, AsyncgenError):
