@@ -90,6 +90,16 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
         "stream has begun; the wait for its first byte (a queue) is bounded by --timeout "
         "(default: %(default)s)",
     )
+    g.add_argument(
+        "--embed-batch",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="embedding templates: send K texts per /embeddings request ('input' as a list; "
+        "OpenAI takes up to 2048 per request and 300 000 tokens in all, vLLM as many as fit "
+        "its batch); each text still gets its own record and id, a failed request is retried "
+        "as a whole, and texts a reply leaves out are sent again (default: %(default)s)",
+    )
     add_api_key_env(g)
     g = p.add_argument_group("limits and retries")
     g.add_argument(
@@ -239,6 +249,7 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
         min_concurrency=min(args.min_concurrency, args.concurrency),
         stream=args.stream,
         idle_timeout=args.idle_timeout,
+        embed_batch=args.embed_batch,
         rpm=args.rpm,
         tpm=args.tpm,
         endpoint_limits=[

@@ -198,7 +198,9 @@ class _Choice(msgspec.Struct, gc=False):
 
 class _Embedding(msgspec.Struct, gc=False):
     embedding: list[float] | str | None = None
-    index: int = 0
+    index: int | None = None
+    """Which of the request's inputs the vector is for (its position in ``data`` when the
+    server leaves it out)."""
 
 
 class Completion(msgspec.Struct, gc=False):

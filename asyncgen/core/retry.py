@@ -75,9 +75,10 @@ _NO_MODEL = re.compile(
 )
 
 
-def interpret(status: int, body: bytes, *, embeddings: bool = False) -> Outcome:
+def interpret(status: int, body: bytes, *, embeddings: int = 0) -> Outcome:
     """Classify an HTTP response to a completion request (``embeddings``: to an embeddings
-    request, whose good reply holds one vector in ``data`` instead of choices)."""
+    request of that many inputs, whose good reply holds vectors in ``data`` instead of
+    choices)."""
     if status == 200:
         try:
             completion = _completion_decoder.decode(body)
@@ -88,7 +89,7 @@ def interpret(status: int, body: bytes, *, embeddings: bool = False) -> Outcome:
             )
         if not completion.choices:
             if embeddings and completion.data:
-                return _embedding(completion)
+                return _embedding(completion, embeddings)
             return Outcome(None, ErrorInfo("malformed_response", "200 with no choices", 200), True)
         return Outcome(completion, None, False)
     error = _error_info(status, body)
@@ -97,15 +98,26 @@ def interpret(status: int, body: bytes, *, embeddings: bool = False) -> Outcome:
     return Outcome(None, error, retryable, stop)
 
 
-def _embedding(completion: Completion) -> Outcome:
-    """An embeddings reply holds one vector that is a vector (one text per request)."""
-    if len(completion.data) != 1:
-        error = ErrorInfo(
-            "malformed_response", f"{len(completion.data)} vectors for one input", 200
-        )
-        return Outcome(None, error, True)
+def _embedding(completion: Completion, inputs: int) -> Outcome:
+    """An embeddings reply to ``inputs`` texts: each vector a vector, each for a different
+    input (by ``index``, else by position). A reply that leaves inputs out is good for the
+    ones it has: the sender sends the others again."""
+    data = completion.data
+    malformed: str | None = None
+    if len(data) > inputs:
+        malformed = f"{len(data)} vectors for {inputs} inputs"
+    elif inputs == 1:
+        if data[0].index not in (None, 0):
+            malformed = f"a vector for input {data[0].index} of one"
+    else:
+        seen = {i if e.index is None else e.index for i, e in enumerate(data)}
+        if len(seen) < len(data) or not seen <= set(range(inputs)):
+            malformed = f"vectors for inputs {sorted(seen)} do not match {inputs} inputs"
+    if malformed is not None:
+        return Outcome(None, ErrorInfo("malformed_response", malformed, 200), True)
     try:
-        vector_bytes(completion.data[0].embedding)
+        for entry in data:
+            vector_bytes(entry.embedding)
     except EmbeddingError as exc:
         return Outcome(None, ErrorInfo("malformed_response", str(exc), 200), True)
     return Outcome(completion, None, False)

@@ -104,9 +104,12 @@ class Attempter:
         """Endpoints out for good, by index, and why: they refused the key or do not serve
         the model, while other endpoints may (their probes never re-admit them)."""
 
-    async def attempt(self, item: WorkItem, body: bytes, lease: Lease) -> AttemptResult:
+    async def attempt(
+        self, item: WorkItem, body: bytes, lease: Lease, inputs: int = 1
+    ) -> AttemptResult:
         """One HTTP attempt: its outcome, what it says about the endpoint, and (streaming)
-        the seconds to its first token. Raises ConfigError for a job-level answer."""
+        the seconds to its first token. Raises ConfigError for a job-level answer.
+        ``inputs``: the texts an embeddings request carries."""
         transport = self._transports[lease.endpoint]
         ttft: float | None = None
         headers: Mapping[str, str] = {}
@@ -133,7 +136,9 @@ class Attempter:
                     self.deadlines.pop(task, None)  # the sweep may have taken it
                     self.expired.discard(task)
                 status, headers = resp.status, resp.headers
-                outcome = interpret(resp.status, resp.body, embeddings=item.url == "/embeddings")
+                outcome = interpret(
+                    resp.status, resp.body, embeddings=inputs if item.url == "/embeddings" else 0
+                )
         except TimeoutError as exc:
             message = str(exc) or f"no complete response within {self._timeout:g}s"
             return Outcome(None, ErrorInfo("timeout", message), True), _TIMEOUT, None

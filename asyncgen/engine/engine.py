@@ -137,6 +137,11 @@ class Engine:
         template = self._template = cfg.load_template()
         if template is not None and template.endpoint == "embeddings" and cfg.stream:
             raise ConfigError(f"template {template.name!r} is for embeddings, which do not stream")
+        if cfg.embed_batch > 1 and (template is None or template.endpoint != "embeddings"):
+            raise ConfigError(
+                "embed batch (several texts per request) needs a template with "
+                'endpoint = "embeddings"'
+            )
         # In a thread: a remote input (fsspec) is looked up over the network.
         self._paths = await asyncio.to_thread(expand_inputs, cfg.inputs)
         if self._redo is None and self._count_input:  # (a retry's items are its failures)
@@ -217,6 +222,7 @@ class Engine:
             committer=committer,
             counts=counts,
             lines=self._lines,
+            group=cfg.embed_batch,
         )
         if self._stop_requested.is_set():
             intake.stop()

@@ -2,7 +2,10 @@
 in the ledger, wait at the gate, and spawn each item's task.
 
 An item is claimed only as it is taken, so whatever is read ahead and dropped on a stop
-leaves nothing behind; a claim that never became a task is released.
+leaves nothing behind; a claim that never became a task is released. With ``group`` above 1
+(``--embed-batch``), items are gathered that many at a time into one embeddings request
+(:func:`~asyncgen.job.items.group_item`), across lines and shards, the last group when the
+input ends; a gathered group not yet sent when the job stops has its claims released.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from asyncgen.engine.commit import Committer
 from asyncgen.engine.gate import Gate
 from asyncgen.engine.sender import UNUSED, Sender
 from asyncgen.engine.stats import Counts
-from asyncgen.job.items import Expander
+from asyncgen.job.items import Expander, group_item
 from asyncgen.storage.sources import Input, ShardReader
 
 __all__ = ["Intake"]
@@ -44,6 +47,7 @@ class Intake:
         committer: Committer,
         counts: Counts,
         lines: tuple[int, int | None] = (1, None),
+        group: int = 1,
     ) -> None:
         """``lines``: the first and last line (None: to the end) of each shard to read: a
         partition's range, when several workers share the job."""
@@ -69,6 +73,9 @@ class Intake:
         """The wait for a lease, when the gate has none at once."""
         self.read_all = False
         """Every line of every shard was taken."""
+        self._group_size = group
+        self._group: list[WorkItem] | None = [] if group > 1 else None
+        """Items claimed and gathered for the next group request (None: one item a request)."""
 
     def stop(self) -> None:
         """Take no more input (a wait for the next item's lease ends now); what was taken
@@ -92,6 +99,18 @@ class Intake:
 
     async def run(self, senders: asyncio.TaskGroup) -> None:
         """Take every shard's lines, spawning items' tasks into ``senders``."""
+        try:
+            done = await self._shards(senders)
+            if done and (not self._group or await self._spawn_group(senders)):
+                self.read_all = True
+        finally:
+            if self._group:  # stopped: what was gathered is sent by the next run
+                for item in self._group:
+                    self._ledger.release(item.custom_id)
+                self._group.clear()
+
+    async def _shards(self, senders: asyncio.TaskGroup) -> bool:
+        """Take every shard's lines; False if the job was stopped meanwhile."""
         redo = self._redo
         template = self._template
         for path in self._paths:
@@ -110,11 +129,11 @@ class Intake:
                     else None
                 )
             if not await self._shard(senders, reader, done, None if redo is None else last):
-                return
+                return False
             self._done += reader.size
             self._shards_done += 1
             self._reader = None
-        self.read_all = True
+        return True
 
     async def _shard(
         self,
@@ -190,6 +209,7 @@ class Intake:
         ledger = self._ledger
         redo = self._redo
         counts = self._counts
+        group = self._group
         counts.lines_read += 1
         try:
             items = self._expander.expand(line)
@@ -222,13 +242,27 @@ class Intake:
                     ErrorInfo("duplicate_custom_id", message),
                     line.raw,
                 )
-            elif not await self._spawn(senders, item):
-                return False
+            elif group is None:
+                if not await self._spawn(senders, item):
+                    return False
+            else:
+                group.append(item)
+                if len(group) >= self._group_size and not await self._spawn_group(senders):
+                    return False
         return True
 
-    async def _spawn(self, senders: asyncio.TaskGroup, item: WorkItem) -> bool:
-        """Wait at the gate, then start the item's task; False (and the claim released) if
-        the job was stopped meanwhile."""
+    async def _spawn_group(self, senders: asyncio.TaskGroup) -> bool:
+        """Send the gathered items as one request (see :meth:`_spawn`)."""
+        assert self._group
+        members = self._group[:]
+        self._group.clear()
+        return await self._spawn(senders, group_item(members), members)
+
+    async def _spawn(
+        self, senders: asyncio.TaskGroup, item: WorkItem, members: list[WorkItem] | None = None
+    ) -> bool:
+        """Wait at the gate, then start the item's task (the group's, for ``members``);
+        False (and the claims released) if the job was stopped meanwhile."""
         gate = self._gate
         await gate.acquire_slot()
         try:
@@ -237,17 +271,24 @@ class Intake:
                 lease = await self._wait_for_lease(item)
         except BaseException:
             gate.release_slot()
-            self._ledger.release(item.custom_id)
+            self._release(item, members)
             raise
         if lease is None or self.stopping:
             if lease is not None:
                 gate.release(lease, UNUSED)
             gate.release_slot()
-            self._ledger.release(item.custom_id)
+            self._release(item, members)
             return False
         sender = self._sender
-        sender.tasks.add(senders.create_task(sender.send(item, lease)))
+        if members is None:
+            sender.tasks.add(senders.create_task(sender.send(item, lease)))
+        else:
+            sender.tasks.add(senders.create_task(sender.send_group(item, members, lease)))
         return True
+
+    def _release(self, item: WorkItem, members: list[WorkItem] | None) -> None:
+        for each in (item,) if members is None else members:
+            self._ledger.release(each.custom_id)
 
     async def _wait_for_lease(self, item: WorkItem) -> Lease | None:
         """Wait at the gate for an item's first lease; None if :meth:`stop` ended the wait.

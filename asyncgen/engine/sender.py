@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -21,9 +22,12 @@ from asyncgen.engine.gate import Gate
 from asyncgen.engine.record import build_result, check_reply, output_spec, reply_text
 from asyncgen.engine.stats import Counts
 from asyncgen.job.config import JobConfig
+from asyncgen.job.items import group_item
 from asyncgen.job.prompts import Template
 
 __all__ = ["UNUSED", "Sender"]
+
+R = TypeVar("R")
 
 UNUSED = Feedback(Signal.CANCELLED)
 """The feedback for a lease given back without an attempt."""
@@ -36,6 +40,80 @@ def _plus(total: Usage | None, more: Usage | None) -> Usage | None:
     prompt = (more.prompt_tokens or 0) + (total.prompt_tokens or 0 if total else 0)
     completion = (more.completion_tokens or 0) + (total.completion_tokens or 0 if total else 0)
     return Usage(prompt, completion, prompt + completion)
+
+
+def _shares(usage: Usage | None, weights: list[int]) -> list[Usage | None]:
+    """A group's prompt tokens split among its members in proportion to ``weights`` (their
+    estimated tokens), in whole tokens that add up to the reply's count."""
+    total = usage.prompt_tokens if usage is not None else None
+    if total is None:
+        return [None] * len(weights)
+    whole = sum(weights) or 1
+    shares = [total * w // whole for w in weights]
+    shares[-1] += total - sum(shares)
+    return [Usage(n, None, n) for n in shares]
+
+
+class _Group:
+    """The records of one attempt of a group: :meth:`records` is the ``record`` callback of
+    :meth:`Sender._attempts`; members the reply left out stay in :attr:`missing`."""
+
+    def __init__(self, members: list[WorkItem], record: Callable[..., Result]) -> None:
+        self._members = members
+        self._record = record
+        self.missing: list[WorkItem] = []
+        self._last: tuple[Any, ...] = ()
+
+    def records(
+        self,
+        item: WorkItem,
+        error: ErrorInfo | None,
+        attempts: int,
+        latency: float,
+        started: float,
+        endpoint: int,
+        rejected: Usage | None,
+        completion: Completion | None = None,
+        ttft: float | None = None,
+        parsed: Any = None,
+        *,
+        rejected_text: str | None = None,
+    ) -> list[Result]:
+        record, members = self._record, self._members
+        self._last = (attempts, latency, started, endpoint)
+        if completion is None:
+            return [record(m, error, attempts, latency, started, endpoint, None) for m in members]
+        # interpret checked the indexes: each names a different member.
+        found = {i if e.index is None else e.index: e for i, e in enumerate(completion.data)}
+        present = [i for i in range(len(members)) if i in found]
+        self.missing = [m for i, m in enumerate(members) if i not in found]
+        usages = _shares(completion.usage, [members[i].est_prompt_tokens for i in present])
+        return [
+            record(
+                members[i],
+                None,
+                attempts,
+                latency,
+                started,
+                endpoint,
+                None,
+                Completion([], completion.model, usage, [found[i]]),
+            )
+            for i, usage in zip(present, usages, strict=True)
+        ]
+
+    def fail_missing(self, rounds: int) -> list[Result]:
+        """Failure records for the members every reply left out, ``rounds`` replies."""
+        attempts, latency, started, endpoint = self._last
+        error = ErrorInfo(
+            "malformed_response",
+            f"gave up after {rounds} replies to a request of several inputs: this input "
+            "got no vector (the reply left it out)",
+            200,
+        )
+        return [
+            self._record(m, error, attempts, latency, started, endpoint, None) for m in self.missing
+        ]
 
 
 class Sender:
@@ -108,7 +186,7 @@ class Sender:
         claim is released if it ends otherwise (a stop), so the next run sends it."""
         task = asyncio.current_task(self._loop)
         try:
-            result = await self._attempts(item, lease)
+            result = await self._attempts(item, lease, self._record)
             if result is None:  # stopped between two attempts
                 self._ledger.release(item.custom_id)
                 self.abandoned += 1
@@ -122,15 +200,71 @@ class Sender:
             self.abandoned += 1
             raise
         finally:
-            if self._parked and task in self._parked:
-                self._parked.discard(task)
-                self._gate.leave_parking()
-            else:
-                self._gate.release_slot()
-            self.tasks.discard(task)
+            self._leave(task)
 
-    async def _attempts(self, item: WorkItem, first_lease: Lease) -> Result | None:
-        """Attempts until a record; None when stopped before the next attempt."""
+    async def send_group(self, group: WorkItem, members: list[WorkItem], lease: Lease) -> None:
+        """A group's task (``--embed-batch``: several texts in one embeddings request, made
+        by :func:`~asyncgen.job.items.group_item`): attempts as one item's, then a record
+        for each member, buffered together. Members a reply left out are sent again as a
+        smaller group (at most ``max_attempts`` rounds); the claims of members without a
+        record are released if the task ends otherwise (a stop)."""
+        task = asyncio.current_task(self._loop)
+        pending = members
+        rounds = 0
+        try:
+            while True:
+                rounds += 1
+                batch = _Group(pending, self._record)
+                records = await self._attempts(group, lease, batch.records, len(pending))
+                if records is None:  # stopped between two attempts
+                    break
+                if batch.missing and rounds >= self._policy.max_attempts:
+                    records += batch.fail_missing(rounds)
+                    batch.missing = []
+                committer = self._committer
+                if not committer.space.is_set():
+                    await committer.space.wait()
+                for record in records:
+                    committer.put_nowait(record)
+                pending = batch.missing
+                if not pending:
+                    return
+                if self.stopping:
+                    break
+                group = group_item(pending)
+                try:
+                    lease = await self._next_lease(group, self._now() + self._deadline)
+                except TimeoutError:
+                    for record in batch.fail_missing(rounds):
+                        self._committer.put_nowait(record)
+                    return
+                self._counts.retries += 1
+            for member in pending:
+                self._ledger.release(member.custom_id)
+            self.abandoned += len(pending)
+        except BaseException:
+            for member in pending:
+                self._ledger.release(member.custom_id)
+            self.abandoned += len(pending)
+            raise
+        finally:
+            self._leave(task)
+
+    def _leave(self, task: asyncio.Task[None] | None) -> None:
+        """A task ends: its slot (or parking place) is given back."""
+        if self._parked and task in self._parked:
+            self._parked.discard(task)
+            self._gate.leave_parking()
+        else:
+            self._gate.release_slot()
+        self.tasks.discard(task)
+
+    async def _attempts(
+        self, item: WorkItem, first_lease: Lease, record: Callable[..., R], inputs: int = 1
+    ) -> R | None:
+        """Attempts until ``record`` makes the outcome's record(s) (called as
+        :meth:`_record`); None when stopped before the next attempt. ``inputs``: the texts
+        of an embeddings request."""
         gate = self._gate
         counts = self._counts
         body = self._encoder.encode(self._request_body(item))
@@ -157,7 +291,7 @@ class Sender:
                         f"{error.message}",
                         error.status,
                     )
-                    return self._record(
+                    return record(
                         item,
                         error,
                         attempt,
@@ -174,7 +308,7 @@ class Sender:
             counts.in_flight += 1
             feedback = UNUSED
             try:
-                outcome, feedback, ttft = await self._attempt(item, body, lease)
+                outcome, feedback, ttft = await self._attempt(item, body, lease, inputs)
             finally:
                 counts.in_flight -= 1
                 # The endpoint's failures (429s, outages) do not use up the item's attempts;
@@ -186,7 +320,7 @@ class Sender:
             if outcome.completion is not None:
                 checked = self._check_output(item, outcome.completion)
                 if checked.reason is None:
-                    return self._record(
+                    return record(
                         item,
                         None,
                         attempt,
@@ -231,7 +365,7 @@ class Sender:
                         f"gave up after {attempt} attempts in {elapsed:.1f}s: {error.message}",
                         error.status,
                     )
-                return self._record(
+                return record(
                     item,
                     error,
                     attempt,

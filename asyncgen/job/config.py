@@ -98,6 +98,9 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
     """Workers: split each input into ranges of this many lines (fixed when the job's plan is
     first written); by default an input is a partition, unless there are fewer than
     workers."""
+    embed_batch: Annotated[int, msgspec.Meta(ge=1, le=2048)] = 1
+    """Embedding templates: texts per ``/embeddings`` request (``input`` a list; OpenAI
+    takes up to 2 048 and 300 000 tokens in all); each text keeps its own record."""
     job_file: str | None = None
     """The TOML job file the settings came from (recorded in the manifest, not in the spec)."""
     job_file_sha256: str | None = None
@@ -119,6 +122,10 @@ class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
             (
                 self.min_concurrency <= self.concurrency,
                 "min concurrency must be between 1 and concurrency",
+            ),
+            (
+                self.embed_batch == 1 or self.backend == "online",
+                "embed batch (several texts per request) needs the online backend",
             ),
         ]
         for ok, message in checks:

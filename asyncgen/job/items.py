@@ -17,7 +17,7 @@ from asyncgen.core.records import Line, Source, WorkItem, bad_utf8
 from asyncgen.job.config import JobConfig
 from asyncgen.job.prompts import Template
 
-__all__ = ["BATCH_URLS", "Expander", "job_expander"]
+__all__ = ["BATCH_URLS", "Expander", "group_item", "job_expander"]
 
 BATCH_URLS = {
     "/v1/chat/completions": "/chat/completions",
@@ -53,6 +53,25 @@ def _estimate_prompt_tokens(body: dict[str, Any]) -> int:
 def _max_output(body: dict[str, Any]) -> int | None:
     out = body.get("max_completion_tokens") or body.get("max_tokens")
     return out if isinstance(out, int) and out > 0 else None
+
+
+def group_item(members: list[WorkItem]) -> WorkItem:
+    """One embeddings request for several items of one template (``--embed-batch``): the
+    first member's body with ``input`` the list of the members' texts, in their order, so
+    the reply's ``index`` names the member. Its id names the first member and the count;
+    only logs and errors see it (each member keeps its own id and record)."""
+    first = members[0]
+    body = {**first.body, "input": [m.body["input"] for m in members]}
+    return WorkItem(
+        f"{first.custom_id}+{len(members) - 1}",
+        first.url,
+        body,
+        first.source,
+        first.template,
+        est_prompt_tokens=sum(m.est_prompt_tokens for m in members),
+        max_output_tokens=first.max_output_tokens,
+        sampling=first.sampling,
+    )
 
 
 class Expander:

@@ -72,6 +72,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "max_invalid": _Key("max_invalid", "int"),
         "timeout": _Key("timeout", "number"),
         "idle_timeout": _Key("idle_timeout", "number"),
+        "embed_batch": _Key("embed_batch", "int"),
         "deadline": _Key("deadline", "number"),
         "drain_timeout": _Key("drain_timeout", "number"),
     },
