@@ -23,7 +23,7 @@ from asyncgen.mock.completions import BadRequest
 from asyncgen.mock.embeddings import embed_text, embeddings_reply, read_embed
 from asyncgen.mock.server import MockConfig, MockServer
 
-from .conftest import assert_exactly_once, read_output, write_shard
+from .conftest import assert_exactly_once, read_output, serve, write_shard
 
 FAST = {"backoff_base": 0.01, "backoff_cap": 0.05, "flush_interval": 0.05}
 
@@ -275,3 +275,126 @@ def test_stats_semantic_prints_the_similarity_table(
     report = json.loads(capsys.readouterr().out)
     assert report["semantic"]["nearest"]["p50"] > 0.99  # every text has nine equal ones
     assert report["text"]["records"] == 30
+
+
+def test_interpret_matches_several_vectors_to_their_inputs() -> None:
+    def reply(*entries: dict[str, Any]) -> bytes:
+        return msgspec.json.encode({"data": list(entries), "model": "e"})
+
+    def vec(index: int | None) -> dict[str, Any]:
+        entry: dict[str, Any] = {"embedding": [0.1, float(index or 0)]}
+        if index is not None:
+            entry["index"] = index
+        return entry
+
+    shuffled = interpret(200, reply(vec(2), vec(0), vec(1)), embeddings=3)
+    assert shuffled.completion is not None
+    assert [e.index for e in shuffled.completion.data] == [2, 0, 1]
+    # Without indexes, by position; a reply that leaves an input out is good for the rest.
+    assert interpret(200, reply(vec(None), vec(None)), embeddings=2).error is None
+    partial = interpret(200, reply(vec(0), vec(2)), embeddings=3)
+    assert partial.completion is not None and len(partial.completion.data) == 2
+    for entries, message in (
+        ((vec(0), vec(0)), "do not match 3 inputs"),
+        ((vec(0), vec(3)), "do not match 3 inputs"),
+        ((vec(0), vec(1), vec(2), vec(None)), "4 vectors for 3 inputs"),
+    ):
+        bad = interpret(200, reply(*entries), embeddings=3)
+        assert bad.error is not None and bad.error.code == "malformed_response"
+        assert message in bad.error.message and bad.retryable
+    one = interpret(200, reply(vec(1)), embeddings=1)
+    assert one.error is not None and "input 1 of one" in one.error.message
+
+
+async def test_batched_embedding_job_gives_each_text_its_own_vector(tmp_path: Path) -> None:
+    # Faults, and replies that leave a vector out: each text still gets its own vector
+    # (matched by index), exactly once, from about a sixteenth of the requests.
+    faults = {"fail_500": 0.05, "fail_429": 0.05, "retry_after": 0.01, "malformed": 0.05}
+    lines = [
+        {"persona": f"person {i} " + " ".join(f"w{i * 7 + k}" for k in range(6))}
+        for i in range(1000)
+    ]
+    inputs = [write_shard(tmp_path / "p.jsonl", lines)]
+    async with MockServer(MockConfig(seed=4, embed_partial=0.2, **faults)) as mock:  # type: ignore[arg-type]
+        config = embed_job(tmp_path, [mock.base_url], inputs, embed_batch=16)
+        async with Engine(config, rng=random.Random(5)) as engine:
+            stats = await engine.run()
+        served = mock.statistics()
+    assert stats.finished and stats.succeeded == 1000 and stats.failed == 0
+    assert 1000 / 16 < stats.requests < 1000 / 4 and served.requests == stats.requests
+    found = assert_exactly_once(tmp_path / "out", {f"p:{i}:emb:0" for i in range(1, 1001)})
+    for record in found["results"]:
+        vector = struct.unpack("<48f", base64.b64decode(record["embedding"]))
+        expected = embed_text(lines[record["source"]["line"] - 1]["persona"], 48)
+        assert all(abs(x - y) < 1e-6 for x, y in zip(vector, expected, strict=True))
+    # Each record's share of its request's prompt tokens; together what the server counted.
+    assert sum(r["usage"]["prompt_tokens"] for r in found["results"]) == served.prompt_tokens
+    assert all(r["usage"]["prompt_tokens"] > 0 for r in found["results"])
+
+
+async def test_texts_a_reply_leaves_out_are_sent_again_then_fail_alone(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    sizes: list[int] = []
+
+    async def first_only(request: web.Request) -> web.Response:
+        # A server that embeds only the first text of each request.
+        texts = (await request.json())["input"]
+        sizes.append(len(texts))
+        data = [{"index": 0, "embedding": [1.0, float(len(texts[0]))]}]
+        return web.json_response({"data": data, "model": "e", "usage": {"prompt_tokens": 5}})
+
+    app = web.Application()
+    app.router.add_post("/v1/embeddings", first_only)
+    inputs = [write_shard(tmp_path / "p.jsonl", [{"persona": f"text {i}"} for i in range(10)])]
+    async with serve(app) as url:
+        config = embed_job(
+            tmp_path, [url], inputs, embed_batch=4, max_attempts=3, check_endpoint=False
+        )
+        async with Engine(config) as engine:
+            stats = await engine.run()
+    # Lines 1-4: 4 texts, then the 3 left out, then 2, then line 4 is given up (3 rounds);
+    # 5-8 the same; 9-10: 2 texts, then line 10 alone.
+    assert sorted(sizes) == [1, 2, 2, 2, 3, 3, 4, 4]
+    assert stats.finished and stats.succeeded == 8 and stats.failed == 2
+    found = assert_exactly_once(tmp_path / "out", {f"p:{i}:emb:0" for i in range(1, 11)})
+    assert sorted(f["custom_id"] for f in found["failures"]) == ["p:4:emb:0", "p:8:emb:0"]
+    for failure in found["failures"]:
+        assert failure["error"]["code"] == "malformed_response"
+        assert "gave up after 3 replies" in failure["error"]["message"]
+    assert all(r["usage"]["prompt_tokens"] == 5 for r in found["results"])
+    # A text alone that gets no vector is retried like any item.
+    (tmp_path / "q").mkdir()
+    inputs = [write_shard(tmp_path / "q.jsonl", [{"persona": "x"}])]
+
+    async def nothing(request: web.Request) -> web.Response:
+        return web.json_response({"data": [], "model": "e"})
+
+    app = web.Application()
+    app.router.add_post("/v1/embeddings", nothing)
+    async with serve(app) as url:
+        config = embed_job(
+            tmp_path / "q", [url], inputs, embed_batch=4, max_attempts=2, check_endpoint=False
+        )
+        async with Engine(config) as engine:
+            stats = await engine.run()
+    assert stats.failed == 1
+    (failure,) = read_output(tmp_path / "q" / "out")["failures"]
+    assert "200 with no vectors" in failure["error"]["message"]
+
+
+async def test_embed_batch_needs_an_embeddings_template_and_the_online_backend(
+    tmp_path: Path,
+) -> None:
+    inputs = [write_shard(tmp_path / "p.jsonl", persona_lines(2))]
+    chat = embed_job(tmp_path, ["http://127.0.0.1:9/v1"], inputs, embed_batch=4)
+    chat = msgspec.structs.replace(chat, prompt="math")
+    with pytest.raises(ConfigError, match='endpoint = "embeddings"'):
+        async with Engine(chat):
+            pass
+    with pytest.raises(ConfigError, match="needs the online backend"):
+        embed_job(
+            tmp_path, ["http://127.0.0.1:9/v1"], inputs, embed_batch=4, backend="batch"
+        ).validate()
+    with pytest.raises(ConfigError, match="embed batch must be"):
+        embed_job(tmp_path, ["http://127.0.0.1:9/v1"], inputs, embed_batch=4096).validate()

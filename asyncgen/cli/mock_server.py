@@ -119,6 +119,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="probability of a 200 with an empty, truncated or non-JSON body",
     )
     add(
+        "--embed-partial",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability that a good reply to an embeddings request of several inputs "
+        "leaves out one input's vector",
+    )
+    add(
         "--rpm-limit",
         type=float,
         metavar="N",
@@ -257,6 +265,7 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
         hang=args.hang,
         hang_seconds=args.hang_seconds,
         malformed=args.malformed,
+        embed_partial=args.embed_partial,
         rpm_limit=args.rpm_limit,
         tpm_limit=args.tpm_limit,
         limit_burst=args.limit_burst,

@@ -88,8 +88,11 @@ def interpret(status: int, body: bytes, *, embeddings: int = 0) -> Outcome:
                 None, ErrorInfo("malformed_response", f"200 with {kind} body: {exc}", 200), True
             )
         if not completion.choices:
-            if embeddings and completion.data:
-                return _embedding(completion, embeddings)
+            if embeddings:
+                if completion.data:
+                    return _embedding(completion, embeddings)
+                error = ErrorInfo("malformed_response", "200 with no vectors", 200)
+                return Outcome(None, error, True)
             return Outcome(None, ErrorInfo("malformed_response", "200 with no choices", 200), True)
         return Outcome(completion, None, False)
     error = _error_info(status, body)

@@ -29,7 +29,7 @@ AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 
 # msgspec's words for a broken constraint, "Expected `int` >= 1 - at `$.samples`".
-_OUT_OF_RANGE = re.compile(r"Expected `\w+` (>=|>) (\S+) - at `\$\.(\w+)`")
+_OUT_OF_RANGE = re.compile(r"Expected `\w+` (>=|>|<=) (\S+) - at `\$\.(\w+)`")
 
 
 class JobConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -197,6 +197,8 @@ def _explained(cfg: JobConfig, exc: msgspec.ValidationError) -> str:
     op, bound, field = found.groups()
     if op == ">=":
         wanted = f"at least {bound}"
+    elif op == "<=":
+        wanted = f"at most {bound}"
     elif float(bound) == 0:
         wanted = "positive"
     else:

@@ -19,6 +19,7 @@ _PROBABILITIES = (
     "stream_cut",
     "stream_stall",
     "invalid_json",
+    "embed_partial",
     "batch_error",
 )
 _NON_NEGATIVE = (
@@ -96,6 +97,9 @@ class MockConfig(msgspec.Struct, kw_only=True):
     invalid_json: float = 0.0
     """Share of structured replies (``response_format`` JSON) that are invalid: cut short
     (``finish_reason`` "length") or missing a field."""
+    embed_partial: float = 0.0
+    """Share of embeddings requests of several inputs whose good reply leaves out one
+    input's vector (a gateway splitting a batch and losing a part)."""
 
     batch_delay: float = 0.0
     """Batch API: seconds from a batch's creation until a look at it finds it finished."""

@@ -93,11 +93,14 @@ def embed_text(text: str, dimensions: int = DEFAULT_DIMENSIONS) -> list[float]:
     return [x / norm for x in total]
 
 
-def embeddings_reply(ask: EmbedAsk) -> tuple[bytes, int]:
-    """The JSON reply to ``ask`` and the prompt tokens it counts (about 4 characters each)."""
+def embeddings_reply(ask: EmbedAsk, *, leave_out: int | None = None) -> tuple[bytes, int]:
+    """The JSON reply to ``ask`` and the prompt tokens it counts (about 4 characters each);
+    ``leave_out``: the index of an input whose vector the reply lacks (a fault)."""
     data: list[dict[str, Any]] = []
     tokens = 0
     for index, text in enumerate(ask.texts):
+        if index == leave_out:
+            continue
         vector = embed_text(text, ask.dimensions)
         tokens += len(text) // 4 + 1
         embedding: Any = (

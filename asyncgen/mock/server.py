@@ -279,7 +279,10 @@ class MockServer:
         except BadRequest as exc:
             refusal = openai_error(exc.status, str(exc), "invalid_request_error", exc.code)
             return str(exc.status), refusal
-        body, tokens = embeddings_reply(ask)
+        leave_out = None
+        if len(ask.texts) > 1 and self._rng.random() < cfg.embed_partial:
+            leave_out = self._rng.randrange(len(ask.texts))
+        body, tokens = embeddings_reply(ask, leave_out=leave_out)
         headers, refused = self._admit(tokens)
         if refused is not None:
             return "rate_limited", refused
