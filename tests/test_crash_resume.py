@@ -8,6 +8,7 @@ import contextlib
 import json
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from asyncgen.mock.embeddings import embed_text
 
 from .conftest import assert_exactly_once, clean_env, personas, read_output, write_shard
 from .s3_standin import put, s3_standin
@@ -99,6 +102,7 @@ def run_cli(
         "remote-gzip-and-parquet",
         "s3-zst-and-parquet",
         "embeddings",
+        "embeddings-batched",
     ],
 )
 def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str, mode: str) -> None:
@@ -115,10 +119,19 @@ def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str, m
             remote = mode.startswith("remote")  # file:// URLs, read through fsspec
             kill_and_resume(tmp_path, urls, extra, kinds=("jsonl.gz", "parquet"), remote=remote)
             return
-        if mode == "embeddings":
-            kill_and_resume(tmp_path, urls, [], prompt="embed")
+        if mode.startswith("embeddings"):
+            if mode == "embeddings-batched":
+                # 16 texts a request, from a server whose replies leave one out now and then.
+                partial = ["--embed-partial", "0.1", "--seed", "7"]
+                urls = [stack.enter_context(mock_process(*FAULTS, *partial))]
+                extra = ["--embed-batch", "16"]
+            kill_and_resume(tmp_path, urls, extra, prompt="embed")
             found = read_output(tmp_path / "out")
             assert all(len(base64.b64decode(r["embedding"])) == 256 * 4 for r in found["results"])
+            for r in random.Random(1).sample(found["results"], 200):  # each text its vector
+                vector = struct.unpack("<256f", base64.b64decode(r["embedding"]))
+                expected = embed_text(r["persona"])
+                assert all(abs(x - y) < 1e-6 for x, y in zip(vector, expected, strict=True))
             return
         if mode != "plain":
             # A second replica that cuts 5 % of streams; the job streams from both.
