@@ -9,7 +9,7 @@ options (:func:`render_job_file`, for ``--print-config``). The layout::
     prompt = "persona-story"               # or an inline [template] table
     model = "Qwen/Qwen3-8B"
     [sampling]                             # max_tokens, temperature, top_p, extra_body
-    [limits]                               # concurrency, rpm, tpm, attempts, timeouts
+    [limits]                               # concurrency, rpm, tpm, attempts, timeouts, embed_batch
     [[endpoints]]                          # base_url, the variable holding its key, and
                                            # its own rpm, tpm and concurrency
     [batch], [log], [metrics], [progress]
