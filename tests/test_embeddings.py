@@ -398,3 +398,39 @@ async def test_embed_batch_needs_an_embeddings_template_and_the_online_backend(
         ).validate()
     with pytest.raises(ConfigError, match="embed batch must be"):
         embed_job(tmp_path, ["http://127.0.0.1:9/v1"], inputs, embed_batch=4096).validate()
+
+
+def test_semantic_dedup_finds_copies_before_and_after_its_index_is_inverted() -> None:
+    import numpy as np
+
+    from asyncgen.personas.semantic import SemanticDeduplicator, inverted_lists
+
+    assert [inverted_lists(n) for n in (None, 1000, 1_000_000, 10**12)] == [1024, 256, 2048, 65536]
+    rng = np.random.default_rng(3)
+    n, dims = 16_000, 64
+    vectors = rng.standard_normal((n, dims)).astype(np.float32)
+    original: dict[int, int] = {}
+    for i in range(200, n):
+        if rng.random() < 0.1:  # a near copy (cosine about 0.99) of an earlier non-copy
+            j = int(rng.integers(0, i))
+            while j in original:
+                j = int(rng.integers(0, i))
+            original[i] = j
+            vectors[i] = vectors[j] + 0.15 * rng.standard_normal(dims)
+    dedup = SemanticDeduplicator(threshold=0.9, expected=n)
+    verdicts: list[Any] = []
+    exact_until = None
+    for s in range(0, n, 2048):
+        verdicts += dedup.check_block(vectors[s : s + 2048], range(s, min(n, s + 2048)))
+        if exact_until is None and "ivf256" in repr(dedup):
+            exact_until = s + 2048  # 40 kept vectors per list (10 240) make it train
+    assert exact_until is not None and 10_240 < exact_until < n
+    found = {i: v.neighbour for i, v in enumerate(verdicts) if not v.kept}
+    assert set(found) <= set(original)  # no distinct vector dropped
+    assert all(found[i] == original[i] for i in found)
+    before = [i for i in original if i < exact_until - 2048]
+    after = [i for i in original if i >= exact_until]
+    assert all(i in found for i in before)  # exact
+    assert sum(i in found for i in after) >= 0.98 * len(after)
+    s = dedup.statistics()
+    assert (s.seen, s.dropped, s.dimensions) == (n, len(found), dims)

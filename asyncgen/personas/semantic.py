@@ -1,19 +1,27 @@
 """Semantic dedup: drop a persona whose embedding is within a cosine threshold of one kept
 before it, first kept wins in input order (as the MinHash stage does).
 
-The kept set lives in an approximate nearest-neighbour index, faiss HNSW over fp16-quantised
-vectors (``IndexHNSWSQ``, inner product on unit vectors = cosine; chosen over usearch by
-``benchmarks/bench_semantic.py``). Vectors arrive in blocks: each block is searched against
-the index (the kept personas of earlier blocks), then checked within itself exactly (one
-matrix product), in order, so a persona is compared with every persona kept before it.
-Memory: the index holds only kept vectors, 2 bytes a dimension plus the graph (about
-``8 * M`` bytes at the bottom layer, M = 16 here).
+The kept set lives in a faiss index, searched by inner product (cosine, on unit vectors):
+exact (``IndexFlatIP``) until it holds 40 vectors per inverted list, then an inverted file
+over fp16 vectors (``IndexIVFScalarQuantizer``) trained on those kept so far, each search
+scanning the ``nprobe`` lists nearest the query. A near copy falls in its original's list or
+a neighbouring one, so the IVF finds it where an HNSW graph over random-like vectors lost it
+as the graph grew (``benchmarks/README.md``, semantic dedup: 89 % of planted copies at
+200 000 with HNSW, 99.4 % with the IVF, in a fifth of the time). The number of lists grows
+with the number of vectors expected (about 2 sqrt(n), a power of two), so a search costs
+about the same share of the kept set at any size.
+
+Vectors arrive in blocks: each block is searched against the index (the kept personas of
+earlier blocks), then checked within itself exactly (one matrix product), in order, so a
+persona is compared with every persona kept before it. Memory: the index holds only kept
+vectors, 2 bytes a dimension and an 8-byte id each once inverted (4 bytes a dimension before).
 
 numpy and faiss are the ``semantic`` extra; they load when a deduplicator is made.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -27,19 +35,25 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EF_SEARCH",
+    "NPROBE",
     "SemanticDeduplicator",
     "SemanticStats",
     "Verdict",
     "hnsw_index",
+    "inverted_lists",
     "modules",
     "unit_rows",
 ]
 
-_M = 16  # HNSW links per node: recall of near copies is high at this, memory is modest
+_M = 16  # HNSW links per node (the diversity statistics' index)
 EF_SEARCH = 128
-"""Candidates an HNSW search keeps: at 64, 89 % of planted copies were found among 200 000
-random-like vectors; 128 is the default (see benchmarks/README.md, semantic dedup)."""
+"""Candidates an HNSW search keeps (the diversity statistics' nearest neighbours)."""
 _EF_CONSTRUCTION = 64
+NPROBE = 16
+"""Inverted lists a dedup search scans (``benchmarks/README.md``, semantic dedup)."""
+_PER_LIST = 40
+"""Kept vectors per list before the index is trained (faiss's k-means wants 39 or more)."""
+_TRAIN_ITERATIONS = 10
 
 
 class Verdict(NamedTuple):
@@ -89,19 +103,39 @@ def hnsw_index(dimensions: int, ef_search: int = EF_SEARCH) -> Any:
     return index
 
 
+def inverted_lists(expected: int | None) -> int:
+    """Inverted lists for about ``expected`` vectors: a power of two near 2 sqrt(n), from 256
+    to 65 536 (1 024 when unknown)."""
+    if not expected:
+        return 1024
+    return min(65_536, max(256, 1 << round(math.log2(2 * math.sqrt(expected)))))
+
+
 class SemanticDeduplicator:
-    """Sans-IO: give it blocks of vectors in input order with their keys, get a verdict each."""
+    """Sans-IO: give it blocks of vectors in input order with their keys, get a verdict each.
+    ``expected``: about how many vectors will come (it sizes the inverted file)."""
 
     def __init__(
-        self, *, threshold: float = 0.9, threads: int = 1, ef_search: int = EF_SEARCH
+        self,
+        *,
+        threshold: float = 0.9,
+        threads: int = 1,
+        nprobe: int = NPROBE,
+        expected: int | None = None,
     ) -> None:
         if not -1.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (-1, 1], got {threshold}")
+        if nprobe < 1:
+            raise ValueError(f"nprobe must be at least 1, got {nprobe}")
         self._np, self._faiss = modules()
         self._faiss.omp_set_num_threads(threads)
         self.threshold = threshold
-        self._ef_search = ef_search
+        self._nprobe = nprobe
+        self.lists = inverted_lists(expected)
         self._index: Any = None
+        self._exact: list[npt.NDArray[np.float32]] | None = []
+        """The kept vectors while the index is exact (None once inverted): its training set."""
+        self._quantizer: Any = None
         self._keys: list[int] = []
         """Key of each vector in the index, by its position there."""
         self._seen = 0
@@ -119,7 +153,7 @@ class SemanticDeduplicator:
             return []
         if self._index is None:
             self._dimensions = rows.shape[1]
-            self._index = hnsw_index(rows.shape[1], self._ef_search)
+            self._index = self._faiss.IndexFlatIP(rows.shape[1])
         elif rows.shape[1] != self._dimensions:
             raise ValueError(f"vectors of {rows.shape[1]} dimensions after {self._dimensions}")
         self._seen += n
@@ -149,9 +183,43 @@ class SemanticDeduplicator:
                 verdicts.append(Verdict(True, None, None))
         chosen = np.flatnonzero(kept)
         if chosen.size:
-            self._index.add(rows[chosen])
+            added = rows[chosen]
+            self._index.add(added)
             self._keys.extend(keys[int(i)] for i in chosen)
+            if self._exact is not None:
+                self._exact.append(added)
+                if self._index.ntotal >= self.lists * _PER_LIST:
+                    self._invert()
         return verdicts
+
+    def expect(self, n: int) -> None:
+        """Size the inverted file for about ``n`` vectors (before it is trained)."""
+        if self._exact is not None:
+            self.lists = inverted_lists(n)
+            if self._index is not None and self._index.ntotal >= self.lists * _PER_LIST:
+                self._invert()
+
+    def _invert(self) -> None:
+        """Replace the exact index by an inverted file trained on the vectors it holds (the
+        same vectors, in the same order, so positions still name keys)."""
+        np, faiss = self._np, self._faiss
+        assert self._exact is not None and self._dimensions is not None
+        kept = np.concatenate(self._exact)
+        self._exact = None
+        self._quantizer = faiss.IndexFlatIP(self._dimensions)  # the index does not own it
+        index = faiss.IndexIVFScalarQuantizer(
+            self._quantizer,
+            self._dimensions,
+            self.lists,
+            faiss.ScalarQuantizer.QT_fp16,
+            faiss.METRIC_INNER_PRODUCT,
+        )
+        index.cp.niter = _TRAIN_ITERATIONS
+        index.cp.seed = 1
+        index.train(kept)
+        index.add(kept)
+        index.nprobe = self._nprobe
+        self._index = index
 
     def statistics(self) -> SemanticStats:
         kept = len(self._keys)
@@ -159,4 +227,7 @@ class SemanticDeduplicator:
 
     def __repr__(self) -> str:
         s = self.statistics()
-        return f"<SemanticDeduplicator threshold={self.threshold} seen={s.seen} kept={s.kept}>"
+        kind = "exact" if self._exact is not None else f"ivf{self.lists}"
+        return (
+            f"<SemanticDeduplicator threshold={self.threshold} {kind} seen={s.seen} kept={s.kept}>"
+        )

@@ -99,7 +99,7 @@ def semantic_dedup_files(
     report: str | Path | None = None,
     field: str = "persona",
     threshold: float = 0.9,
-    ef_search: int | None = None,
+    nprobe: int | None = None,
     strict: bool = False,
     on_bad: Callable[[BadLine], None] | None = None,
 ) -> SemanticSummary:
@@ -112,13 +112,14 @@ def semantic_dedup_files(
 
     try:
         dedup = SemanticDeduplicator(
-            threshold=threshold, **({} if ef_search is None else {"ef_search": ef_search})
+            threshold=threshold, **({} if nprobe is None else {"nprobe": nprobe})
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     reader = PersonaReader(inputs, field=field, strict=strict)
     refuse_overwrite(reader.paths, output, report_path)
     table = load_vectors(embeddings)
+    dedup.expect(len(table))
     keying = LineKeys(reader.paths)
     ident = keying.ident
     missing = 0

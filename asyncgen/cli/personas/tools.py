@@ -165,7 +165,7 @@ def _run_semantic_dedup(args: argparse.Namespace) -> Exit:
         report=args.report,
         field=args.field,
         threshold=args.threshold,
-        ef_search=args.ef_search,
+        nprobe=args.nprobe,
         strict=args.strict,
         on_bad=log,
     )
@@ -381,11 +381,12 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "names the nearest kept persona and the cosine",
     )
     dedup.add_argument(
-        "--ef-search",
+        "--nprobe",
         type=positive_int,
         metavar="N",
-        help="with --semantic: candidates the HNSW search keeps (default 128); higher finds "
-        "more copies, slower (benchmarks/README.md, semantic dedup)",
+        help="with --semantic: inverted lists each search scans, once the kept set is large "
+        "enough to be indexed approximately (default 16); higher finds more copies, slower "
+        "(benchmarks/README.md, semantic dedup)",
     )
     dedup.add_argument(
         "--embeddings",
