@@ -200,7 +200,13 @@ class Sender:
             self.abandoned += 1
             raise
         finally:
-            self._leave(task)
+            # _leave, inline: this runs once per item.
+            if self._parked and task in self._parked:
+                self._parked.discard(task)
+                self._gate.leave_parking()
+            else:
+                self._gate.release_slot()
+            self.tasks.discard(task)
 
     async def send_group(self, group: WorkItem, members: list[WorkItem], lease: Lease) -> None:
         """A group's task (``--embed-batch``: several texts in one embeddings request, made
