@@ -3,6 +3,7 @@ dedup over them on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
@@ -16,7 +17,7 @@ import pytest
 
 from asyncgen import Engine, JobConfig
 from asyncgen.core.embedding import EmbeddingError, vector_bytes, vector_floats
-from asyncgen.core.errors import ConfigError
+from asyncgen.core.errors import ConfigError, InputError
 from asyncgen.core.retry import interpret
 from asyncgen.job.prompts import parse_template
 from asyncgen.mock.completions import BadRequest
@@ -434,3 +435,57 @@ def test_semantic_dedup_finds_copies_before_and_after_its_index_is_inverted() ->
     assert sum(i in found for i in after) >= 0.98 * len(after)
     s = dedup.statistics()
     assert (s.seen, s.dropped, s.dimensions) == (n, len(found), dims)
+
+
+async def test_export_vectors_writes_a_float32_matrix_and_its_ids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from asyncgen.cli.main import main
+
+    inputs = [write_shard(tmp_path / "p.jsonl", persona_lines(300))]
+    async with MockServer(MockConfig(seed=2, fail_500=0.05)) as mock:
+        config = embed_job(tmp_path, [mock.base_url], inputs, embed_batch=32)
+        async with Engine(config) as engine:
+            await engine.run()
+    out = tmp_path / "out"
+    assert (
+        await asyncio.to_thread(
+            main, ["export", str(out), "--format", "vectors", "--to", str(tmp_path / "v.npy")]
+        )
+        == 0
+    )
+    assert "wrote 300 vectors" in capsys.readouterr().err
+    matrix = np.load(tmp_path / "v.npy")
+    assert matrix.dtype == np.float32 and matrix.shape == (300, 48)
+    ids = [json.loads(line) for line in (tmp_path / "v.ids.jsonl").read_text().splitlines()]
+    records = {r["custom_id"]: r for r in read_output(out)["results"]}
+    assert sorted(i["custom_id"] for i in ids) == sorted(records)
+    for row, entry in zip(matrix, ids, strict=True):
+        record = records[entry["custom_id"]]
+        assert (entry["shard"], entry["line"]) == ("p", record["source"]["line"])
+        assert row.tobytes() == base64.b64decode(record["embedding"])
+    with pytest.raises(ConfigError, match=r"writes a \.npy file"):
+        await asyncio.to_thread(export_vectors_to, out, tmp_path / "v.jsonl")
+    # A chat job's output has no vectors to export.
+    chat = tmp_path / "chat"
+    async with MockServer(MockConfig()) as mock:
+        cfg = JobConfig(
+            inputs=[str(inputs[0])],
+            output=str(chat),
+            prompt="math",
+            model="mock-model",
+            base_url=mock.base_url,
+        )
+        async with Engine(cfg) as engine:
+            await engine.run()
+    with pytest.raises(InputError, match="has no embedding"):
+        await asyncio.to_thread(export_vectors_to, chat, tmp_path / "c.npy")
+    assert not (tmp_path / "c.npy").exists() and not (tmp_path / "c.ids.jsonl").exists()
+
+
+def export_vectors_to(root: Path, to: Path) -> int:
+    from asyncgen.storage.export import export
+
+    return export(root, to, "vectors")

@@ -17,7 +17,7 @@ from asyncgen.cli.run import exit_status, run_job
 from asyncgen.core.errors import ConfigError, OutputError
 from asyncgen.core.ledger import Redo
 from asyncgen.job.config import JobConfig
-from asyncgen.storage.export import EXPORT_FORMATS, export
+from asyncgen.storage.export import EXPORT_FORMATS, export, ids_path
 from asyncgen.storage.manifest import read_manifest
 from asyncgen.storage.status import status as job_status
 from asyncgen.storage.view import iter_standing_failures
@@ -79,7 +79,9 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         default="jsonl",
         help="jsonl: records as stored; batch: OpenAI Batch output lines (for a "
         "--backend batch job, the server's own lines, byte for byte); parquet: one "
-        "column per field (needs pyarrow) (default: %(default)s)",
+        "column per field (needs pyarrow); vectors: an embedding job's vectors as a float32 "
+        ".npy matrix (--to NAME.npy), row i's custom_id, shard and line on line i of "
+        "NAME.ids.jsonl (default: %(default)s)",
     )
     export.add_argument("--failures", action="store_true", help="include the standing failures")
     export.set_defaults(handler=_export)
@@ -190,7 +192,10 @@ def _status(args: argparse.Namespace) -> Exit:
 
 def _export(args: argparse.Namespace) -> Exit:
     n = export(Path(args.output), Path(args.to), args.format, failures=args.failures)
-    say(f"wrote {n:,} records to {args.to}")
+    if args.format == "vectors":
+        say(f"wrote {n:,} vectors to {args.to} (their ids: {ids_path(Path(args.to))})")
+    else:
+        say(f"wrote {n:,} records to {args.to}")
     return Exit.OK
 
 

@@ -1,5 +1,6 @@
 """``asyncgen export``: the logical view of an output directory as one file, in the
-records' own JSON lines, the OpenAI Batch output format, or Parquet.
+records' own JSON lines, the OpenAI Batch output format, or Parquet; an embedding job's
+vectors as a NumPy ``.npy`` matrix beside an id file.
 
 The file is written whole and renamed into place, so the destination is either the old file
 or the complete new one.
@@ -14,16 +15,16 @@ from typing import Any, BinaryIO
 
 import msgspec
 
-from asyncgen.core.errors import ConfigError
+from asyncgen.core.errors import ConfigError, InputError
 from asyncgen.core.records import NO_LINE, Result, Usage
 from asyncgen.storage.files import AtomicFile
 from asyncgen.storage.manifest import read_manifest
 from asyncgen.storage.shards import LinesWriter
 from asyncgen.storage.view import iter_logical
 
-__all__ = ["EXPORT_FORMATS", "export"]
+__all__ = ["EXPORT_FORMATS", "export", "ids_path"]
 
-EXPORT_FORMATS = ("jsonl", "batch", "parquet")
+EXPORT_FORMATS = ("jsonl", "batch", "parquet", "vectors")
 
 
 def _batch_line(r: Result, endpoint: str) -> dict[str, Any]:
@@ -151,12 +152,18 @@ def export(root: Path, destination: Path, fmt: str = "jsonl", *, failures: bool 
     in ``.zst``; ``parquet`` needs pyarrow); return the number of records written.
 
     ``jsonl`` keeps each record's line as stored; ``batch`` is the OpenAI Batch output format;
-    ``parquet`` has one column per field (nested ones as JSON text). Written to a temporary
-    file and renamed, so ``destination`` is either the old file or the complete new one.
+    ``parquet`` has one column per field (nested ones as JSON text); ``vectors`` is an
+    embedding job's vectors (see :func:`_export_vectors`; ``failures`` does not apply).
+    Written to a temporary file and renamed, so ``destination`` is either the old file or
+    the complete new one.
     """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {fmt!r} (one of {', '.join(EXPORT_FORMATS)})")
     job = read_manifest(root).job
+    if fmt == "vectors":
+        if destination.suffix != ".npy":
+            raise ConfigError(f"export --format vectors writes a .npy file, not {destination}")
+        return _export_vectors(iter_logical(root, False), root, destination)
     records = iter_logical(root, failures)
     if fmt == "parquet":
         with AtomicFile(destination) as atomic:
@@ -197,3 +204,59 @@ def _export_parquet(records: Iterator[tuple[bytes, Result]], sink: BinaryIO) -> 
                 n, rows = n + len(rows), []
         writer.write_table(pa.Table.from_pylist(rows, schema=schema))
     return n + len(rows)
+
+
+_NPY_HEADER = 128
+"""Bytes the .npy header takes (magic, version, length, dict, padding): written first with
+a placeholder shape, rewritten with the real one at the end."""
+
+
+def _npy_header(rows: int, dims: int) -> bytes:
+    """A .npy 1.0 header for a C-order little-endian float32 matrix, padded to
+    :data:`_NPY_HEADER` bytes."""
+    text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dims}), }}"
+    body = text.encode("latin1").ljust(_NPY_HEADER - 10 - 1) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
+
+
+def ids_path(destination: Path) -> Path:
+    """The id file beside a vectors export: ``emb.npy`` → ``emb.ids.jsonl``."""
+    return destination.with_name(destination.name.removesuffix(".npy") + ".ids.jsonl")
+
+
+def _export_vectors(records: Iterator[tuple[bytes, Result]], root: Path, destination: Path) -> int:
+    """Every success's vector, in the logical view's order, as one float32 ``.npy`` matrix
+    (the bytes as stored, so lossless), and line for line in :func:`ids_path` its
+    ``custom_id`` and source shard and line. Both written whole and renamed into place."""
+    encoder = msgspec.json.Encoder()
+    rows = 0
+    width: int | None = None
+    with AtomicFile(destination) as matrix, LinesWriter(ids_path(destination)) as ids:
+        matrix.file.write(b"\0" * _NPY_HEADER)
+        for _, record in records:
+            raw = record.embedding
+            if raw is None:
+                raise InputError(
+                    f"{root}: result {record.custom_id} has no embedding; export --format "
+                    'vectors needs the output of a job whose template has endpoint = "embeddings"'
+                )
+            if width is None:
+                width = len(raw)
+            elif len(raw) != width:
+                raise InputError(
+                    f"{root}: vectors of {len(raw) // 4} and {width // 4} dimensions in one job"
+                )
+            matrix.file.write(raw)
+            ids.write(
+                encoder.encode(
+                    {
+                        "custom_id": record.custom_id,
+                        "shard": record.source.shard,
+                        "line": record.source.line,
+                    }
+                )
+            )
+            rows += 1
+        matrix.file.seek(0)
+        matrix.file.write(_npy_header(rows, (width or 0) // 4))
+    return rows
