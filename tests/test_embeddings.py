@@ -224,6 +224,15 @@ async def test_semantic_dedup_removes_planted_copies_and_keeps_distinct(tmp_path
         assert j < i and j not in removed  # first kept wins: the neighbour is earlier, kept
         assert abs(cosine(vectors[i], vectors[j]) - d["similarity"]) < 0.01
     assert read_output(tmp_path / "emb")["failures"] == []
+    # The index in shards of 400 kept vectors, written out and searched memory-mapped: the
+    # same verdicts (these shards are small enough to be searched exhaustively).
+    sharded = tmp_path / "sharded.jsonl"
+    args[args.index("-o") + 1] = str(sharded)
+    args[args.index("--report") + 1] = str(tmp_path / "sharded-report.jsonl")
+    assert main([*args, "--index-shard-size", "400"]) == 0
+    assert sharded.read_text() == out.read_text()
+    assert (tmp_path / "sharded-report.jsonl").read_text() == report.read_text()
+    assert not await asyncio.to_thread(lambda: list(tmp_path.glob(".semantic-index-*")))
 
 
 def test_semantic_dedup_needs_embeddings(tmp_path: Path) -> None:
@@ -401,7 +410,9 @@ async def test_embed_batch_needs_an_embeddings_template_and_the_online_backend(
         embed_job(tmp_path, ["http://127.0.0.1:9/v1"], inputs, embed_batch=4096).validate()
 
 
-def test_semantic_dedup_finds_copies_before_and_after_its_index_is_inverted() -> None:
+def test_semantic_dedup_finds_copies_before_and_after_its_index_is_inverted(
+    tmp_path: Path,
+) -> None:
     import numpy as np
 
     from asyncgen.personas.semantic import SemanticDeduplicator, inverted_lists
@@ -435,6 +446,21 @@ def test_semantic_dedup_finds_copies_before_and_after_its_index_is_inverted() ->
     assert sum(i in found for i in after) >= 0.98 * len(after)
     s = dedup.statistics()
     assert (s.seen, s.dropped, s.dimensions) == (n, len(found), dims)
+    # In shards of 4 000 kept vectors, each full one written out and memory-mapped: every
+    # search looks in each, so the copies are found as well.
+    from asyncgen.personas.semantic_files import _spiller
+
+    sharded = SemanticDeduplicator(
+        threshold=0.9, expected=n, shard_size=4000, spill=_spiller(tmp_path)
+    )
+    verdicts = []
+    for s0 in range(0, n, 2048):
+        verdicts += sharded.check_block(vectors[s0 : s0 + 2048], range(s0, min(n, s0 + 2048)))
+    # Shards fill a block at a time: 4 000 to 6 047 kept vectors each.
+    assert sharded.shards == 1 + len(list(tmp_path.glob("shard-*.faiss"))) >= 3
+    again = {i: v.neighbour for i, v in enumerate(verdicts) if not v.kept}
+    assert set(again) <= set(original) and all(again[i] == original[i] for i in again)
+    assert len(again) >= 0.98 * len(original)
 
 
 async def test_export_vectors_writes_a_float32_matrix_and_its_ids(

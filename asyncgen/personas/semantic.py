@@ -22,7 +22,7 @@ numpy and faiss are the ``semantic`` extra; they load when a deduplicator is mad
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
@@ -113,7 +113,12 @@ def inverted_lists(expected: int | None) -> int:
 
 class SemanticDeduplicator:
     """Sans-IO: give it blocks of vectors in input order with their keys, get a verdict each.
-    ``expected``: about how many vectors will come (it sizes the inverted file)."""
+    ``expected``: about how many vectors will come (it sizes the inverted file).
+
+    ``shard_size``: the kept set in shards of that many vectors, for a kept set larger than
+    memory. A full shard is handed to ``spill`` (which may write it out and give back a
+    memory-mapped copy) and searched from then on beside the later ones; a new, empty shard
+    with the same trained lists takes the kept vectors that follow."""
 
     def __init__(
         self,
@@ -122,11 +127,15 @@ class SemanticDeduplicator:
         threads: int = 1,
         nprobe: int = NPROBE,
         expected: int | None = None,
+        shard_size: int | None = None,
+        spill: Callable[[Any], Any] | None = None,
     ) -> None:
         if not -1.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (-1, 1], got {threshold}")
         if nprobe < 1:
             raise ValueError(f"nprobe must be at least 1, got {nprobe}")
+        if shard_size is not None and shard_size < 1:
+            raise ValueError(f"index shard size must be at least 1, got {shard_size}")
         self._np, self._faiss = modules()
         self._faiss.omp_set_num_threads(threads)
         self.threshold = threshold
@@ -136,8 +145,15 @@ class SemanticDeduplicator:
         self._exact: list[npt.NDArray[np.float32]] | None = []
         """The kept vectors while the index is exact (None once inverted): its training set."""
         self._quantizer: Any = None
+        self._shard_size = shard_size
+        self._spill = spill
+        self._full: list[tuple[Any, int]] = []
+        """The full shards (as ``spill`` gave them back), each with the position in
+        :attr:`_keys` of its first vector."""
+        self._offset = 0
+        """The position in :attr:`_keys` of the current shard's first vector."""
         self._keys: list[int] = []
-        """Key of each vector in the index, by its position there."""
+        """Key of each kept vector, by its position (shard after shard)."""
         self._seen = 0
         self._dimensions: int | None = None
 
@@ -158,13 +174,15 @@ class SemanticDeduplicator:
             raise ValueError(f"vectors of {rows.shape[1]} dimensions after {self._dimensions}")
         self._seen += n
         threshold = self.threshold
-        # The nearest kept persona of earlier blocks.
-        if self._index.ntotal:
-            sims, positions = self._index.search(rows, 1)
-            best_sim, best_at = sims[:, 0], positions[:, 0]
-        else:
-            best_sim = np.full(n, -2.0, dtype=np.float32)
-            best_at = np.full(n, -1, dtype=np.int64)
+        # The nearest kept persona of earlier blocks, over every shard.
+        best_sim = np.full(n, -2.0, dtype=np.float32)
+        best_at = np.full(n, -1, dtype=np.int64)
+        for index, offset in (*self._full, (self._index, self._offset)):
+            if index.ntotal:
+                sims, positions = index.search(rows, 1)
+                better = (positions[:, 0] >= 0) & (sims[:, 0] > best_sim)
+                best_sim = np.where(better, sims[:, 0], best_sim)
+                best_at = np.where(better, positions[:, 0] + offset, best_at)
         within = rows @ rows.T
         kept = np.zeros(n, dtype=bool)
         verdicts: list[Verdict] = []
@@ -190,7 +208,23 @@ class SemanticDeduplicator:
                 self._exact.append(added)
                 if self._index.ntotal >= self.lists * _PER_LIST:
                     self._invert()
+            if self._shard_size is not None and self._index.ntotal >= self._shard_size:
+                self._next_shard()
         return verdicts
+
+    def _next_shard(self) -> None:
+        """Set the full current shard aside (through ``spill``) and start an empty one."""
+        if self._exact is not None:
+            # Trained on what the shard holds: about 40 vectors a list at most.
+            total = self._index.ntotal
+            self.lists = min(self.lists, max(1, 1 << (max(1, total // _PER_LIST).bit_length() - 1)))
+            self._invert()
+        full = self._index
+        empty = self._faiss.clone_index(full)
+        empty.reset()
+        self._full.append((full if self._spill is None else self._spill(full), self._offset))
+        self._offset += full.ntotal
+        self._index = empty
 
     def expect(self, n: int) -> None:
         """Size the inverted file for about ``n`` vectors (before it is trained)."""
@@ -221,6 +255,11 @@ class SemanticDeduplicator:
         index.nprobe = self._nprobe
         self._index = index
 
+    @property
+    def shards(self) -> int:
+        """Index shards so far (the current one included)."""
+        return len(self._full) + 1
+
     def statistics(self) -> SemanticStats:
         kept = len(self._keys)
         return SemanticStats(self._seen, kept, self._seen - kept, self._dimensions)
@@ -228,6 +267,8 @@ class SemanticDeduplicator:
     def __repr__(self) -> str:
         s = self.statistics()
         kind = "exact" if self._exact is not None else f"ivf{self.lists}"
+        if self._full:
+            kind += f" x{self.shards}"
         return (
             f"<SemanticDeduplicator threshold={self.threshold} {kind} seen={s.seen} kept={s.kept}>"
         )

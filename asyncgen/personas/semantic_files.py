@@ -5,6 +5,9 @@ for byte, and a report line for every line left out."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from asyncgen.core.errors import ConfigError, InputError
+from asyncgen.core.errors import ConfigError, InputError, OutputError
 from asyncgen.personas.dedup_files import (
     DropRecord,
     LineKeys,
@@ -21,6 +24,7 @@ from asyncgen.personas.dedup_files import (
     peak_rss_mb,
 )
 from asyncgen.personas.reader import BadLine, PersonaReader, refuse_overwrite
+from asyncgen.personas.semantic import NPROBE, SemanticDeduplicator, modules
 from asyncgen.storage.shards import LinesWriter
 from asyncgen.storage.vectors import iter_vectors
 
@@ -100,22 +104,69 @@ def semantic_dedup_files(
     field: str = "persona",
     threshold: float = 0.9,
     nprobe: int | None = None,
+    index_shard_size: int | None = None,
     strict: bool = False,
     on_bad: Callable[[BadLine], None] | None = None,
 ) -> SemanticSummary:
     """Write every persona of ``inputs`` whose vector (from the embedding job in
     ``embeddings``) is below ``threshold`` cosine to all kept before it; one report line for
-    every other input line (a semantic copy or a bad line)."""
+    every other input line (a semantic copy or a bad line). ``index_shard_size``: keep the
+    index in shards of that many vectors, each full one written beside ``output`` (a
+    temporary directory, removed at the end) and searched memory-mapped."""
     started = time.perf_counter()
     report_path = Path(report) if report is not None else default_report_path(output)
-    from asyncgen.personas.semantic import SemanticDeduplicator
 
-    try:
-        dedup = SemanticDeduplicator(
-            threshold=threshold, **({} if nprobe is None else {"nprobe": nprobe})
+    with contextlib.ExitStack() as stack:
+        spill = None
+        if index_shard_size is not None:
+            parent = Path(output).resolve().parent
+            where = Path(
+                stack.enter_context(
+                    tempfile.TemporaryDirectory(dir=parent, prefix=".semantic-index-")
+                )
+            )
+            spill = _spiller(where)
+        try:
+            dedup = SemanticDeduplicator(
+                threshold=threshold,
+                nprobe=NPROBE if nprobe is None else nprobe,
+                shard_size=index_shard_size,
+                spill=spill,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        return _dedup(
+            dedup, inputs, output, embeddings, report_path, field, strict, on_bad, started
         )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+
+
+def _spiller(where: Path) -> Callable[[Any], Any]:
+    """Write a full index shard into ``where`` and give back its memory-mapped copy."""
+    _, faiss = modules()
+    numbers = itertools.count()
+
+    def spill(index: Any) -> Any:
+        path = where / f"shard-{next(numbers):05d}.faiss"
+        try:
+            faiss.write_index(index, str(path))
+        except RuntimeError as exc:
+            raise OutputError(f"cannot write the index shard {path}: {exc}") from None
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+
+    return spill
+
+
+def _dedup(
+    dedup: SemanticDeduplicator,
+    inputs: Sequence[str],
+    output: str | Path,
+    embeddings: str | Path,
+    report_path: Path,
+    field: str,
+    strict: bool,
+    on_bad: Callable[[BadLine], None] | None,
+    started: float,
+) -> SemanticSummary:
     reader = PersonaReader(inputs, field=field, strict=strict)
     refuse_overwrite(reader.paths, output, report_path)
     table = load_vectors(embeddings)

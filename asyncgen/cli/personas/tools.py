@@ -166,6 +166,7 @@ def _run_semantic_dedup(args: argparse.Namespace) -> Exit:
         field=args.field,
         threshold=args.threshold,
         nprobe=args.nprobe,
+        index_shard_size=args.index_shard_size,
         strict=args.strict,
         on_bad=log,
     )
@@ -387,6 +388,14 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         help="with --semantic: inverted lists each search scans, once the kept set is large "
         "enough to be indexed approximately (default 16); higher finds more copies, slower "
         "(benchmarks/README.md, semantic dedup)",
+    )
+    dedup.add_argument(
+        "--index-shard-size",
+        type=positive_int,
+        metavar="N",
+        help="with --semantic: keep the index of kept vectors in shards of N, each full one "
+        "written to a temporary directory beside the output and searched memory-mapped, for "
+        "kept sets larger than memory (every search looks in every shard)",
     )
     dedup.add_argument(
         "--embeddings",
