@@ -74,11 +74,11 @@ class _Group:
         endpoint: int,
         rejected: Usage | None,
         completion: Completion | None = None,
-        ttft: float | None = None,
-        parsed: Any = None,
-        *,
-        rejected_text: str | None = None,
+        *unused: Any,
+        **unused_by_name: Any,
     ) -> list[Result]:
+        """:meth:`Sender._record`'s arguments (those after ``completion``, the time to the
+        first token, parsed and rejected output, are no embedding's), a record a member."""
         record, members = self._record, self._members
         self._last = (attempts, latency, started, endpoint)
         if completion is None:
