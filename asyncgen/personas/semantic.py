@@ -216,13 +216,16 @@ class SemanticDeduplicator:
         """Set the full current shard aside (through ``spill``) and start an empty one."""
         if self._exact is not None:
             # Trained on what the shard holds: about 40 vectors a list at most.
-            total = self._index.ntotal
-            self.lists = min(self.lists, max(1, 1 << (max(1, total // _PER_LIST).bit_length() - 1)))
+            most = max(1, self._index.ntotal // _PER_LIST)
+            self.lists = min(self.lists, 1 << (most.bit_length() - 1))  # a power of two
             self._invert()
         full = self._index
-        empty = self._faiss.clone_index(full)
+        empty = self._faiss.clone_index(full)  # the same trained lists, empty
         empty.reset()
-        self._full.append((full if self._spill is None else self._spill(full), self._offset))
+        if self._spill is not None:
+            full = self._spill(full)
+            full.nprobe = self._nprobe  # whatever the copy read back says
+        self._full.append((full, self._offset))
         self._offset += full.ntotal
         self._index = empty
 
