@@ -515,3 +515,30 @@ def export_vectors_to(root: Path, to: Path) -> int:
     from asyncgen.storage.export import export
 
     return export(root, to, "vectors")
+
+
+async def test_a_stopped_batched_job_resumes_exactly_once(tmp_path: Path) -> None:
+    # Stopped while groups wait between attempts (500s), are in flight, or are gathered:
+    # each text's claim is released or its record committed, and the rerun sends the rest.
+    inputs = [write_shard(tmp_path / "p.jsonl", persona_lines(2000))]
+    faults = MockConfig(seed=3, latency=0.05, fail_500=0.3)
+    async with MockServer(faults) as mock:
+        config = embed_job(tmp_path, [mock.base_url], inputs, embed_batch=8, concurrency=8)
+        async with Engine(config, rng=random.Random(1)) as engine:
+
+            async def stop_soon() -> None:
+                while engine.statistics().succeeded < 100:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+                engine.stop()
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(stop_soon())
+                stats = await engine.run()
+    assert stats.stopped and not stats.finished and stats.in_flight == 0
+    assert 100 <= stats.succeeded < 2000
+    async with MockServer(MockConfig(seed=4)) as mock:
+        config = embed_job(tmp_path, [mock.base_url], inputs, embed_batch=8)
+        async with Engine(config) as engine:
+            again = await engine.run()
+    assert again.finished and again.succeeded == 2000 - stats.succeeded
+    assert_exactly_once(tmp_path / "out", {f"p:{i}:emb:0" for i in range(1, 2001)})
