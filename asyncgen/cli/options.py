@@ -97,8 +97,9 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="embedding templates: send K texts per /embeddings request ('input' as a list; "
         "OpenAI takes up to 2048 per request and 300 000 tokens in all; vLLM takes a list "
-        "too, each text within the model's length); each text still gets its own record and id, a failed request is retried "
-        "as a whole, and texts a reply leaves out are sent again (default: %(default)s)",
+        "too, each text within the model's length); each text still gets its own record "
+        "and id, a failed request is retried as a whole, and texts a reply leaves out are "
+        "sent again (default: %(default)s)",
     )
     add_api_key_env(g)
     g = p.add_argument_group("limits and retries")
