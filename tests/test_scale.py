@@ -347,28 +347,34 @@ def ray_cluster() -> Iterator[Any]:
         ray.shutdown()
 
 
+def _ray_job(tmp_path: Path, url: str) -> Any:
+    """The job of :func:`_job` as a JobConfig for two Ray workers."""
+    from asyncgen.job.config import JobConfig
+
+    args = _job(tmp_path, url)
+    return JobConfig(
+        inputs=[args[1]],
+        output=str(tmp_path / "out"),
+        prompt="math",
+        model="mock-model",
+        base_url=url,
+        concurrency=32,
+        max_attempts=20,
+        drain_timeout=2,
+        workers=2,
+        ray="auto",
+    )
+
+
 @pytest.mark.slow
 async def test_ray_actors_killed_at_random_instants_are_restarted_exactly(
     tmp_path: Path, ray_cluster: Any
 ) -> None:
-    from asyncgen.job.config import JobConfig
     from asyncgen.scale.coordinator import Coordinator
     from asyncgen.scale.ray import RayWorker, ray_spawner
 
     with mock_process(*FAULTS, "--seed", "9") as url:
-        args = _job(tmp_path, url)
-        config = JobConfig(
-            inputs=[args[1]],
-            output=str(tmp_path / "out"),
-            prompt="math",
-            model="mock-model",
-            base_url=url,
-            concurrency=32,
-            max_attempts=20,
-            drain_timeout=2,
-            workers=2,
-            ray="auto",
-        )
+        config = _ray_job(tmp_path, url)
         rng = random.Random(int(time.time()))
         spawn = ray_spawner(config, api_key=None, redo=None)
         async with Coordinator(config, workers=2, spawn=spawn, partition_lines=500) as job:
@@ -631,21 +637,10 @@ async def test_a_crash_loop_stops_the_job(tmp_path: Path) -> None:
 async def test_ray_workers_stopped_at_once_leave_a_job_that_resumes_exactly(
     tmp_path: Path, ray_cluster: Any
 ) -> None:
-    from asyncgen.job.config import JobConfig
     from asyncgen.scale import workers_job
 
     with mock_process("--latency", "0.05", "--seed", "2") as url:
-        args = _job(tmp_path, url)
-        config = JobConfig(
-            inputs=[args[1]],
-            output=str(tmp_path / "out"),
-            prompt="math",
-            model="mock-model",
-            base_url=url,
-            concurrency=32,
-            workers=2,
-            ray="auto",
-        )
+        config = _ray_job(tmp_path, url)
         async with workers_job(config) as job:
             run = asyncio.create_task(job.run())
             for _ in range(600):  # until some of the job is done (60 s at most)
