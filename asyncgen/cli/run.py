@@ -114,7 +114,8 @@ def add_command(sub: argparse._SubParsersAction[Any]) -> None:
     g.add_argument(
         "--ray",
         metavar="ADDRESS",
-        help="run the workers as actors of a Ray cluster (auto, or ray://HOST:PORT; needs "
+        help="run the workers as actors of a Ray cluster (auto: the running one; "
+        "ray://HOST:PORT; local: start one on this machine; needs "
         "pip install 'asyncgen[ray]' and --output on a filesystem every node shares, with "
         "working flock and rename)",
     )
