@@ -5,6 +5,8 @@ batches, [output] checks, the ``batches`` command."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import struct
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import msgspec
 import pytest
 
 from asyncgen.engine.batch import job_batches
+from asyncgen.mock.embeddings import embed_text
 from asyncgen.mock.server import MockConfig, MockServer
 from asyncgen.storage.status import status
 
@@ -565,3 +568,58 @@ async def test_a_truncated_input_is_recorded_and_the_next_one_is_sent(tmp_path: 
         assert code == 1, text
         assert len(read_output(out)["errors"]) == 1
         assert len(server.batches.created) == 1
+
+
+async def test_an_embedding_job_through_batches_gives_the_online_vectors(tmp_path: Path) -> None:
+    """An embeddings template with ``--backend batch``: the part goes as a
+    ``/v1/embeddings`` batch; killed half-way through ingesting its output, the rerun
+    commits every id once, creates no batch again, and each record holds the vector the
+    online path gives for the same text (the same float32 bytes)."""
+    import openai
+
+    from asyncgen import Engine, JobConfig
+
+    n = 2500  # one part; the ingest commits 1 024 lines at a time, so the kill is half-way
+    texts = [f"a cartographer number {i} who collects maps of lost rivers" for i in range(n)]
+    inp = write_shard(tmp_path / "in.jsonl", [{"persona": t} for t in texts])
+    prompt = tmp_path / "emb.toml"
+    prompt.write_text('endpoint = "embeddings"\nuser = "{persona}"\n[sampling]\ndimensions = 48\n')
+    out, online = tmp_path / "out", tmp_path / "online"
+    ids = {f"in:{i + 1}:emb:0" for i in range(n)}
+    async with MockServer(MockConfig(batch_delay=0.05)) as server:
+        args = batch_run(server.base_url, inp, out, "-p", str(prompt), max_requests=n)
+        env = clean_env(ASYNCGEN_BATCH_CRASH=f"ingest:{tmp_path / 'ingest'}")
+        code, text = await run_cli(*args, env=env)
+        assert code == -9, text
+        assert 0 < len(read_output(out)["results"]) < n
+        code, text = await run_cli(*args)
+        assert code == 0, text
+        created = [b for b, _ in server.batches.created]
+        assert len(created) == 1 and max(server.batches.submitted.values()) == 1
+        assert server.statistics().by_route.get("/v1/embeddings", 0) == 0  # all by batch
+        async with openai.AsyncOpenAI(base_url=server.base_url, api_key="none") as client:
+            assert (await client.batches.retrieve(created[0])).endpoint == "/v1/embeddings"
+
+        config = JobConfig(
+            inputs=[str(inp)],
+            output=str(online),
+            prompt=str(prompt),
+            model="mock-model",
+            base_url=server.base_url,
+            flush_interval=0.05,
+        )
+        async with Engine(config) as engine:
+            stats = await engine.run()
+        assert stats.succeeded == n
+    by_batch = {r["custom_id"]: r for r in assert_exactly_once(out, ids)["results"]}
+    by_online = {r["custom_id"]: r for r in assert_exactly_once(online, ids)["results"]}
+    assert len(by_batch) == n
+    for custom_id, record in by_batch.items():
+        twin = by_online[custom_id]
+        assert record["embedding"] == twin["embedding"], custom_id
+        assert record["batch_id"] == created[0] and twin["batch_id"] is None
+        assert record["output"] is None and record["error"] is None
+        assert record["sampling"] == twin["sampling"]
+        assert record["usage"]["prompt_tokens"] == twin["usage"]["prompt_tokens"] > 0
+    vector = struct.unpack("<48f", base64.b64decode(by_batch["in:7:emb:0"]["embedding"]))
+    assert all(abs(x - y) < 1e-6 for x, y in zip(vector, embed_text(texts[6], 48), strict=True))

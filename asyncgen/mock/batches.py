@@ -7,7 +7,8 @@ Routes: ``POST /v1/files`` (multipart upload, ``purpose`` and ``file``),
 
 A batch is ``validating`` when created and ``in_progress`` on its first look; once
 ``batch_delay`` seconds have passed since its creation, the next look finishes it: each
-request line gets the reply the online routes would give (deterministic), except a share
+request line gets the reply the online routes would give (deterministic: an embeddings
+batch's lines get the vectors ``/v1/embeddings`` gives), except a share
 ``batch_error`` that gets a 500 in the error file. The first ``batch_fail`` batches end
 ``failed`` (no output), the next ``batch_expire`` end ``expired`` with the first half of
 their requests done and the rest in the error file with ``batch_expired``. Everything is in
@@ -27,6 +28,7 @@ from aiohttp import BodyPartReader, web
 
 from asyncgen.mock.completions import BadRequest, Replies, read_request
 from asyncgen.mock.config import MockConfig
+from asyncgen.mock.embeddings import embeddings_reply, read_embed
 from asyncgen.mock.faults import openai_error
 
 __all__ = ["BatchApi", "Hook"]
@@ -35,7 +37,7 @@ Hook = Callable[[str, str], Awaitable[None]]
 """``hook(point, id)``, awaited at ``upload``, ``create`` (before the batch exists),
 ``created`` (after it exists, before the reply) and ``content``: tests kill clients there."""
 
-_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 
@@ -367,8 +369,12 @@ class BatchApi:
                 }
             }
         chat = endpoint == "/v1/chat/completions"
+        raw = _encode(body)
         try:
-            ask = read_request(_encode(body), chat=chat, models=self._config.models)
+            if endpoint == "/v1/embeddings":
+                reply, _ = embeddings_reply(read_embed(raw, models=self._config.models))
+                return 200, msgspec.Raw(reply)
+            ask = read_request(raw, chat=chat, models=self._config.models)
         except BadRequest as exc:
             kind = "invalid_request_error"
             return exc.status, {

@@ -2,8 +2,11 @@
 and of random pairs (the measures Persona Hub compares persona sets and outputs with).
 
 The nearest neighbours of a sample of the vectors (every vector up to ``sample``) are
-searched among all of them: exactly up to ``EXACT_UP_TO`` vectors, else in the same faiss
-HNSW index over fp16 vectors that semantic dedup uses. Needs the ``semantic`` extra.
+searched among all of them: exactly up to ``EXACT_UP_TO`` vectors, else in the inverted
+file over fp16 vectors that semantic dedup uses (:func:`~asyncgen.personas.semantic.ivf_index`,
+as many lists for as many vectors, trained on a sample of them). An HNSW graph, the earlier
+choice, lost near neighbours as it grew, so the report under-stated how close the set was
+at large n. Needs the ``semantic`` extra.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ from typing import Any
 
 import msgspec
 
-from asyncgen.personas.semantic import hnsw_index, modules, unit_rows
+from asyncgen.personas.semantic import NPROBE, inverted_lists, ivf_index, modules, unit_rows
 
-__all__ = ["EXACT_UP_TO", "Diversity", "Spread", "diversity"]
+__all__ = ["EXACT_UP_TO", "Diversity", "Spread", "diversity", "nearest_similarity"]
 
 EXACT_UP_TO = 50_000
+_TRAIN_PER_LIST = 64
+"""Vectors a list the inverted file is trained on (a sample when there are more)."""
+_BLOCK = 65_536
 
 
 class Spread(msgspec.Struct, frozen=True):
@@ -39,7 +45,7 @@ class Diversity(msgspec.Struct, frozen=True):
     pairs: Spread | None
     """Random pairs of distinct vectors."""
     exact: bool
-    """Whether the nearest neighbours were searched exactly (else by HNSW)."""
+    """Whether the nearest neighbours were searched exactly (else in the inverted file)."""
 
 
 def _spread(values: Any) -> Spread | None:
@@ -51,11 +57,36 @@ def _spread(values: Any) -> Spread | None:
     return Spread(len(values), *r)
 
 
+def nearest_similarity(
+    rows: Any, queries: Any, *, seed: int = 0, nprobe: int = NPROBE, exact: bool | None = None
+) -> Any:
+    """The cosine of each of ``rows[queries]`` to its nearest other row (``rows``: unit
+    float32 rows, at least two); searched exactly up to ``EXACT_UP_TO`` rows unless
+    ``exact`` says otherwise."""
+    np, faiss = modules()
+    n, dims = rows.shape
+    if exact if exact is not None else n <= EXACT_UP_TO:
+        index = faiss.IndexFlatIP(dims)
+    else:
+        lists = inverted_lists(n)
+        rng = np.random.default_rng(seed)
+        take = min(n, lists * _TRAIN_PER_LIST)
+        train = rows if take == n else rows[np.sort(rng.choice(n, size=take, replace=False))]
+        index = ivf_index(train, lists, nprobe)
+    for s in range(0, n, _BLOCK):
+        index.add(rows[s : s + _BLOCK])
+    sims, found = index.search(rows[queries], 2)
+    # The first hit is the vector itself, unless an exact copy came first: either way the
+    # best hit that is another vector is the neighbour.
+    own = found[:, 0] == queries
+    return np.where(own, sims[:, 1], sims[:, 0])
+
+
 def diversity(
     vectors: Any, *, sample: int = 10_000, pairs: int = 100_000, seed: int = 0
 ) -> Diversity:
     """The nearest-neighbour and pairwise similarity of ``vectors`` (one row each)."""
-    np, faiss = modules()
+    np, _ = modules()
     rows = unit_rows(vectors)
     n, dims = rows.shape
     rng = np.random.default_rng(seed)
@@ -63,14 +94,7 @@ def diversity(
     exact = n <= EXACT_UP_TO
     if n >= 2:
         queries = rng.choice(n, size=min(sample, n), replace=False)
-        index = faiss.IndexFlatIP(dims) if exact else hnsw_index(dims)
-        for s in range(0, n, 65_536):
-            index.add(rows[s : s + 65_536])
-        sims, found = index.search(rows[queries], 2)
-        # The first hit is the vector itself, unless an exact copy came first: either way
-        # the best hit that is another vector is the neighbour.
-        own = found[:, 0] == queries
-        nearest = np.where(own, sims[:, 1], sims[:, 0])
+        nearest = nearest_similarity(rows, queries, seed=seed, exact=exact)
         a = rng.integers(0, n, size=pairs)
         b = rng.integers(0, n - 1, size=pairs)
         b = b + (b >= a)  # a different vector

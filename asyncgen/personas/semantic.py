@@ -34,21 +34,16 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 __all__ = [
-    "EF_SEARCH",
     "NPROBE",
     "SemanticDeduplicator",
     "SemanticStats",
     "Verdict",
-    "hnsw_index",
     "inverted_lists",
+    "ivf_index",
     "modules",
     "unit_rows",
 ]
 
-_M = 16  # HNSW links per node (the diversity statistics' index)
-EF_SEARCH = 128
-"""Candidates an HNSW search keeps (the diversity statistics' nearest neighbours)."""
-_EF_CONSTRUCTION = 64
 NPROBE = 16
 """Inverted lists a dedup search scans (``benchmarks/README.md``, semantic dedup)."""
 _PER_LIST = 40
@@ -92,14 +87,21 @@ def unit_rows(vectors: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     return out
 
 
-def hnsw_index(dimensions: int, ef_search: int = EF_SEARCH) -> Any:
-    """An empty faiss HNSW index over fp16-quantised vectors, by inner product."""
+def ivf_index(train: npt.NDArray[np.float32], lists: int, nprobe: int = NPROBE) -> Any:
+    """An empty inverted file over fp16 vectors, by inner product, its ``lists`` trained on
+    the unit rows ``train`` (39 or more a list); searches scan ``nprobe`` lists."""
     _, faiss = modules()
-    index = faiss.IndexHNSWSQ(
-        dimensions, faiss.ScalarQuantizer.QT_fp16, _M, faiss.METRIC_INNER_PRODUCT
+    dimensions = train.shape[1]
+    quantizer = faiss.IndexFlatIP(dimensions)
+    index = faiss.IndexIVFScalarQuantizer(
+        quantizer, dimensions, lists, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
     )
-    index.hnsw.efSearch = ef_search
-    index.hnsw.efConstruction = _EF_CONSTRUCTION
+    index.cp.niter = _TRAIN_ITERATIONS
+    index.cp.seed = 1
+    index.train(train)
+    index.nprobe = nprobe
+    # The index does not own its quantizer: it must live as long as the index does.
+    index.asyncgen_quantizer = quantizer
     return index
 
 
@@ -144,7 +146,6 @@ class SemanticDeduplicator:
         self._index: Any = None
         self._exact: list[npt.NDArray[np.float32]] | None = []
         """The kept vectors while the index is exact (None once inverted): its training set."""
-        self._quantizer: Any = None
         self._shard_size = shard_size
         self._spill = spill
         self._full: list[tuple[Any, int]] = []
@@ -239,24 +240,11 @@ class SemanticDeduplicator:
     def _invert(self) -> None:
         """Replace the exact index by an inverted file trained on the vectors it holds (the
         same vectors, in the same order, so positions still name keys)."""
-        np, faiss = self._np, self._faiss
-        assert self._exact is not None and self._dimensions is not None
-        kept = np.concatenate(self._exact)
+        assert self._exact is not None
+        kept = self._np.concatenate(self._exact)
         self._exact = None
-        self._quantizer = faiss.IndexFlatIP(self._dimensions)  # the index does not own it
-        index = faiss.IndexIVFScalarQuantizer(
-            self._quantizer,
-            self._dimensions,
-            self.lists,
-            faiss.ScalarQuantizer.QT_fp16,
-            faiss.METRIC_INNER_PRODUCT,
-        )
-        index.cp.niter = _TRAIN_ITERATIONS
-        index.cp.seed = 1
-        index.train(kept)
-        index.add(kept)
-        index.nprobe = self._nprobe
-        self._index = index
+        self._index = ivf_index(kept, self.lists, self._nprobe)
+        self._index.add(kept)
 
     @property
     def shards(self) -> int:

@@ -115,7 +115,7 @@ def _run_stats(args: argparse.Namespace) -> Exit:
 
 def format_diversity(d: Diversity) -> str:
     """The similarity table ``stats --semantic`` prints without ``--json``."""
-    how = "exact" if d.exact else "HNSW"
+    how = "exact" if d.exact else "IVF"
     lines = [
         f"vectors            {d.vectors:,} x {d.dimensions}",
         f"{'cosine':18} {'n':>9} "
@@ -323,7 +323,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="also the diversity of the personas' embeddings (--embeddings): each sampled "
         "vector's cosine to its nearest neighbour (10 000 sampled; exact up to 50 000 vectors, "
-        "else HNSW) and of 100 000 random pairs, mean and quantiles; needs the 'semantic' extra",
+        "else in semantic dedup's inverted file) and of 100 000 random pairs, mean and quantiles; needs the 'semantic' extra",
     )
     stats.add_argument(
         "--embeddings",

@@ -14,6 +14,7 @@ import msgspec
 
 from asyncgen.core.records import NO_LINE, Completion, ErrorInfo, Result, WorkItem
 from asyncgen.core.redact import redact_text
+from asyncgen.core.retry import interpret
 from asyncgen.engine.batch.state import JobBatches, Part, crash_point, retry_name, round_of
 from asyncgen.engine.record import build_result, check_reply, output_spec, reply_text
 from asyncgen.engine.stats import Counts
@@ -101,9 +102,6 @@ class _OddLines:
             *(f"{named}; ignored" for named in self._named),
             f"{self._where}: {total}: ignored, nothing committed for them",
         ]
-
-
-_completion = msgspec.json.Decoder(Completion)
 
 
 class Ingest:
@@ -281,13 +279,14 @@ class Ingest:
                 str(code or f"http_{status}"), redact_text(str(message or "")), status
             )
             return None, _Again(error, text)
-        try:
-            completion = _completion.decode(response.body)
-            if not completion.choices:
-                raise msgspec.ValidationError("no choices")
-        except msgspec.DecodeError as exc:
-            error = ErrorInfo("malformed_response", f"unexpected reply: {exc}", 200)
-            return None, _Again(error)
+        # The online path's reading of a 200: a completion with a choice, or (an embeddings
+        # line, one input each) a vector; anything else is malformed, and final here.
+        embeddings = 1 if item.url == "/embeddings" else 0
+        read = interpret(200, bytes(response.body), embeddings=embeddings)
+        completion = read.completion
+        if completion is None:
+            assert read.error is not None
+            return None, _Again(read.error)
         checked = check_reply(self._output, item, completion, accept_length=self._accept_length)
         if checked.reason is not None:
             self.counts.rejected += 1
