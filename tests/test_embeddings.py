@@ -263,6 +263,41 @@ def test_diversity_of_near_copies_is_lower_than_of_distinct_vectors() -> None:
     assert twins.nearest is not None and twins.nearest.p10 > 0.999
 
 
+def test_diversity_past_the_exact_bound_matches_numpy_on_planted_copies() -> None:
+    """Past ``EXACT_UP_TO`` vectors the report searches semantic dedup's inverted file:
+    each planted near copy's nearest similarity is the exact one (fp16 rounding aside),
+    and the distinct vectors' are short of it by little (an HNSW graph lost copies)."""
+    import numpy as np
+
+    from asyncgen.personas.diversity import EXACT_UP_TO, diversity, nearest_similarity
+    from asyncgen.personas.semantic import unit_rows
+
+    rng = np.random.default_rng(5)
+    distinct, copied, dims = 45_000, 15_000, 48
+    base = rng.standard_normal((distinct, dims)).astype(np.float32)
+    noise = rng.uniform(0.1, 0.3, (copied, 1)) * rng.standard_normal((copied, dims))
+    rows = unit_rows(np.concatenate([base, base[:copied] + noise.astype(np.float32)]))
+    n = len(rows)
+    assert n > EXACT_UP_TO
+    queries = rng.choice(n, size=1500, replace=False)
+    found = nearest_similarity(rows, queries)
+    exact = np.empty(len(queries), dtype=np.float32)
+    for s in range(0, len(queries), 500):
+        block = queries[s : s + 500]
+        sims = rows[block] @ rows.T
+        sims[np.arange(len(block)), block] = -2.0  # not its own neighbour
+        exact[s : s + 500] = sims.max(axis=1)
+    planted = (queries < copied) | (queries >= distinct)
+    assert planted.sum() > 600 and exact[planted].min() > 0.9
+    assert np.abs(found[planted] - exact[planted]).max() < 0.005
+    assert (found <= exact + 0.005).all()  # never closer than the truth
+    short = exact[~planted] - found[~planted]
+    assert short.mean() < 0.015 and (short > 0.01).mean() < 0.2
+    report = diversity(rows, sample=1500, pairs=1000)
+    assert not report.exact and report.nearest is not None
+    assert abs(report.nearest.p90 - float(np.quantile(exact, 0.9))) < 0.02
+
+
 def test_stats_semantic_prints_the_similarity_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

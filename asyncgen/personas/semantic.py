@@ -100,9 +100,7 @@ def ivf_index(train: npt.NDArray[np.float32], lists: int, nprobe: int = NPROBE) 
     index.cp.seed = 1
     index.train(train)
     index.nprobe = nprobe
-    # The index does not own its quantizer: it must live as long as the index does.
-    index.asyncgen_quantizer = quantizer
-    return index
+    return index  # faiss's wrapper keeps a reference to the quantizer it does not own
 
 
 def inverted_lists(expected: int | None) -> int:
