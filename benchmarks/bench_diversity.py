@@ -18,11 +18,10 @@ import time
 from typing import Any
 
 import numpy as np
+from bench_semantic import planted
 
 from asyncgen.personas.diversity import NPROBE_REPORT, nearest_similarity
 from asyncgen.personas.semantic import unit_rows
-
-from bench_semantic import planted
 
 
 def exact_nearest(rows: Any, queries: Any) -> Any:
@@ -68,7 +67,7 @@ def main() -> None:
     import faiss
 
     faiss.omp_set_num_threads(1)
-    vectors, is_copy = planted(args.n, args.dims, args.share, seed=3)
+    vectors, _ = planted(args.n, args.dims, args.share, seed=3)
     rows = unit_rows(vectors)
     rng = np.random.default_rng(1)
     queries = rng.choice(args.n, size=args.queries, replace=False)
@@ -77,7 +76,9 @@ def main() -> None:
     near = exact >= 0.9
     started = time.perf_counter()
     found = nearest_similarity(rows, queries, nprobe=args.nprobe, exact=False)
-    rows_out = [shortfall(f"ivf nprobe={args.nprobe}", found, exact, near, time.perf_counter() - started)]
+    rows_out = [
+        shortfall(f"ivf nprobe={args.nprobe}", found, exact, near, time.perf_counter() - started)
+    ]
     if args.hnsw:
         started = time.perf_counter()
         found = hnsw_nearest(rows, queries)

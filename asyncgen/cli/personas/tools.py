@@ -322,8 +322,9 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "--semantic",
         action="store_true",
         help="also the diversity of the personas' embeddings (--embeddings): each sampled "
-        "vector's cosine to its nearest neighbour (10 000 sampled; exact up to 50 000 vectors, "
-        "else in semantic dedup's inverted file) and of 100 000 random pairs, mean and quantiles; needs the 'semantic' extra",
+        "vector's cosine to its nearest neighbour (10 000 sampled; exact up to 50 000 "
+        "vectors, else in semantic dedup's inverted file) and of 100 000 random pairs, mean "
+        "and quantiles; needs the 'semantic' extra",
     )
     stats.add_argument(
         "--embeddings",
