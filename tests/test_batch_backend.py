@@ -623,3 +623,39 @@ async def test_an_embedding_job_through_batches_gives_the_online_vectors(tmp_pat
         assert record["usage"]["prompt_tokens"] == twin["usage"]["prompt_tokens"] > 0
     vector = struct.unpack("<48f", base64.b64decode(by_batch["in:7:emb:0"]["embedding"]))
     assert all(abs(x - y) < 1e-6 for x, y in zip(vector, embed_text(texts[6], 48), strict=True))
+
+
+async def test_a_batch_embedding_line_without_a_good_vector_is_a_failure(tmp_path: Path) -> None:
+    """The ingest reads an embeddings line as the online path reads a reply: a body with
+    no vectors, or a vector that is not float32s, is a ``malformed_response`` failure (a
+    200 the server will not answer otherwise: not sent again); the other lines succeed."""
+    n = 6
+    inp = write_shard(
+        tmp_path / "in.jsonl", [{"persona": f"a potter number {i}"} for i in range(n)]
+    )
+    prompt = tmp_path / "emb.toml"
+    prompt.write_text('endpoint = "embeddings"\nuser = "{persona}"\n')
+    out = tmp_path / "out"
+    async with MockServer(MockConfig(batch_delay=0.0)) as server:
+        api = server.batches
+
+        async def spoil(point: str, ident: str) -> None:
+            if point != "content" or api.file_content(ident).count(b"\n") != n:
+                return
+            lines = [msgspec.json.decode(raw) for raw in api.file_content(ident).splitlines()]
+            lines[0]["response"]["body"]["data"] = []
+            lines[1]["response"]["body"]["data"][0]["embedding"] = "bm90IGZsb2F0cw=="
+            api.replace_content(ident, b"".join(msgspec.json.encode(x) + b"\n" for x in lines))
+
+        api.hook = spoil
+        code, text = await run_cli(*batch_run(server.base_url, inp, out, "-p", str(prompt)))
+        assert code == 1, text  # the job finished with failures
+        assert "4 succeeded, 2 failed" in text and len(api.created) == 1
+    found = assert_exactly_once(out, {f"in:{i + 1}:emb:0" for i in range(n)})
+    failed = {r["custom_id"]: r["error"] for r in found["failures"]}
+    assert set(failed) == {"in:1:emb:0", "in:2:emb:0"}
+    assert failed["in:1:emb:0"]["message"] == "200 with no vectors"
+    assert "not float32s" in failed["in:2:emb:0"]["message"]
+    assert {e["code"] for e in failed.values()} == {"malformed_response"}
+    assert len(found["results"]) == n - 2
+    assert all(len(base64.b64decode(r["embedding"])) == 256 * 4 for r in found["results"])
