@@ -19,7 +19,7 @@ import re
 import shlex
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,20 +179,25 @@ def test_readme_pipeline_end_to_end(
 
     # MinHash dropped the exact repeats, naming their originals, and kept the paraphrases
     # (too few words in common); the semantic stage dropped each paraphrase, naming the
-    # persona of its original. Report ids are the stage's input shard and line.
+    # persona of its original. Report ids are the stage's input shard and line. Which of a
+    # pair is kept is the one first in the stage's input, and the persona shard is in the
+    # order its job committed (replies' order, under load not the texts'): so one of each.
     personas = {p["id"]: p for p in read_shard(tmp_path / "p0" / "personas.jsonl.zst")}
     by_line = [p["source"]["line"] for p in read_shard(tmp_path / "p0" / "personas.jsonl.zst")]
+    assert sorted(by_line) == list(range(1, n + 1))
     kept_unique = [p["source"]["line"] for p in read_shard(tmp_path / "unique.jsonl.zst")]
-    assert kept_unique == unique
+    assert_one_of_each_pair(kept_unique, range(1, n + 1), repeats)
     kept_final = [p["source"]["line"] for p in read_shard(tmp_path / "final.jsonl.zst")]
-    assert kept_final == final
+    assert_one_of_each_pair(kept_final, kept_unique, paraphrases)
+    assert len(kept_unique) == len(unique) and len(kept_final) == len(final)
     for report, lines, copies, reason in (
         ("unique", by_line, repeats, "exact"),
         ("final", kept_unique, paraphrases, "semantic"),
     ):
         rows = read_jsonl(tmp_path / f"{report}.dedup-report.jsonl")
-        said = {lines[at(r["id"])]: lines[at(r["duplicate_of"])] for r in rows}
-        assert said == copies and {r["reason"] for r in rows} == {reason}
+        said = {frozenset((lines[at(r["id"])], lines[at(r["duplicate_of"])])) for r in rows}
+        assert said == {frozenset(pair) for pair in copies.items()}
+        assert {r["reason"] for r in rows} == {reason}
 
     # Every math record traces back to its text line, through the persona it was made for.
     out = assert_exactly_once(
@@ -204,4 +209,16 @@ def test_readme_pipeline_end_to_end(
         line = persona["source"]["line"]
         assert persona["source"] == {"shard": "texts", "line": line}
         assert persona["persona"] == f"A reader who cares about {texts[line - 1]['text']}"
-    assert sorted(personas[r["meta"]["id"]]["source"]["line"] for r in out["results"]) == final
+    assert sorted(personas[r["meta"]["id"]]["source"]["line"] for r in out["results"]) == sorted(
+        kept_final
+    )
+
+
+def assert_one_of_each_pair(kept: list[int], lines: Iterable[int], pairs: dict[int, int]) -> None:
+    """``kept`` holds each of ``lines`` that is in no pair, and one line of each pair."""
+    found = set(kept)
+    assert len(found) == len(kept), "a line kept twice"
+    paired = {line for pair in pairs.items() for line in pair}
+    assert found == {line for line in lines if line not in paired} | (found & paired)
+    for copy, original in pairs.items():
+        assert len(found & {copy, original}) == 1, (copy, original, sorted(found))
