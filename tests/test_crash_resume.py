@@ -121,8 +121,10 @@ def test_sigkill_at_random_points_then_resume(tmp_path: Path, server_url: str, m
             return
         if mode.startswith("embeddings"):
             if mode == "embeddings-batched":
-                # 16 texts a request, from a server whose replies leave one out now and then.
-                partial = ["--embed-partial", "0.1", "--seed", "7"]
+                # 16 texts a request, from a server whose replies leave one out now and then;
+                # 0.3 s a reply keeps the ~250 requests at about 5 s of work, like the others
+                # (at the faults' 0.02 s the job could end before the kills landed).
+                partial = ["--embed-partial", "0.1", "--seed", "7", "--latency", "0.3"]
                 urls = [stack.enter_context(mock_process(*FAULTS, *partial))]
                 extra = ["--embed-batch", "16"]
             kill_and_resume(tmp_path, urls, extra, prompt="embed")
