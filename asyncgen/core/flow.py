@@ -5,6 +5,11 @@ gives it (:class:`~asyncgen.core.limits.EndpointLimits`: its own RPM/TPM buckets
 job-wide ones, and a ceiling on its window) and what that endpoint has told us: budgets
 announced in ``x-ratelimit-*`` headers, refusals (429, 503), a concurrency window that adapts,
 and a circuit breaker (ejected after consecutive failures, re-admitted by a successful probe).
+Two seams live in modules of their own, as functions over one
+:class:`~asyncgen.core.endpoint.EndpointState`: :mod:`~asyncgen.core.flow_budgets` learns
+budgets (announced in headers, or kept hidden and found in the refused share) and
+:mod:`~asyncgen.core.flow_health` is the circuit breaker. What stays here runs per attempt:
+routing, pacing, and the window.
 
 Refusals are told apart by the evidence there is (:class:`Refusals`). When most recent
 replies of an endpoint were refusals, its budget is spent or it is overloaded: the endpoint
@@ -34,11 +39,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from asyncgen.core import flow_budgets, flow_health
 from asyncgen.core.endpoint import EndpointState, budget_delay
 from asyncgen.core.evidence import Latency, Refusals
-from asyncgen.core.hints import RateLimitHints
 from asyncgen.core.leases import (
-    EXCUSED,
     HELD,
     NOT_EXCUSED,
     EndpointStats,
@@ -56,30 +60,10 @@ __all__ = ["FlowControl"]
 class FlowControl:
     """Routing, pacing and adaptation for one job over one or more endpoints."""
 
-    EJECT_AFTER = 5
-    """Consecutive failures (5xx, timeouts, broken replies) that eject an endpoint; a refused
-    connection ejects it at once."""
-    PROBE_MIN = 0.25
-    PROBE_MAX = 2.0
-    """Probe intervals double from the first to the second; a probe is one small GET, and a
-    replica that comes back should not sit idle for long."""
-    PROBE_BUDGET = 10
-    """Probes an ejected endpoint may answer with server errors, one after another, before it
-    counts as broken (about 16 s at the intervals above)."""
     RETURN_TO = 0.85
     """After a decrease the window returns quickly to this share of what was in flight."""
     PACE_EVERY = 0.01
     """Seconds between two replies whose pace is taken (see :meth:`release`)."""
-    REVIEW_EVERY = 2.0
-    REVIEW_MIN = 400
-    """An endpoint paced by no known budget has its refused share reviewed every
-    :attr:`REVIEW_EVERY` s, over at least :attr:`REVIEW_MIN` replies (the share of 400
-    replies refused at random at 15 % varies by about 2 points)."""
-    LEARN_ABOVE = 0.05
-    """Refused share (beyond :attr:`EndpointState.random_floor`) over which a hidden budget
-    is looked for: the endpoint is paced, on trial, at 80 % of what it sent."""
-    MARGIN = 0.05
-    """A learned pace that is cut goes to the success rate plus half this."""
     GROW_BELOW = 1.5
     """The window grows only while replies take less than this many times their unloaded
     pace (and shrinks past :attr:`Latency.TOLERANCE`)."""
@@ -138,13 +122,13 @@ class FlowControl:
         for index, own in enumerate(limits):
             ep = self._endpoints[index]
             self._own_caps[index] = _own_cap(own)
-            ep.own_rpm = _rebucket(ep.own_rpm, own.rpm if own else None, now)
-            ep.own_tpm = _rebucket(ep.own_tpm, own.tpm if own else None, now)
+            ep.own_rpm = flow_budgets.rebucket(ep.own_rpm, own.rpm if own else None, now)
+            ep.own_tpm = flow_budgets.rebucket(ep.own_tpm, own.tpm if own else None, now)
         for ep, own_cap in zip(self._endpoints, self._own_caps, strict=True):
             ep.cap = min(self.cap, own_cap)  # an endpoint's own concurrency stays its ceiling
             ep.window = min(ep.window, ep.cap)
-        self._rpm = _rebucket(self._rpm, rpm, now)
-        self._tpm = _rebucket(self._tpm, tpm, now)
+        self._rpm = flow_budgets.rebucket(self._rpm, rpm, now)
+        self._tpm = flow_budgets.rebucket(self._tpm, tpm, now)
 
     def _endpoint(self, url: str, own: EndpointLimits | None, now: float) -> EndpointState:
         if own is None:
@@ -226,7 +210,7 @@ class FlowControl:
         if signal is Signal.CANCELLED:
             ep.requests -= 1
             return NOT_EXCUSED
-        exhausted = feedback.hints is not None and self._apply_hints(
+        exhausted = feedback.hints is not None and flow_budgets.apply_hints(
             ep, feedback.hints, lease.tokens, now
         )
         refusals = ep.refusals
@@ -245,7 +229,7 @@ class FlowControl:
                 # thousands of replies a second, taking every one would cost the loop and
                 # tell no more.
                 ep.pace_due = now + self.PACE_EVERY
-                self._review(ep, now)
+                flow_budgets.review(ep, self._rpm is not None or self._tpm is not None, now)
                 slowdown = ep.pace.observe(seconds, feedback.completion_tokens, now)
                 ep.queueing = queueing = slowdown >= self.GROW_BELOW
                 if queueing and ep.ssthresh > ep.window:
@@ -271,21 +255,9 @@ class FlowControl:
             return self._refused(ep, feedback, exhausted, now)
         if signal is not Signal.UNREACHABLE:
             refusals.ok()
-        if signal is Signal.REJECTED:
-            ep.failures = 0
-        else:
-            ep.failed += 1
-            if signal is Signal.TIMEOUT:
-                self._decrease(ep, now)
-            was_up = ep.up
-            ep.failures += self.EJECT_AFTER if signal is Signal.UNREACHABLE else 1
-            if ep.failures >= self.EJECT_AFTER and ep.up:
-                self._eject(ep, now)
-            if signal is Signal.UNREACHABLE:
-                return EXCUSED
-            if signal is Signal.DROPPED and (ep.failures >= 2 or not was_up):
-                return EXCUSED
-        return NOT_EXCUSED
+        if signal is Signal.TIMEOUT:
+            self._decrease(ep, now)
+        return flow_health.failed(ep, signal, now)  # counted, perhaps ejected
 
     def _refused(
         self, ep: EndpointState, feedback: Feedback, exhausted: bool, now: float
@@ -298,7 +270,8 @@ class FlowControl:
         else:
             ep.failed += 1
         ep.refused += 1
-        self._review(ep, now)
+        job_paced = self._rpm is not None or self._tpm is not None
+        flow_budgets.review(ep, job_paced, now)
         share = ep.refusals.observe(True)
         spent = exhausted or share >= Refusals.SPENT
         if feedback.signal is Signal.OVERLOADED and feedback.retry_after is None:
@@ -316,7 +289,7 @@ class FlowControl:
         if wait is None:
             wait = min(30.0, 0.5 * 2.0 ** min(ep.throttle_streak - 1, 6))
         ep.paused_until = max(ep.paused_until, now + wait)
-        if feedback.signal is Signal.OVERLOADED or not self._paced(ep):
+        if feedback.signal is Signal.OVERLOADED or not flow_budgets.paced(ep, job_paced):
             # Without a known budget the window is the only lever against a rate limit.
             # With one, the pause and the pacing handle it, and shrinking the window
             # would cap throughput at window / latency for a long time.
@@ -338,36 +311,6 @@ class FlowControl:
             if bucket is not None:
                 bucket.adjust(delta, now)
 
-    def _apply_hints(
-        self, ep: EndpointState, hints: RateLimitHints, tokens: float, now: float
-    ) -> bool:
-        """Learn the announced budgets; pause the endpoint (and say so) when what remains
-        is less than the next request needs."""
-        pause = 0.0
-        if hints.requests is not None:
-            if hints.requests.per_minute is not None:
-                ep.learned, ep.trial = False, None  # the server's word replaces a guess
-            ep.rpm = self._learn(ep.rpm, hints.requests.per_minute, now)
-            pause = hints.requests.wait_for(1.0)
-        if hints.tokens is not None:
-            ep.tpm = self._learn(ep.tpm, hints.tokens.per_minute, now)
-            pause = max(pause, hints.tokens.wait_for(tokens))
-        if pause > 0:
-            ep.paused_until = max(ep.paused_until, now + min(pause, 60.0))
-        return pause > 0
-
-    @staticmethod
-    def _learn(
-        bucket: RateBucket | None, per_minute: float | None, now: float
-    ) -> RateBucket | None:
-        if per_minute is None:
-            return bucket
-        if bucket is None:
-            return RateBucket(per_minute, now=now)
-        if bucket.per_minute != per_minute:
-            bucket.set_rate(per_minute, now=now)
-        return bucket
-
     def _decrease(self, ep: EndpointState, now: float, factor: float = 0.5) -> None:
         # One congestion event per round trip: the other replies of the same burst carry no
         # new news, and shrinking for each would collapse the window to the floor.
@@ -381,61 +324,6 @@ class FlowControl:
         effective = min(ep.window, ep.outstanding + 1.0)
         ep.window = max(self.floor, effective * factor)
         ep.ssthresh = max(ep.window, effective * self.RETURN_TO)
-
-    def _review(self, ep: EndpointState, now: float) -> None:
-        """Learn a budget the server keeps hidden (429s without ``x-ratelimit-*`` headers).
-
-        A refused share that stays high though every refused item waits out its
-        Retry-After is either a budget or a gateway refusing at random, whatever the load.
-        They differ in what sending less does: under a budget, the success rate stays
-        where it was (the budget) and the refusals fall; at random, the success rate falls
-        with what is sent and the share stays. So past :attr:`LEARN_ABOVE` the endpoint is
-        paced, on trial, at 80 % of what it sent. If the successes fell with it and the
-        share did not, the refusals are random: the pace goes, and the share becomes the
-        floor later shares are judged above. Otherwise it was a budget, and the pace
-        follows it: down to the success rate while the share stays high, up 2 % a review
-        while it is low, to find a budget that grew. The first review is not judged (a
-        budget's burst allowance inflates its success rate). A threshold on the share
-        alone settled just under it: 38 % of requests refused against a hidden budget."""
-        span = now - ep.review_since
-        if span != span:  # nan: the first reply starts the first review
-            ep.review_since, ep.review_ok, ep.review_refused = now, ep.succeeded, ep.refused
-            return
-        ok, refused = ep.succeeded - ep.review_ok, ep.refused - ep.review_refused
-        if span < self.REVIEW_EVERY or ok + refused < self.REVIEW_MIN:
-            return
-        first = ep.reviews == 0
-        ep.reviews += 1
-        ep.review_since, ep.review_ok, ep.review_refused = now, ep.succeeded, ep.refused
-        share = refused / (ok + refused)
-        ok_rate = 60.0 * ok / span
-        bucket = ep.rpm
-        above = self.LEARN_ABOVE + ep.random_floor
-        if not ep.learned:
-            if first or bucket is not None or self._paced(ep):
-                return  # the opening, or a budget told or announced paces it
-            if share <= above:
-                ep.random_floor = min(ep.random_floor, share)
-                return
-            sent_rate = 60.0 * (ok + refused) / span
-            ep.rpm = RateBucket(0.8 * sent_rate, now=now)
-            ep.learned, ep.trial, ep.trial_ok = True, share, ok_rate
-            return
-        assert bucket is not None
-        trial, ep.trial = ep.trial, None
-        if trial is not None and ok_rate < 0.9 * ep.trial_ok and share >= 0.6 * trial:
-            ep.rpm, ep.learned, ep.random_floor = None, False, trial
-            return
-        if share > above:
-            # Lower the pace, on trial again: if the successes fall with it and the share
-            # does not, the refusals were random after all (else the pace would fall for
-            # ever against a gateway's random refusals).
-            rate = min(bucket.per_minute, ok_rate) * (1.0 + self.MARGIN / 2)
-            if rate < 0.95 * bucket.per_minute:
-                ep.trial, ep.trial_ok = share, ok_rate
-            bucket.set_rate(rate, now=now)
-        elif share < above / 2:
-            bucket.set_rate(bucket.per_minute * 1.02, now=now)
 
     def _queueing(self, ep: EndpointState, serving: float, slowdown: float, now: float) -> None:
         """Shrink the window of an endpoint that queues to GROW_BELOW times what it serves at
@@ -452,19 +340,6 @@ class FlowControl:
             ep.ssthresh = min(ep.ssthresh, target)
             ep.last_decrease = now
 
-    def _paced(self, ep: EndpointState) -> bool:
-        """Paced by a budget told or announced (a learned one is a guess on trial)."""
-        rpm = None if ep.learned else ep.rpm
-        budgets = (self._rpm, self._tpm, rpm, ep.tpm, ep.own_rpm, ep.own_tpm)
-        return any(b is not None for b in budgets)
-
-    def _eject(self, ep: EndpointState, now: float) -> None:
-        ep.up = False
-        ep.ejections += 1
-        ep.down_since = now
-        ep.probe_delay = self.PROBE_MIN
-        ep.next_probe = now + self.PROBE_MIN
-
     # --- health -------------------------------------------------------------------------------
 
     def probes_due(self, now: float) -> list[int]:
@@ -480,37 +355,20 @@ class FlowControl:
     ) -> None:
         """What a probe of an ejected endpoint found; ``error``: it answered, with a server
         error (status and body), rather than not at all."""
-        ep = self._endpoints[index]
-        if ep.up:
-            return
-        ep.broken_probes = ep.broken_probes + 1 if error is not None and not healthy else 0
-        ep.last_error = error
-        if healthy:
-            # Half open: back with a small window that successes grow again.
-            ep.up = True
-            ep.failures = 0
-            ep.ssthresh = max(ep.window, self.floor)
-            ep.window = max(self.floor, min(ep.cap, 8.0))
-            # A pause the server asked for stands: answering GET /models is no permission.
-        else:
-            ep.probe_delay = min(self.PROBE_MAX, ep.probe_delay * 2.0)
-            ep.next_probe = now + ep.probe_delay
+        flow_health.probe_result(self._endpoints[index], healthy, error, self.floor, now)
 
     def broken(self) -> str | None:
         """Why the job cannot go on, when no endpoint is up and every one has answered its
-        last :attr:`PROBE_BUDGET` probes with a server error (it is up, but cannot serve:
-        waiting would be for ever); None otherwise. An endpoint that does not answer at all
-        may come back, and is waited for."""
-        eps = self._endpoints
-        if any(ep.up or ep.broken_probes < self.PROBE_BUDGET for ep in eps):
-            return None
-        return "; ".join(f"{ep.url}: {ep.last_error}" for ep in eps)
+        last :data:`~asyncgen.core.flow_health.PROBE_BUDGET` probes with a server error (it
+        is up, but cannot serve: waiting would be for ever); None otherwise. An endpoint that
+        does not answer at all may come back, and is waited for."""
+        return flow_health.broken(self._endpoints)
 
     def mark_down(self, index: int, now: float) -> None:
         """Start with an endpoint ejected (it failed its start-up check)."""
         ep = self._endpoints[index]
         if ep.up:
-            self._eject(ep, now)
+            flow_health.eject(ep, now)
 
     # --- observing ----------------------------------------------------------------------------
 
@@ -541,15 +399,6 @@ class FlowControl:
     def __repr__(self) -> str:
         up = sum(ep.up for ep in self._endpoints)
         return f"<FlowControl endpoints={up}/{len(self._endpoints)} up {self.estimate!r}>"
-
-
-def _rebucket(bucket: RateBucket | None, per_minute: float | None, now: float) -> RateBucket | None:
-    if not per_minute:
-        return None
-    if bucket is None:
-        return RateBucket(per_minute, now=now)
-    bucket.set_rate(per_minute, now=now)
-    return bucket
 
 
 def _own_cap(own: EndpointLimits | None) -> float:
