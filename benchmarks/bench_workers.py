@@ -27,18 +27,16 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_flow
-from bench_flow import Mock, asyncgen, clean_env, expected_ids, make_shards, verify
+from bench_flow import Job, Mock, expected_ids, make_shards, mocks, verify
 
 # The other benchmarks pin the mock to one core and the client to the other; here the
 # workers are the point, so nothing is pinned.
@@ -71,52 +69,30 @@ def run_one(
     in_flight = per_worker or spec["per_worker"]
     inputs = make_shards(work / f"{regime}-{workers}-in", items, shards=8)
     out = work / f"{regime}-{workers}-out"
-    with ExitStack() as stack:
-        servers = [stack.enter_context(_started(Mock(spec["mock"]))) for _ in range(n_mocks)]
-        argv = asyncgen(
-            "run",
-            "-i",
-            *map(str, inputs),
-            "-p",
-            "math",
-            "-m",
-            "mock-model",
-            "--max-tokens",
-            "64",
-            "-o",
-            str(out),
-            "--quiet",
-            "--concurrency",
-            str(in_flight * workers),
-            *(["--min-concurrency", str(in_flight * workers)] if fixed else []),
-            "--workers",
-            str(workers),
-            *[a for m in servers for a in ("--base-url", m.url)],
-        )
-        stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below
-        started = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=clean_env())
+    extra = [
+        "--max-tokens",  # (after Job's own, so this one holds)
+        "64",
+        "--concurrency",
+        str(in_flight * workers),
+        *(["--min-concurrency", str(in_flight * workers)] if fixed else []),
+        "--workers",
+        str(workers),
+    ]
+    with mocks(*(Mock(spec["mock"]) for _ in range(n_mocks))) as servers:
+        job = Job(inputs, out, [m.url for m in servers], extra)
         marks: dict[float, tuple[float, int]] = {}
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
+        while (result := job.poll()) is None:
             done = _counts(servers)
             for share in (0.1, 0.9):
                 if done is not None and share not in marks and done >= share * items:
                     marks[share] = (time.monotonic(), done)
             time.sleep(0.1)
-        wall = time.monotonic() - started
         server_cpu = sum(m.cpu_s() or 0.0 for m in servers)
-        stderr.seek(0)
-        text = stderr.read()
-        stderr.close()
-    code = os.waitstatus_to_exitcode(status)
+    code, wall, cpu, text = result.exit_code, result.wall_s, result.cpu_s, result.summary
     check = verify(out, expected_ids(inputs))
     steady = None
     if 0.1 in marks and 0.9 in marks and marks[0.9][0] > marks[0.1][0]:
         steady = (marks[0.9][1] - marks[0.1][1]) / (marks[0.9][0] - marks[0.1][0])
-    cpu = usage.ru_utime + usage.ru_stime
     found = re.search(r"([\d.]+) items/s", text)
     return {
         "regime": regime,
@@ -133,19 +109,8 @@ def run_one(
         "load_avg_1m": os.getloadavg()[0],
         "items_per_cpu_s": round(items / cpu, 1) if cpu else None,
         "exactly_once": check["exactly_once"],
-        "stderr_tail": text.strip().splitlines()[-3:],
+        "stderr_tail": text.splitlines()[-3:],
     }
-
-
-class _started:
-    def __init__(self, mock: Mock) -> None:
-        self.mock = mock
-
-    def __enter__(self) -> Mock:
-        return self.mock.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.mock.stop()
 
 
 def main() -> None:

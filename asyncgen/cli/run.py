@@ -275,10 +275,9 @@ async def _run_watched(
             job.stop()
 
         def now(signum: signal.Signals) -> None:
+            # The run is cancelled next (a coordinator's slots then stop their workers at once).
             reporter.finish()
             say("stopping now; flushing what has come back")
-            if isinstance(job, Coordinator):
-                job.stop(now=True)
 
         with StopSignals(graceful, now) as signals:
             progress = None if quiet else asyncio.create_task(reporter.run())
