@@ -13,20 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
-
-import msgspec
 
 from asyncgen._version import __version__
 from asyncgen.core.errors import AsyncgenError, job_error
 from asyncgen.core.leases import EndpointStats
 from asyncgen.engine.clock import Clock
 from asyncgen.engine.events import event
-from asyncgen.engine.stats import Counts, ErrorCount, Statistics
+from asyncgen.engine.stats import Statistics
 from asyncgen.job.config import JobConfig, job_record, job_spec
 from asyncgen.scale.budget import Share, divide
+from asyncgen.scale.stats import combine
 from asyncgen.scale.worker import PartResult
 from asyncgen.storage.count import RecordCount
 from asyncgen.storage.files import DirLock
@@ -34,7 +33,7 @@ from asyncgen.storage.formats import Remote
 from asyncgen.storage.partitions import Partition, open_partitioned, plan_partitions
 from asyncgen.storage.sources import Input, expand_inputs
 
-__all__ = ["Coordinator", "WorkerHandle", "WorkerLost", "combine"]
+__all__ = ["Coordinator", "WorkerHandle", "WorkerLost"]
 
 
 class WorkerLost(Exception):
@@ -356,69 +355,3 @@ def _source(each: Input) -> str:
     """How a worker names an input (a URL with what it needs to be read, credentials too:
     it goes to the worker over a pipe, never to a log)."""
     return each.url if isinstance(each, Remote) else str(each)
-
-
-_COUNTS = [f for f in Counts.__struct_fields__ if f != "bad_files"]
-
-
-def combine(
-    parts: Sequence[Statistics],
-    *,
-    endpoints: Sequence[Sequence[EndpointStats]],
-    elapsed: float,
-    totals: Sequence[tuple[int, int, int]],
-    fraction: float,
-    finished: bool,
-    stopped: bool,
-    waiting: bool = False,
-    total_items: int | None = None,
-) -> Statistics:
-    """One job's statistics from its partitions' runs: counts summed, each worker's
-    ``endpoints`` merged by URL, errors by endpoint, code and status."""
-    counts = {f: sum(getattr(s, f) for s in parts) for f in _COUNTS}
-    merged: dict[str, EndpointStats] = {}
-    for each in endpoints:
-        for e in each:
-            seen = merged.get(e.url)
-            merged[e.url] = e if seen is None else _merged(seen, e)
-    errors: dict[tuple[str, str, int | None], int] = {}
-    for s in parts:
-        for err in s.errors:
-            key = (err.endpoint, err.code, err.status)
-            errors[key] = errors.get(key, 0) + err.count
-    pauses: dict[str, int] = {}
-    for s in parts:
-        for cause, n in s.pauses.items():
-            pauses[cause] = pauses.get(cause, 0) + n
-    return Statistics(
-        **counts,
-        bad_files=tuple(f for s in parts for f in s.bad_files),
-        elapsed=elapsed,
-        succeeded_total=sum(t[0] for t in totals),
-        failed_total=sum(t[1] for t in totals),
-        bad_lines_total=sum(t[2] for t in totals),
-        input_fraction=fraction,
-        finished=finished,
-        stopped=stopped,
-        endpoints=list(merged.values()),
-        waiting_for_endpoint=waiting,
-        total_items=total_items,
-        errors=[ErrorCount(u, c, st, n) for (u, c, st), n in errors.items()],
-        pauses=pauses,
-    )
-
-
-def _merged(a: EndpointStats, b: EndpointStats) -> EndpointStats:
-    return msgspec.structs.replace(
-        a,
-        up=a.up or b.up,
-        window=a.window + b.window,
-        outstanding=a.outstanding + b.outstanding,
-        paused_for=max(a.paused_for, b.paused_for),
-        requests=a.requests + b.requests,
-        succeeded=a.succeeded + b.succeeded,
-        throttled=a.throttled + b.throttled,
-        failed=a.failed + b.failed,
-        ejections=a.ejections + b.ejections,
-        refused_share=max(a.refused_share, b.refused_share),
-    )
